@@ -1,0 +1,53 @@
+"""Typed errors raised by distributed-processor.
+
+Every error a caller can act on has its own class, all deriving from :class:`ProcessorError`, so callers can
+catch the family or one member. Messages name the offending input; none ever contains a password.
+"""
+
+from __future__ import annotations
+
+
+class ProcessorError(Exception):
+    """Base class of every error raised by this package."""
+
+
+class ConfigurationError(ProcessorError, ValueError):
+    """A setting is malformed or out of range (DSN, batch size, schema name, ...)."""
+
+
+class InvalidPayload(ProcessorError, ValueError):
+    """A payload is not a JSON-serialisable dict. ``index`` is its position in the batch."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        self.index = index
+        self.reason = reason
+        super().__init__(f"payload at index {index} is invalid: {reason}; nothing of this batch was written")
+
+
+class InvalidArgument(ProcessorError, ValueError):
+    """An argument other than a payload is invalid (unknown status filter, negative batch size, ...)."""
+
+
+class DatabaseUnavailable(ProcessorError):
+    """The database could not be reached within the connect timeout, or the connection broke mid-call."""
+
+
+class SchemaNotMigrated(ProcessorError):
+    """The database is reachable but the processor's tables are missing: run ``dproc migrate``."""
+
+
+class QueueFull(ProcessorError):
+    """Adding the batch would take the queue past its ``max_pending`` limit. Nothing was written."""
+
+    def __init__(self, queue: str, limit: int, depth: int, adding: int) -> None:
+        self.queue = queue
+        self.limit = limit
+        self.depth = depth
+        self.adding = adding
+        super().__init__(
+            f"queue {queue!r} is full: limit {limit} pending, depth {depth}, batch of {adding} rejected"
+        )
+
+
+class PoolExhausted(DatabaseUnavailable):
+    """Every pooled connection stayed busy for the whole wait: more concurrent callers than connections."""

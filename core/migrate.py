@@ -1,0 +1,66 @@
+"""Run the Alembic migrations programmatically (``python -m core migrate`` and ``DistributedProcessor.migrate``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import create_engine, pool
+
+from core.dsn import redact
+from core.errors import DatabaseUnavailable
+
+
+def migrations_dir() -> Path:
+    """The migrations folder: packaged inside ``core`` in a wheel, beside it in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_migrations", here.parent / "migrations"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise FileNotFoundError("migrations folder not found beside the core package")
+
+
+def alembic_config(schema: str = "public") -> Config:
+    cfg = Config()
+    location = migrations_dir()
+    cfg.set_main_option("script_location", str(location))
+    cfg.set_main_option("version_locations", str(location / "versions"))
+    cfg.attributes["schema"] = schema
+    return cfg
+
+
+def upgrade(dsn: str, schema: str = "public", revision: str = "head", connect_timeout: float = 10.0) -> None:
+    """Bring the database to ``revision``; safe to run twice and from several instances at once."""
+
+    def connect() -> psycopg.Connection[tuple[object, ...]]:
+        try:
+            return psycopg.connect(dsn, connect_timeout=max(1, int(connect_timeout)))
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailable(f"cannot connect to {redact(dsn)}: {exc}") from None
+
+    engine = create_engine("postgresql+psycopg://", creator=connect, poolclass=pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            cfg = alembic_config(schema)
+            cfg.attributes["connection"] = connection
+            command.upgrade(cfg, revision)
+            connection.commit()
+    finally:
+        engine.dispose()
+
+
+def current_revision(dsn: str, schema: str = "public") -> str | None:
+    """The revision the database is at, or None when it was never migrated."""
+    with psycopg.connect(dsn, connect_timeout=10) as conn:
+        row = conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL",
+            (sql.Identifier(schema, "alembic_version").as_string(),),
+        ).fetchone()
+        if not row or not row[0]:
+            return None
+        query = sql.SQL("SELECT version_num FROM {}").format(sql.Identifier(schema, "alembic_version"))
+        version = conn.execute(query).fetchone()
+        return str(version[0]) if version else None

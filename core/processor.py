@@ -1,0 +1,817 @@
+"""The public entry point: :class:`DistributedProcessor`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from core import __version__
+from core.dsn import KEEPALIVE_KWARGS, redact, resolve_dsn
+from core.errors import (
+    ConfigurationError,
+    DatabaseUnavailable,
+    InvalidArgument,
+    InvalidPayload,
+    PoolExhausted,
+    QueueFull,
+    SchemaNotMigrated,
+)
+from core.instance import ProcessFacts, new_instance_id
+from core.queries import Queries
+from core.record import Record, format_error
+from core.retry import RetryPolicy
+from core.schema import FINAL_STATUSES, STATUSES
+
+log = logging.getLogger("core.processor")
+
+T = TypeVar("T")
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
+MAX_BATCH = 10_000
+ERROR_TEXT_LIMIT = 2000
+
+
+class AddResult(list[int]):
+    """The ids of an ``add_records`` call in input order; ``deduplicated`` lists the input indexes whose
+    dedupe key was already held (their id is the existing record's)."""
+
+    deduplicated: list[int]
+
+    def __init__(self, ids: Iterable[int] = (), deduplicated: Iterable[int] = ()) -> None:
+        super().__init__(ids)
+        self.deduplicated = list(deduplicated)
+
+
+def channel_for(schema: str, queue: str) -> str:
+    """The NOTIFY channel of a queue (an identifier of at most 63 bytes)."""
+    name = f"dproc:{schema}:{queue}"
+    if len(name.encode()) > 63:
+        name = "dproc:" + hashlib.sha1(f"{schema}:{queue}".encode()).hexdigest()
+    return name
+
+
+def glob_to_like(pattern: str) -> str:
+    """Translate a glob (``*``, ``?``) into a LIKE pattern, escaping LIKE's own wildcards."""
+    out = []
+    for ch in pattern:
+        if ch == "*":
+            out.append("%")
+        elif ch == "?":
+            out.append("_")
+        elif ch in "%_\\":
+            out.append("\\" + ch)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _positive_int(name: str, value: object, *, allow_zero: bool = False, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"{name} must be an integer, got {type(value).__name__}")
+    low = 0 if allow_zero else 1
+    if value < low:
+        raise InvalidArgument(f"{name} must be >= {low}, got {value}")
+    if maximum is not None and value > maximum:
+        raise InvalidArgument(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+class DistributedProcessor:
+    """Claim, process and complete records of a shared PostgreSQL table from any number of processes.
+
+    Thread-safe: one instance may be shared by many threads. The constructor never connects; the first
+    operation opens the pool, and an unreachable database raises :class:`core.errors.DatabaseUnavailable`
+    after ``connect_timeout`` seconds.
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        instance_id: str | None = None,
+        queue: str = "default",
+        batch_size: int = 100,
+        lease_seconds: float = 30.0,
+        max_attempts: int = 5,
+        retry: RetryPolicy | None = None,
+        schema: str = "public",
+        pool_min: int = 1,
+        pool_max: int = 10,
+        connect_timeout: float = 10.0,
+        statement_timeout: float | None = 30.0,
+        key_concurrency: int = 1,
+        block_on_failure: bool = False,
+        copy_threshold: int = 2000,
+        cleanup_batch: int = 1000,
+        dead_after: float | None = None,
+        heartbeat_interval: float | None = None,
+        cleanup_interval: float | None = None,
+        notify: bool = True,
+        application_name: str = "distributed-processor",
+    ) -> None:
+        self.dsn = resolve_dsn(dsn)
+        if not _SCHEMA_NAME.match(schema):
+            raise ConfigurationError(f"schema must be a plain identifier, got {schema!r}")
+        if not isinstance(queue, str) or not queue or len(queue) > 200:
+            raise ConfigurationError("queue must be a non-empty string of at most 200 characters")
+        try:
+            self.batch_size = _positive_int("batch_size", batch_size, maximum=MAX_BATCH)
+            self.max_attempts = _positive_int("max_attempts", max_attempts)
+            self.pool_min = _positive_int("pool_min", pool_min, allow_zero=True)
+            self.pool_max = _positive_int("pool_max", pool_max)
+            self.key_concurrency = _positive_int("key_concurrency", key_concurrency)
+            self.copy_threshold = _positive_int("copy_threshold", copy_threshold)
+            self.cleanup_batch = _positive_int("cleanup_batch", cleanup_batch)
+        except InvalidArgument as exc:
+            raise ConfigurationError(str(exc)) from None
+        if self.pool_min > self.pool_max:
+            raise ConfigurationError("pool_min must not exceed pool_max")
+        if not lease_seconds or lease_seconds <= 0:
+            raise ConfigurationError("lease_seconds must be > 0")
+        if connect_timeout <= 0:
+            raise ConfigurationError("connect_timeout must be > 0")
+        self.instance_id = instance_id or new_instance_id()
+        self.queue = queue
+        self.lease_seconds = float(lease_seconds)
+        self.retry = retry or RetryPolicy()
+        self.schema = schema
+        self.connect_timeout = float(connect_timeout)
+        self.statement_timeout = statement_timeout
+        self.block_on_failure = bool(block_on_failure)
+        # Heartbeats at most every lease/3 so two can be missed before a lease runs out.
+        self.heartbeat_interval = float(heartbeat_interval or min(10.0, self.lease_seconds / 3))
+        if self.heartbeat_interval > self.lease_seconds / 3 + 1e-9:
+            raise ConfigurationError("heartbeat_interval must be at most lease_seconds / 3")
+        self.dead_after = float(dead_after or max(self.lease_seconds, 3 * self.heartbeat_interval))
+        self.cleanup_interval = float(cleanup_interval or max(1.0, self.lease_seconds / 2))
+        self.notify = notify
+        self.application_name = application_name
+        self.q = Queries(schema)
+        self.facts = ProcessFacts()
+        self._pool: ConnectionPool[Conn] | None = None
+        self._pool_lock = threading.Lock()
+        self._closed = False
+
+    # ------------------------------------------------------------------ connections
+
+    def _connection_kwargs(self) -> dict[str, Any]:
+        options = []
+        if self.statement_timeout:
+            options.append(f"-c statement_timeout={int(self.statement_timeout * 1000)}")
+        # Keep idle-in-transaction sessions from holding row locks forever if a client wedges.
+        options.append("-c idle_in_transaction_session_timeout=60000")
+        kwargs: dict[str, Any] = {
+            "autocommit": True,
+            "connect_timeout": max(2, math.ceil(self.connect_timeout)),
+            "application_name": self.application_name[:63],
+            "options": " ".join(options),
+            **KEEPALIVE_KWARGS,
+        }
+        return kwargs
+
+    def _ensure_pool(self) -> ConnectionPool[Conn]:
+        if self._closed:
+            raise DatabaseUnavailable("processor is closed")
+        pool = self._pool
+        if pool is not None:
+            return pool
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ConnectionPool(
+                    self.dsn,
+                    min_size=self.pool_min,
+                    max_size=self.pool_max,
+                    kwargs=self._connection_kwargs(),
+                    open=False,
+                    timeout=self.connect_timeout,
+                    name=f"dp-{self.instance_id}",
+                    reconnect_timeout=max(60.0, self.connect_timeout),
+                    max_idle=300.0,
+                )
+                self._pool.open(wait=False)
+            return self._pool
+
+    def _unavailable(self, exc: BaseException) -> DatabaseUnavailable:
+        pool = self._pool
+        if isinstance(exc, PoolTimeout) and pool is not None:
+            stats = pool.get_stats()
+            if stats.get("pool_size", 0) >= self.pool_max and stats.get("pool_available", 0) == 0:
+                return PoolExhausted(
+                    f"all {self.pool_max} pooled connections stayed busy for {self.connect_timeout:g}s "
+                    f"(requests waiting: {stats.get('requests_waiting', 0)})"
+                )
+        return DatabaseUnavailable(f"database {redact(self.dsn)} unavailable: {str(exc).strip()}")
+
+    @contextmanager
+    def connection(self, timeout: float | None = None) -> Iterator[Conn]:
+        """Borrow a pooled connection (autocommit). Connection failures become ``DatabaseUnavailable``."""
+        pool = self._ensure_pool()
+        try:
+            with pool.connection(timeout=timeout or self.connect_timeout) as conn:
+                yield conn
+        except PoolTimeout as exc:
+            raise self._unavailable(exc) from None
+        except pg_errors.UndefinedTable as exc:
+            raise SchemaNotMigrated(
+                f"tables missing in schema {self.schema!r} ({exc.diag.message_primary}); run `dproc migrate`"
+            ) from None
+        except psycopg.OperationalError as exc:
+            if isinstance(exc, pg_errors.QueryCanceled):
+                raise
+            raise self._unavailable(exc) from None
+
+    def _with_retry(self, op: Callable[[Conn], T], *, attempts: int = 3) -> T:
+        """Run an idempotent operation, retrying on a broken connection with a short backoff."""
+        delay = 0.05
+        for attempt in range(1, attempts + 1):
+            try:
+                with self.connection() as conn:
+                    return op(conn)
+            except PoolExhausted:
+                raise
+            except DatabaseUnavailable:
+                if attempt == attempts:
+                    raise
+                time.sleep(delay)
+                delay *= 4
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def close(self) -> None:
+        """Close the pool. Idempotent."""
+        self._closed = True
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close(timeout=5.0)
+
+    def __enter__(self) -> DistributedProcessor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"DistributedProcessor(dsn={redact(self.dsn)!r}, instance_id={self.instance_id!r}, "
+            f"queue={self.queue!r}, schema={self.schema!r})"
+        )
+
+    # ------------------------------------------------------------------ schema
+
+    def migrate(self) -> None:
+        """Bring the database schema to the latest migration (idempotent, safe from many instances)."""
+        from core.migrate import upgrade
+
+        upgrade(self.dsn, self.schema, connect_timeout=self.connect_timeout)
+
+    # ------------------------------------------------------------------ producing
+
+    @staticmethod
+    def _serialise(payloads: Sequence[Any]) -> list[str]:
+        out = []
+        for i, payload in enumerate(payloads):
+            if not isinstance(payload, dict):
+                raise InvalidPayload(i, f"expected a dict, got {type(payload).__name__}")
+            try:
+                text = json.dumps(payload, allow_nan=False, separators=(",", ":"))
+            except (TypeError, ValueError) as exc:
+                raise InvalidPayload(i, f"not JSON-serialisable ({exc})") from None
+            if "\\u0000" in text:
+                raise InvalidPayload(i, "contains a NUL character, which PostgreSQL JSONB cannot store")
+            out.append(text)
+        return out
+
+    @staticmethod
+    def _per_record(name: str, value: str | Sequence[str | None] | None, n: int) -> list[str | None]:
+        if value is None:
+            return [None] * n
+        if isinstance(value, str):
+            if not value:
+                raise InvalidArgument(f"{name} must not be empty")
+            return [value] * n
+        values = list(value)
+        if len(values) != n:
+            raise InvalidArgument(f"{name} has {len(values)} entries for {n} payloads")
+        for i, v in enumerate(values):
+            if v is not None and (not isinstance(v, str) or not v):
+                raise InvalidArgument(f"{name}[{i}] must be a non-empty string or None")
+        return values
+
+    def add_records(
+        self,
+        payloads: Sequence[dict[str, Any]] | Iterable[dict[str, Any]],
+        *,
+        queue: str | None = None,
+        priority: int = 0,
+        run_at: datetime | None = None,
+        delay: float | None = None,
+        max_attempts: int | None = None,
+        ordering_key: str | Sequence[str | None] | None = None,
+        dedupe_key: str | Sequence[str | None] | None = None,
+        dedupe_while: str = "pending",
+    ) -> AddResult:
+        """Insert a batch atomically and return the ids in input order.
+
+        One statement (or one COPY above ``copy_threshold`` records) for the whole batch. Invalid input raises
+        before anything is written; ``QueueFull`` rolls the whole batch back. Records whose ``dedupe_key`` is
+        already held in the queue are not inserted: their index is in ``result.deduplicated`` and their id is
+        the existing record's.
+        """
+        items = list(payloads)
+        texts = self._serialise(items)
+        n = len(texts)
+        queue = self.queue if queue is None else queue
+        if not isinstance(queue, str) or not queue or len(queue) > 200:
+            raise InvalidArgument("queue must be a non-empty string of at most 200 characters")
+        if isinstance(priority, bool) or not isinstance(priority, int) or not -(2**31) <= priority < 2**31:
+            raise InvalidArgument(f"priority must be a 32-bit integer, got {priority!r}")
+        attempts_cap = _positive_int("max_attempts", self.max_attempts if max_attempts is None else max_attempts)
+        if run_at is not None and delay is not None:
+            raise InvalidArgument("give run_at or delay, not both")
+        if delay is not None:
+            if delay < 0:
+                raise InvalidArgument("delay must be >= 0")
+            run_at = datetime.now(timezone.utc) + timedelta(seconds=delay)
+        if run_at is not None and (not isinstance(run_at, datetime) or run_at.tzinfo is None):
+            raise InvalidArgument("run_at must be a timezone-aware datetime")
+        if dedupe_while not in ("pending", "active"):
+            raise InvalidArgument(f"dedupe_while must be 'pending' or 'active', got {dedupe_while!r}")
+        if isinstance(dedupe_key, str) and n > 1:
+            raise InvalidArgument("a single dedupe_key string is only allowed for a one-record batch; pass a list")
+        keys = self._per_record("ordering_key", ordering_key, n)
+        dedupes = self._per_record("dedupe_key", dedupe_key, n)
+        if n == 0:
+            return AddResult()
+        has_dedupe = any(d is not None for d in dedupes)
+        use_copy = n >= self.copy_threshold and not has_dedupe
+        key_set = sorted({k for k in keys if k is not None})
+
+        def op(conn: Conn) -> AddResult:
+            with conn.transaction():
+                if key_set:
+                    conn.execute(self.q.lock_ordering_keys, {"keys": key_set})
+                limit_row = conn.execute(self.q.lock_queue_limit, {"queue": queue}).fetchone()
+                if use_copy:
+                    result = self._insert_copy(conn, queue, texts, priority, run_at, attempts_cap, keys)
+                else:
+                    result = self._insert_statement(
+                        conn, queue, texts, priority, run_at, attempts_cap, keys, dedupes, dedupe_while
+                    )
+                inserted = n - len(result.deduplicated)
+                if limit_row is not None and inserted:
+                    limit = int(limit_row[0])
+                    depth_row = conn.execute(
+                        self.q.pending_depth, {"queue": queue, "cap": limit + inserted + 1}
+                    ).fetchone()
+                    depth_after = int(depth_row[0]) if depth_row else 0
+                    if depth_after > limit:
+                        raise QueueFull(queue, limit, depth_after - inserted, inserted)
+                if self.notify and inserted:
+                    conn.execute(self.q.notify, {"channel": channel_for(self.schema, queue), "queue": queue})
+            return result
+
+        # Not retried: a broken connection during COMMIT leaves it unknown whether the batch landed.
+        with self.connection() as conn:
+            return op(conn)
+
+    def _insert_statement(
+        self,
+        conn: Conn,
+        queue: str,
+        texts: list[str],
+        priority: int,
+        run_at: datetime | None,
+        max_attempts: int,
+        keys: list[str | None],
+        dedupes: list[str | None],
+        dedupe_while: str,
+    ) -> AddResult:
+        rows = conn.execute(
+            self.q.insert_records,
+            {
+                "queue": queue,
+                "payloads": texts,
+                "priority": priority,
+                "run_at": run_at,
+                "max_attempts": max_attempts,
+                "keys": keys,
+                "dedupes": dedupes,
+                "dedupe_while": dedupe_while,
+            },
+        ).fetchall()
+        n = len(texts)
+        if len(rows) == n:
+            # Ids are assigned in input order (INSERT ... SELECT ... ORDER BY ordinality).
+            return AddResult(sorted(int(r[0]) for r in rows))
+        # Some inputs were deduplicated: rebuild the input order from the dedupe keys.
+        new_by_key: dict[str, int] = {}
+        keyless_ids = iter(sorted(int(r[0]) for r in rows if r[1] is None))
+        for rid, dkey in rows:
+            if dkey is not None:
+                new_by_key[dkey] = int(rid)
+        missing = {d for d in dedupes if d is not None and d not in new_by_key}
+        existing: dict[str, int] = {}
+        if missing:
+            for dkey, rid in conn.execute(
+                self.q.existing_dedupe, {"queue": queue, "dedupes": sorted(missing)}
+            ).fetchall():
+                existing[dkey] = int(rid)
+        ids: list[int] = []
+        deduplicated: list[int] = []
+        seen: set[str] = set()
+        for i, dkey in enumerate(dedupes):
+            if dkey is None:
+                ids.append(next(keyless_ids))
+            elif dkey in new_by_key and dkey not in seen:
+                seen.add(dkey)
+                ids.append(new_by_key[dkey])
+            else:
+                deduplicated.append(i)
+                ids.append(new_by_key.get(dkey) or existing.get(dkey, 0))
+        return AddResult(ids, deduplicated)
+
+    def _insert_copy(
+        self,
+        conn: Conn,
+        queue: str,
+        texts: list[str],
+        priority: int,
+        run_at: datetime | None,
+        max_attempts: int,
+        keys: list[str | None],
+    ) -> AddResult:
+        n = len(texts)
+        rows = conn.execute(self.q.allocate_ids, {"table": self.q.records_table, "n": n}).fetchall()
+        ids = [int(r[0]) for r in rows]
+        when = run_at or conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+        with conn.cursor().copy(self.q.copy_records) as copy:
+            for rid, text, key in zip(ids, texts, keys):
+                copy.write_row((rid, queue, text, priority, when, max_attempts, key))
+        return AddResult(ids)
+
+    # ------------------------------------------------------------------ claiming
+
+    def _queues(self, queues: Sequence[str] | str | None) -> list[str]:
+        if queues is None:
+            return [self.queue]
+        if isinstance(queues, str):
+            queues = [queues]
+        out = list(dict.fromkeys(queues))
+        if not out or any(not isinstance(q, str) or not q for q in out):
+            raise InvalidArgument("queues must be a non-empty list of non-empty strings")
+        return out
+
+    def claim_records(self, batch_size: int | None = None, *, queues: Sequence[str] | None = None) -> list[Record]:
+        """Claim up to ``batch_size`` due records in one round trip (priority DESC, run_at, id).
+
+        Each claimed record is ``processing`` under a fresh lease token; per-key ordering and concurrency
+        limits are applied in the same statement.
+        """
+        size = self.batch_size if batch_size is None else _positive_int("batch_size", batch_size, maximum=MAX_BATCH)
+        params = {
+            "queues": self._queues(queues),
+            "batch": size,
+            "instance_id": self.instance_id,
+            "lease_seconds": self.lease_seconds,
+            "default_key_concurrency": self.key_concurrency,
+            "default_block_on_failure": self.block_on_failure,
+        }
+
+        def op(conn: Conn) -> list[Record]:
+            rows = conn.execute(self.q.claim, params).fetchall()
+            records = [Record(*row) for row in rows]
+            records.sort(key=lambda r: (-r.priority, r.run_at, r.id))
+            return records
+
+        return self._with_retry(op)
+
+    # ------------------------------------------------------------------ completing
+
+    @staticmethod
+    def _fence(records: Iterable[Record]) -> tuple[list[int], list[Any]]:
+        ids, tokens = [], []
+        for r in records:
+            if not isinstance(r, Record):
+                raise InvalidArgument(f"expected Record objects, got {type(r).__name__}")
+            ids.append(r.id)
+            tokens.append(r.lease_token)
+        return ids, tokens
+
+    def mark_completed(self, records: Iterable[Record]) -> int:
+        """Complete records still held under their claim's lease token; returns how many were updated.
+
+        A record whose lease was lost (recovered and possibly re-claimed elsewhere) is left untouched and not
+        counted. A record flagged by ``cancel()`` ends ``cancelled`` instead.
+        """
+        batch = list(records)
+        ids, tokens = self._fence(batch)
+        if not ids:
+            return 0
+        updated = self._with_retry(
+            lambda conn: conn.execute(self.q.complete, {"ids": ids, "tokens": tokens}).rowcount
+        )
+        if updated < len(ids):
+            log.warning(
+                "lost leases on completion",
+                extra={"instance_id": self.instance_id, "lost": len(ids) - updated, "batch": len(ids)},
+            )
+        return updated
+
+    def mark_failed(
+        self, records: Iterable[Record], error: BaseException | str, *, retry: bool = True
+    ) -> int:
+        """Record a failure for records still held; returns how many were updated.
+
+        With ``retry`` and the error retryable under the policy, a record with attempts left returns to
+        ``pending`` after its backoff; otherwise it ends ``failed``. The error lands in ``last_error``.
+        """
+        batch = list(records)
+        ids, tokens = self._fence(batch)
+        if not ids:
+            return 0
+        retryable = bool(retry) and self.retry.should_retry(error if isinstance(error, BaseException) else None)
+        delays = [self.retry.delay_for(r.attempts) for r in batch]
+        params = {
+            "ids": ids,
+            "tokens": tokens,
+            "delays": delays,
+            "retry": [retryable] * len(ids),
+            "error": format_error(error, ERROR_TEXT_LIMIT),
+        }
+        return self._with_retry(lambda conn: conn.execute(self.q.fail, params).rowcount)
+
+    def release_records(self, records: Iterable[Record], reason: str = "released by its instance") -> int:
+        """Hand held records back to ``pending`` at once, the attempt not charged (graceful shutdown)."""
+        ids, tokens = self._fence(records)
+        if not ids:
+            return 0
+        params = {"ids": ids, "tokens": tokens, "reason": reason}
+        return self._with_retry(lambda conn: conn.execute(self.q.release, params).rowcount)
+
+    def extend_leases(self, records: Iterable[Record]) -> tuple[set[int], set[int]]:
+        """Push the leases of held records; returns (ids still held, ids whose cancel was requested)."""
+        ids, tokens = self._fence(records)
+        if not ids:
+            return set(), set()
+        rows = self._with_retry(
+            lambda conn: conn.execute(
+                self.q.extend_leases, {"ids": ids, "tokens": tokens, "lease_seconds": self.lease_seconds}
+            ).fetchall()
+        )
+        return {int(r[0]) for r in rows}, {int(r[0]) for r in rows if r[1]}
+
+    # ------------------------------------------------------------------ maintenance
+
+    def cleanup_orphaned_records(self) -> int:
+        """Recover records whose lease expired or whose instance is dead; returns how many were recovered.
+
+        Runs in bounded batches with SKIP LOCKED and a status guard, so every instance may run it at once and
+        it never touches a row completed or re-claimed in between. Records with attempts left go back to
+        ``pending`` (claimable at once), the others to ``failed``.
+        """
+
+        def op(conn: Conn) -> int:
+            dead = conn.execute(self.q.mark_dead_instances, {"dead_after": self.dead_after}).fetchall()
+            if dead:
+                log.warning("instances declared dead", extra={"instances": [r[0] for r in dead]})
+            total = 0
+            while True:
+                n = conn.execute(self.q.recover_orphans, {"batch": self.cleanup_batch}).rowcount
+                total += n
+                if n < self.cleanup_batch:
+                    break
+            return total
+
+        recovered = self._with_retry(op)
+        if recovered:
+            log.info("recovered orphaned records", extra={"recovered": recovered})
+        return recovered
+
+    def cancel(self, ids: Iterable[int]) -> dict[int, str]:
+        """Cancel records: pending ones at once, processing ones flagged (their outcome becomes cancelled).
+
+        Returns ``{id: status_after}`` for the records it touched; finished records are left alone.
+        """
+        id_list = [_positive_int("id", i) for i in ids]
+        if not id_list:
+            return {}
+        rows = self._with_retry(lambda conn: conn.execute(self.q.cancel, {"ids": id_list}).fetchall())
+        return {int(r[0]): str(r[1]) for r in rows}
+
+    def retry_failed(
+        self,
+        ids: Iterable[int] | None = None,
+        *,
+        queue: str | None = None,
+        error_pattern: str | None = None,
+        batch: int = 1000,
+    ) -> int:
+        """Move failed records back to ``pending`` with a fresh attempt budget; returns how many moved."""
+        id_list = None if ids is None else [_positive_int("id", i) for i in ids]
+        if error_pattern is not None:
+            try:
+                re.compile(error_pattern)
+            except re.error as exc:
+                raise InvalidArgument(f"error_pattern is not a valid regular expression: {exc}") from None
+        params = {"ids": id_list, "queue": queue, "pattern": error_pattern, "batch": _positive_int("batch", batch)}
+        total = 0
+        while True:
+            n = self._with_retry(lambda conn: conn.execute(self.q.retry_failed, params).rowcount)
+            total += n
+            if n < params["batch"] or id_list is not None:
+                return total
+
+    def purge(self, older_than: float | timedelta, *, batch: int = 5000, max_batches: int | None = None) -> int:
+        """Delete finished records older than ``older_than`` in bounded, ordered batches; returns the count."""
+        seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else float(older_than)
+        if seconds < 0:
+            raise InvalidArgument("older_than must be >= 0")
+        size = _positive_int("batch", batch)
+        total, rounds = 0, 0
+        while max_batches is None or rounds < max_batches:
+            n = self._with_retry(
+                lambda conn: conn.execute(self.q.purge, {"older_than": seconds, "batch": size}).rowcount
+            )
+            total += n
+            rounds += 1
+            if n < size:
+                break
+        return total
+
+    # ------------------------------------------------------------------ admission settings
+
+    def set_key_concurrency(self, key_or_pattern: str, n: int | None, *, block_on_failure: bool = False) -> None:
+        """Limit how many records of matching ordering keys may be processing at once (``None`` removes it).
+
+        ``key_or_pattern`` is an exact key or a glob (``*``, ``?``); an exact key wins over patterns, a longer
+        pattern over a shorter one. Stored in the database: every instance obeys it from its next claim.
+        """
+        if not isinstance(key_or_pattern, str) or not key_or_pattern:
+            raise InvalidArgument("key_or_pattern must be a non-empty string")
+        if n is None:
+            self._with_retry(
+                lambda conn: conn.execute(self.q.delete_key_concurrency, {"pattern": key_or_pattern})
+            )
+            return
+        params = {
+            "pattern": key_or_pattern,
+            "like_pattern": glob_to_like(key_or_pattern),
+            "is_exact": not any(c in key_or_pattern for c in "*?"),
+            "n": _positive_int("n", n),
+            "block_on_failure": bool(block_on_failure),
+        }
+        self._with_retry(lambda conn: conn.execute(self.q.set_key_concurrency, params))
+
+    def set_queue_limit(self, queue: str, n: int | None) -> None:
+        """Cap the number of pending records of ``queue`` (``None`` removes the cap); enforced on insert."""
+        if not isinstance(queue, str) or not queue:
+            raise InvalidArgument("queue must be a non-empty string")
+        if n is None:
+            self._with_retry(lambda conn: conn.execute(self.q.delete_queue_limit, {"queue": queue}))
+            return
+        params = {"queue": queue, "n": _positive_int("n", n, allow_zero=True)}
+        self._with_retry(lambda conn: conn.execute(self.q.set_queue_limit, params))
+
+    # ------------------------------------------------------------------ observing
+
+    def get_queue_status(self, queue: str | None = None, *, statuses: Sequence[str] | None = None) -> dict[str, Any]:
+        """Counts per status per queue, and the age of the oldest pending record.
+
+        Pending and processing are counted through their partial indexes; finished counts come from the
+        trigger-maintained ``queue_stats`` table, so the call stays cheap with millions of finished rows.
+        """
+        wanted = list(STATUSES) if statuses is None else list(statuses)
+        unknown = [s for s in wanted if s not in STATUSES]
+        if unknown:
+            raise InvalidArgument(f"unknown status filter {unknown}; valid statuses are {list(STATUSES)}")
+
+        def op(conn: Conn) -> dict[str, Any]:
+            active = conn.execute(self.q.queue_status_active, {"queue": queue}).fetchall()
+            finished = conn.execute(self.q.queue_status_finished, {"queue": queue}).fetchall()
+            return self._status_dict(active, finished, wanted)
+
+        return self._with_retry(op)
+
+    @staticmethod
+    def _status_dict(active: list[Any], finished: list[Any], wanted: list[str]) -> dict[str, Any]:
+        queues: dict[str, dict[str, Any]] = {}
+
+        def entry(name: str) -> dict[str, Any]:
+            return queues.setdefault(
+                name, {**{s: 0 for s in wanted}, "due": 0, "oldest_pending_age_seconds": None}
+            )
+
+        for name, status, n, age, due in active:
+            e = entry(name)
+            if status in wanted:
+                e[status] = int(n)
+            if status == "pending":
+                e["due"] = int(due)
+                e["oldest_pending_age_seconds"] = float(age) if age is not None else None
+        for name, status, n in finished:
+            if status in wanted and int(n):
+                entry(name)[status] = int(n)
+        totals = {s: sum(q[s] for q in queues.values()) for s in wanted}
+        ages = [q["oldest_pending_age_seconds"] for q in queues.values() if q["oldest_pending_age_seconds"]]
+        return {
+            "queues": queues,
+            "totals": totals,
+            "oldest_pending_age_seconds": max(ages) if ages else None,
+        }
+
+    def list_instances(self, *, include_stopped: bool = False) -> list[dict[str, Any]]:
+        """Registered instances with their heartbeat and how many records each holds."""
+        cols = (
+            "instance_id", "hostname", "pid", "version", "started_at", "last_heartbeat_at", "stopped_at",
+            "status", "metadata", "processing",
+        )
+        rows = self._with_retry(
+            lambda conn: conn.execute(self.q.list_instances, {"include_stopped": include_stopped}).fetchall()
+        )
+        return [dict(zip(cols, row)) for row in rows]
+
+    def health_check(
+        self,
+        *,
+        timeout: float = 5.0,
+        latency_degraded_ms: float = 250.0,
+        pending_age_degraded_s: float | None = None,
+    ) -> dict[str, Any]:
+        """A health report that never raises: ``status`` is ``healthy``, ``degraded`` or ``unhealthy``.
+
+        Unreachable database, missing schema: unhealthy (with the reason). Slow round trip, callers waiting
+        for pool connections, or (optionally) a pending backlog older than ``pending_age_degraded_s``:
+        degraded.
+        """
+        report: dict[str, Any] = {
+            "status": "unhealthy",
+            "instance": {"instance_id": self.instance_id, **self.facts.snapshot()},
+            "database": {"reachable": False, "dsn": redact(self.dsn), "schema": self.schema},
+            "reasons": [],
+            "checked_at": datetime.now(timezone.utc).isoformat(),
+        }
+        reasons: list[str] = report["reasons"]
+        deadline = time.monotonic() + timeout
+        try:
+            pool = self._ensure_pool()
+            report["pool"] = pool.get_stats()
+            with self.connection(timeout=timeout) as conn:
+                remaining = max(0.1, deadline - time.monotonic())
+                started = time.perf_counter()
+                with conn.transaction():
+                    conn.execute(
+                        "SELECT set_config('statement_timeout', %s, true)", (str(int(remaining * 1000)),)
+                    )
+                    facts = conn.execute(self.q.server_facts, {"table": self.q.records_table}).fetchone()
+                latency_ms = (time.perf_counter() - started) * 1000
+                assert facts is not None
+                report["database"].update(
+                    reachable=True, latency_ms=round(latency_ms, 3), server_version=facts[0], migrated=facts[1]
+                )
+                if not facts[1]:
+                    reasons.append(f"schema {self.schema!r} is not migrated")
+                    return report
+                with conn.transaction():
+                    conn.execute(
+                        "SELECT set_config('statement_timeout', %s, true)",
+                        (str(int(max(0.1, deadline - time.monotonic()) * 1000)),),
+                    )
+                    active = conn.execute(self.q.queue_status_active, {"queue": None}).fetchall()
+                    finished = conn.execute(self.q.queue_status_finished, {"queue": None}).fetchall()
+                report["queues"] = self._status_dict(active, finished, list(STATUSES))
+            if latency_ms > latency_degraded_ms:
+                reasons.append(f"database round trip {latency_ms:.0f} ms > {latency_degraded_ms:g} ms")
+            if report["pool"].get("requests_waiting", 0) > 0:
+                reasons.append("callers are waiting for pool connections")
+            age = report["queues"]["oldest_pending_age_seconds"]
+            if pending_age_degraded_s is not None and age is not None and age > pending_age_degraded_s:
+                reasons.append(f"oldest pending record is {age:.0f}s old")
+            report["status"] = "degraded" if reasons else "healthy"
+        except Exception as exc:  # a health probe reports, it never raises
+            reasons.append(f"{type(exc).__name__}: {redact(str(exc)).strip()}")
+            report["status"] = "unhealthy"
+        return report
+
+    # ------------------------------------------------------------------ misc
+
+    @property
+    def version(self) -> str:
+        return __version__
+
+    @staticmethod
+    def final_statuses() -> tuple[str, ...]:
+        return FINAL_STATUSES

@@ -1,0 +1,58 @@
+"""Named SQL statements, loaded once from ``sql/queries.sql`` and bound to a schema.
+
+Statements are composed with :mod:`psycopg.sql` so that the schema and table names are quoted identifiers;
+every value stays a bound parameter.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from importlib import resources
+
+from psycopg import sql
+
+TABLES = {
+    "records": "processing_queue",
+    "stats": "queue_stats",
+    "key_limits": "key_concurrency",
+    "queue_limits": "queue_limits",
+    "instances": "processor_instances",
+}
+
+_NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
+
+
+@lru_cache(maxsize=1)
+def raw_statements() -> dict[str, str]:
+    """Return ``{name: sql_text}`` parsed from the packaged SQL file."""
+    text = resources.files("core").joinpath("sql/queries.sql").read_text(encoding="utf-8")
+    parts = _NAME.split(text)
+    out: dict[str, str] = {}
+    # parts = [preamble, name1, body1, name2, body2, ...]
+    for name, body in zip(parts[1::2], parts[2::2]):
+        lines = [ln for ln in body.strip().splitlines() if not ln.lstrip().startswith("--")]
+        out[name] = "\n".join(lines).strip().rstrip(";")
+    return out
+
+
+class Queries:
+    """The statements bound to one schema: ``q.claim``, ``q.complete``, ... are ready-to-run ``sql.Composed``."""
+
+    def __init__(self, schema: str) -> None:
+        self.schema = schema
+        idents = {key: sql.Identifier(schema, table) for key, table in TABLES.items()}
+        self._statements: dict[str, sql.Composed] = {
+            name: sql.SQL(text).format(**idents)  # type: ignore[arg-type]
+            for name, text in raw_statements().items()
+        }
+        self.records_table = f"{sql.Identifier(schema).as_string()}.processing_queue"
+
+    def __getattr__(self, name: str) -> sql.Composed:
+        try:
+            return self._statements[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._statements)

@@ -1,0 +1,43 @@
+"""The claimed record handed to handlers."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A record claimed by this instance. ``lease_token`` fences every later update of it."""
+
+    id: int
+    queue: str
+    payload: dict[str, Any]
+    priority: int
+    attempts: int
+    max_attempts: int
+    lease_token: uuid.UUID
+    claimed_at: datetime
+    lease_expires_at: datetime
+    run_at: datetime
+    created_at: datetime
+    ordering_key: str | None = None
+    dedupe_key: str | None = None
+    cancel_requested: bool = False
+
+    @property
+    def is_last_attempt(self) -> bool:
+        return self.attempts >= self.max_attempts
+
+
+def format_error(error: BaseException | str, limit: int = 2000) -> str:
+    """``Type: message`` truncated to ``limit`` characters, for ``last_error``."""
+    if isinstance(error, BaseException):
+        text = f"{type(error).__name__}: {error}"
+    else:
+        text = str(error)
+    if len(text) > limit:
+        text = text[: limit - 14] + " …[truncated]"
+    return text

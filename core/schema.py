@@ -1,0 +1,231 @@
+"""The database schema, defined once as SQLAlchemy Core metadata.
+
+Tables carry no schema name: the configured PostgreSQL schema is applied at run time through
+``schema_translate_map`` (Alembic) and ``psycopg.sql.Identifier`` (hot-path statements).
+
+Index design (why each exists):
+
+* ``ix_processing_queue_claim``: the claim walks this in order. Partial on ``pending`` so finished rows,
+  however many, never enter the scan.
+* ``ix_processing_queue_lease`` / ``ix_processing_queue_claimed_by``: recovery by expired lease and by dead
+  instance; partial on ``processing`` so they hold only in-flight rows.
+* ``ix_processing_queue_ordering``: per-key FIFO checks (earlier pending, in-flight count, earlier failed).
+* ``ux_processing_queue_dedupe``: the queueing lock; unique only while a record holds it.
+* ``ix_processing_queue_finished``: retention purge in bounded, ordered batches.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+
+STATUSES = ("pending", "processing", "completed", "failed", "cancelled")
+FINAL_STATUSES = ("completed", "failed", "cancelled")
+INSTANCE_STATUSES = ("running", "stopping", "stopped", "dead")
+
+metadata = MetaData(
+    naming_convention={
+        "pk": "pk_%(table_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+    }
+)
+
+TS = DateTime(timezone=True)
+
+processing_queue = Table(
+    "processing_queue",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), nullable=False),
+    Column("queue", Text, nullable=False, server_default=text("'default'")),
+    Column("payload", JSONB, nullable=False),
+    Column("status", Text, nullable=False, server_default=text("'pending'")),
+    Column("priority", Integer, nullable=False, server_default=text("0")),
+    Column("run_at", TS, nullable=False, server_default=func.now()),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("max_attempts", Integer, nullable=False, server_default=text("5")),
+    Column("claimed_by", Text),
+    Column("claimed_at", TS),
+    Column("lease_expires_at", TS),
+    Column("lease_token", UUID(as_uuid=True)),
+    Column("last_error", Text),
+    Column("ordering_key", Text),
+    Column("dedupe_key", Text),
+    Column("dedupe_while", Text),
+    Column("dedupe_held", Boolean, nullable=False, server_default=text("false")),
+    Column("cancel_requested", Boolean, nullable=False, server_default=text("false")),
+    Column("created_at", TS, nullable=False, server_default=func.now()),
+    Column("updated_at", TS, nullable=False, server_default=func.now()),
+    Column("finished_at", TS),
+    PrimaryKeyConstraint("id"),
+    CheckConstraint("status IN ('pending', 'processing', 'completed', 'failed', 'cancelled')", name="status"),
+    CheckConstraint("max_attempts >= 1", name="max_attempts"),
+    CheckConstraint("attempts >= 0", name="attempts"),
+    CheckConstraint("dedupe_while IS NULL OR dedupe_while IN ('pending', 'active')", name="dedupe_while"),
+    CheckConstraint("length(queue) BETWEEN 1 AND 200", name="queue_name"),
+)
+
+Index(
+    "ix_processing_queue_claim",
+    processing_queue.c.queue,
+    processing_queue.c.priority.desc(),
+    processing_queue.c.run_at,
+    processing_queue.c.id,
+    postgresql_where=text("status = 'pending'"),
+)
+Index(
+    "ix_processing_queue_lease",
+    processing_queue.c.lease_expires_at,
+    postgresql_where=text("status = 'processing'"),
+)
+Index(
+    "ix_processing_queue_claimed_by",
+    processing_queue.c.claimed_by,
+    postgresql_where=text("status = 'processing'"),
+)
+Index(
+    "ix_processing_queue_ordering",
+    processing_queue.c.ordering_key,
+    processing_queue.c.status,
+    processing_queue.c.id,
+    postgresql_where=text(
+        "ordering_key IS NOT NULL AND status IN ('pending', 'processing', 'failed')"
+    ),
+)
+Index(
+    "ux_processing_queue_dedupe",
+    processing_queue.c.queue,
+    processing_queue.c.dedupe_key,
+    unique=True,
+    postgresql_where=text("dedupe_held"),
+)
+Index(
+    "ix_processing_queue_finished",
+    processing_queue.c.finished_at,
+    postgresql_where=text("status IN ('completed', 'failed', 'cancelled')"),
+)
+
+# Running totals of finished records per queue and status, kept by a statement-level trigger so that
+# health probes and stats never count millions of finished rows.
+queue_stats = Table(
+    "queue_stats",
+    metadata,
+    Column("queue", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("count", BigInteger, nullable=False, server_default=text("0")),
+    PrimaryKeyConstraint("queue", "status"),
+)
+
+# Per-key concurrency limits; ``pattern`` is a glob (``*``, ``?``), ``like_pattern`` its LIKE form.
+key_concurrency = Table(
+    "key_concurrency",
+    metadata,
+    Column("pattern", Text, nullable=False),
+    Column("like_pattern", Text, nullable=False),
+    Column("is_exact", Boolean, nullable=False),
+    Column("max_concurrency", Integer, nullable=False),
+    Column("block_on_failure", Boolean, nullable=False, server_default=text("false")),
+    Column("updated_at", TS, nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("pattern"),
+    CheckConstraint("max_concurrency >= 1", name="max_concurrency"),
+)
+
+queue_limits = Table(
+    "queue_limits",
+    metadata,
+    Column("queue", Text, nullable=False),
+    Column("max_pending", Integer, nullable=False),
+    Column("updated_at", TS, nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("queue"),
+    CheckConstraint("max_pending >= 0", name="max_pending"),
+)
+
+processor_instances = Table(
+    "processor_instances",
+    metadata,
+    Column("instance_id", Text, nullable=False),
+    Column("hostname", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("version", Text, nullable=False),
+    Column("started_at", TS, nullable=False, server_default=func.now()),
+    Column("last_heartbeat_at", TS, nullable=False, server_default=func.now()),
+    Column("stopped_at", TS),
+    Column("status", Text, nullable=False, server_default=text("'running'")),
+    Column("metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    PrimaryKeyConstraint("instance_id"),
+    CheckConstraint("status IN ('running', 'stopping', 'stopped', 'dead')", name="status"),
+)
+Index(
+    "ix_processor_instances_heartbeat",
+    processor_instances.c.last_heartbeat_at,
+    postgresql_where=text("status IN ('running', 'stopping')"),
+)
+
+# The trigger that maintains queue_stats. Kept here beside the tables it concerns; the migration installs it.
+# {schema} is replaced by the quoted schema name.
+STATS_TRIGGER_SQL = """
+CREATE OR REPLACE FUNCTION {schema}.dp_track_finished() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        INSERT INTO {schema}.queue_stats AS s (queue, status, count)
+        SELECT queue, status, sum(delta) FROM (
+            SELECT queue, status, 1 AS delta FROM dp_new
+             WHERE status IN ('completed', 'failed', 'cancelled')
+            UNION ALL
+            SELECT queue, status, -1 FROM dp_old
+             WHERE status IN ('completed', 'failed', 'cancelled')
+        ) d
+        GROUP BY queue, status HAVING sum(delta) <> 0
+        ORDER BY queue, status
+        ON CONFLICT (queue, status) DO UPDATE SET count = s.count + EXCLUDED.count;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO {schema}.queue_stats AS s (queue, status, count)
+        SELECT queue, status, -count(*) FROM dp_old
+         WHERE status IN ('completed', 'failed', 'cancelled')
+        GROUP BY queue, status
+        ORDER BY queue, status
+        ON CONFLICT (queue, status) DO UPDATE SET count = s.count + EXCLUDED.count;
+    ELSE
+        INSERT INTO {schema}.queue_stats AS s (queue, status, count)
+        SELECT queue, status, count(*) FROM dp_new
+         WHERE status IN ('completed', 'failed', 'cancelled')
+        GROUP BY queue, status
+        ORDER BY queue, status
+        ON CONFLICT (queue, status) DO UPDATE SET count = s.count + EXCLUDED.count;
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+
+CREATE TRIGGER dp_track_finished_update AFTER UPDATE ON {schema}.processing_queue
+    REFERENCING OLD TABLE AS dp_old NEW TABLE AS dp_new
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.dp_track_finished();
+CREATE TRIGGER dp_track_finished_delete AFTER DELETE ON {schema}.processing_queue
+    REFERENCING OLD TABLE AS dp_old
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.dp_track_finished();
+CREATE TRIGGER dp_track_finished_insert AFTER INSERT ON {schema}.processing_queue
+    REFERENCING NEW TABLE AS dp_new
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.dp_track_finished();
+"""
+
+DROP_STATS_TRIGGER_SQL = """
+DROP TRIGGER IF EXISTS dp_track_finished_update ON {schema}.processing_queue;
+DROP TRIGGER IF EXISTS dp_track_finished_delete ON {schema}.processing_queue;
+DROP TRIGGER IF EXISTS dp_track_finished_insert ON {schema}.processing_queue;
+DROP FUNCTION IF EXISTS {schema}.dp_track_finished();
+"""

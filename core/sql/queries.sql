@@ -1,0 +1,305 @@
+-- Every statement the processor runs, as named blocks ("-- name: <name>").
+-- Placeholders in braces are identifiers filled in with psycopg.sql.Identifier (schema-qualified tables);
+-- %(name)s are bound parameters. A literal % is written %%, a literal brace doubled.
+
+-- name: claim
+-- One round trip claims up to %(batch)s records from any number of queues. Each queue is read by its own
+-- index scan in claim order, locked with SKIP LOCKED; only the k*batch candidates are sorted, never the backlog.
+-- A keyed record qualifies only when no earlier record of its key is pending, fewer than its key's limit are
+-- in flight, and (when the key blocks on failure) no earlier record of it failed.
+WITH picked AS (
+    SELECT c.id
+      FROM unnest(%(queues)s::text[]) AS qn(name)
+     CROSS JOIN LATERAL (
+        SELECT r.id, r.priority, r.run_at
+          FROM {records} r
+         WHERE r.queue = qn.name
+           AND r.status = 'pending'
+           AND r.run_at <= now()
+           AND (r.ordering_key IS NULL OR (
+                NOT EXISTS (
+                    SELECT 1 FROM {records} e
+                     WHERE e.ordering_key = r.ordering_key AND e.status = 'pending' AND e.id < r.id)
+                AND (SELECT count(*) FROM {records} p
+                      WHERE p.ordering_key = r.ordering_key AND p.status = 'processing')
+                    < coalesce((SELECT k.max_concurrency FROM {key_limits} k
+                                 WHERE r.ordering_key LIKE k.like_pattern
+                                 ORDER BY k.is_exact DESC, length(k.pattern) DESC LIMIT 1),
+                               %(default_key_concurrency)s)
+                AND NOT (
+                    coalesce((SELECT k.block_on_failure FROM {key_limits} k
+                               WHERE r.ordering_key LIKE k.like_pattern
+                               ORDER BY k.is_exact DESC, length(k.pattern) DESC LIMIT 1),
+                             %(default_block_on_failure)s)
+                    AND EXISTS (
+                        SELECT 1 FROM {records} f
+                         WHERE f.ordering_key = r.ordering_key AND f.status = 'failed' AND f.id < r.id))
+           ))
+         ORDER BY r.priority DESC, r.run_at, r.id
+         LIMIT %(batch)s
+           FOR UPDATE OF r SKIP LOCKED
+     ) c
+     ORDER BY c.priority DESC, c.run_at, c.id
+     LIMIT %(batch)s
+)
+UPDATE {records} t
+   SET status = 'processing',
+       claimed_by = %(instance_id)s,
+       claimed_at = now(),
+       lease_expires_at = now() + %(lease_seconds)s * interval '1 second',
+       lease_token = gen_random_uuid(),
+       attempts = t.attempts + 1,
+       dedupe_held = t.dedupe_held AND t.dedupe_while = 'active',
+       updated_at = now()
+  FROM picked
+ WHERE t.id = picked.id
+RETURNING t.id, t.queue, t.payload, t.priority, t.attempts, t.max_attempts, t.lease_token, t.claimed_at,
+          t.lease_expires_at, t.run_at, t.created_at, t.ordering_key, t.dedupe_key, t.cancel_requested;
+
+-- name: complete
+-- Fenced: only the claim whose token is still on the row may complete it. A flagged cancel wins.
+UPDATE {records}
+   SET status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'completed' END,
+       finished_at = now(),
+       updated_at = now(),
+       lease_expires_at = NULL,
+       dedupe_held = false
+ WHERE id = ANY(%(ids)s::bigint[])
+   AND lease_token = ANY(%(tokens)s::uuid[])
+   AND status = 'processing'
+RETURNING id;
+
+-- name: fail
+-- Fenced like complete. A retryable failure with attempts left goes back to pending after its backoff.
+UPDATE {records} t
+   SET status = CASE
+           WHEN u.retry AND t.attempts < t.max_attempts AND NOT t.cancel_requested THEN 'pending'
+           WHEN t.cancel_requested THEN 'cancelled'
+           ELSE 'failed' END,
+       run_at = CASE
+           WHEN u.retry AND t.attempts < t.max_attempts AND NOT t.cancel_requested
+           THEN now() + u.delay * interval '1 second'
+           ELSE t.run_at END,
+       finished_at = CASE
+           WHEN u.retry AND t.attempts < t.max_attempts AND NOT t.cancel_requested THEN NULL
+           ELSE now() END,
+       dedupe_held = t.dedupe_held
+           AND u.retry AND t.attempts < t.max_attempts AND NOT t.cancel_requested,
+       last_error = %(error)s,
+       lease_token = NULL,
+       lease_expires_at = NULL,
+       updated_at = now()
+  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(delays)s::float8[], %(retry)s::bool[])
+       AS u(id, token, delay, retry)
+ WHERE t.id = u.id
+   AND t.lease_token = u.token
+   AND t.status = 'processing'
+RETURNING t.id, t.status;
+
+-- name: release
+-- Hand records back at once (graceful shutdown): pending again, the attempt not charged.
+UPDATE {records}
+   SET status = 'pending',
+       attempts = greatest(attempts - 1, 0),
+       run_at = now(),
+       lease_token = NULL,
+       lease_expires_at = NULL,
+       last_error = %(reason)s,
+       updated_at = now()
+ WHERE id = ANY(%(ids)s::bigint[])
+   AND lease_token = ANY(%(tokens)s::uuid[])
+   AND status = 'processing'
+RETURNING id;
+
+-- name: extend_leases
+-- Heartbeat: push the lease of every record this instance still holds. Rows not returned are lost.
+UPDATE {records}
+   SET lease_expires_at = now() + %(lease_seconds)s * interval '1 second'
+ WHERE id = ANY(%(ids)s::bigint[])
+   AND lease_token = ANY(%(tokens)s::uuid[])
+   AND status = 'processing'
+RETURNING id, cancel_requested;
+
+-- name: mark_dead_instances
+-- Instances whose heartbeat is older than the threshold are dead; several cleaners may race, all harmless.
+UPDATE {instances}
+   SET status = 'dead', stopped_at = now()
+ WHERE status IN ('running', 'stopping')
+   AND last_heartbeat_at < now() - %(dead_after)s * interval '1 second'
+RETURNING instance_id;
+
+-- name: recover_orphans
+-- One bounded batch: processing rows whose lease expired or whose instance is dead. SKIP LOCKED so that
+-- every instance can run it at once; the status guard is re-checked on the locked row version.
+WITH orphan AS (
+    SELECT id
+      FROM {records}
+     WHERE status = 'processing'
+       AND (lease_expires_at < now()
+            OR claimed_by IN (SELECT instance_id FROM {instances} WHERE status = 'dead'))
+     ORDER BY id
+     LIMIT %(batch)s
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE {records} t
+   SET status = CASE
+           WHEN t.cancel_requested THEN 'cancelled'
+           WHEN t.attempts < t.max_attempts THEN 'pending'
+           ELSE 'failed' END,
+       finished_at = CASE
+           WHEN t.attempts < t.max_attempts AND NOT t.cancel_requested THEN NULL
+           ELSE now() END,
+       run_at = now(),
+       dedupe_held = t.dedupe_held AND t.attempts < t.max_attempts AND NOT t.cancel_requested,
+       last_error = CASE
+           WHEN t.lease_expires_at < now()
+           THEN format('lease of %%s expired at %%s (attempt %%s of %%s)',
+                       t.claimed_by, t.lease_expires_at, t.attempts, t.max_attempts)
+           ELSE format('instance %%s was declared dead (attempt %%s of %%s)',
+                       t.claimed_by, t.attempts, t.max_attempts) END,
+       lease_token = NULL,
+       lease_expires_at = NULL,
+       updated_at = now()
+  FROM orphan
+ WHERE t.id = orphan.id
+   AND t.status = 'processing'
+RETURNING t.id, t.status;
+
+-- name: lock_queue_limit
+SELECT max_pending FROM {queue_limits} WHERE queue = %(queue)s FOR UPDATE;
+
+-- name: lock_ordering_keys
+-- Producers of one key serialise so that id order equals commit order within the key.
+SELECT count(pg_advisory_xact_lock(7117, hashtext(k)))
+  FROM (SELECT DISTINCT k FROM unnest(%(keys)s::text[]) AS u(k) ORDER BY k) s;
+
+-- name: insert_records
+-- One statement for the whole batch; ids follow input order. Duplicates of a held dedupe key are skipped.
+INSERT INTO {records} (queue, payload, priority, run_at, max_attempts, ordering_key, dedupe_key,
+                       dedupe_while, dedupe_held)
+SELECT %(queue)s, u.p, %(priority)s, coalesce(%(run_at)s::timestamptz, now()), %(max_attempts)s, u.k, u.d,
+       CASE WHEN u.d IS NULL THEN NULL ELSE %(dedupe_while)s END, u.d IS NOT NULL
+  FROM unnest(%(payloads)s::jsonb[], %(keys)s::text[], %(dedupes)s::text[]) WITH ORDINALITY AS u(p, k, d, ord)
+ ORDER BY u.ord
+    ON CONFLICT DO NOTHING
+RETURNING id, dedupe_key;
+
+-- name: existing_dedupe
+SELECT dedupe_key, id FROM {records}
+ WHERE queue = %(queue)s AND dedupe_key = ANY(%(dedupes)s::text[]) AND dedupe_held;
+
+-- name: allocate_ids
+SELECT nextval(pg_get_serial_sequence(%(table)s, 'id')) FROM generate_series(1, %(n)s) ORDER BY 1;
+
+-- name: copy_records
+COPY {records} (id, queue, payload, priority, run_at, max_attempts, ordering_key) FROM STDIN;
+
+-- name: pending_depth
+SELECT count(*) FROM (
+    SELECT 1 FROM {records} WHERE queue = %(queue)s AND status = 'pending' LIMIT %(cap)s
+) d;
+
+-- name: notify
+SELECT pg_notify(%(channel)s, %(queue)s);
+
+-- name: queue_status_active
+SELECT queue, status, count(*) AS n,
+       extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'pending')) AS oldest_pending_age,
+       count(*) FILTER (WHERE status = 'pending' AND run_at <= now()) AS due
+  FROM {records}
+ WHERE status IN ('pending', 'processing')
+   AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+ GROUP BY queue, status;
+
+-- name: queue_status_finished
+SELECT queue, status, count AS n
+  FROM {stats}
+ WHERE %(queue)s::text IS NULL OR queue = %(queue)s::text;
+
+-- name: cancel
+-- Pending records are cancelled at once; processing ones are flagged, and their outcome becomes cancelled.
+UPDATE {records}
+   SET status = CASE WHEN status = 'pending' THEN 'cancelled' ELSE status END,
+       finished_at = CASE WHEN status = 'pending' THEN now() ELSE finished_at END,
+       dedupe_held = CASE WHEN status = 'pending' THEN false ELSE dedupe_held END,
+       cancel_requested = true,
+       updated_at = now()
+ WHERE id = ANY(%(ids)s::bigint[])
+   AND status IN ('pending', 'processing')
+RETURNING id, status;
+
+-- name: retry_failed
+UPDATE {records}
+   SET status = 'pending', run_at = now(), finished_at = NULL, attempts = 0, cancel_requested = false,
+       updated_at = now()
+ WHERE id IN (
+    SELECT id FROM {records}
+     WHERE status = 'failed'
+       AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
+       AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+       AND (%(pattern)s::text IS NULL OR last_error ~ %(pattern)s::text)
+     ORDER BY id
+     LIMIT %(batch)s
+       FOR UPDATE SKIP LOCKED)
+   AND status = 'failed'
+RETURNING id;
+
+-- name: purge
+-- One bounded, ordered batch of finished rows older than the cutoff.
+DELETE FROM {records}
+ WHERE id IN (
+    SELECT id FROM {records}
+     WHERE status IN ('completed', 'failed', 'cancelled')
+       AND finished_at < now() - %(older_than)s * interval '1 second'
+     ORDER BY finished_at
+     LIMIT %(batch)s
+       FOR UPDATE SKIP LOCKED)
+   AND status IN ('completed', 'failed', 'cancelled')
+RETURNING id;
+
+-- name: set_key_concurrency
+INSERT INTO {key_limits} (pattern, like_pattern, is_exact, max_concurrency, block_on_failure, updated_at)
+VALUES (%(pattern)s, %(like_pattern)s, %(is_exact)s, %(n)s, %(block_on_failure)s, now())
+ON CONFLICT (pattern) DO UPDATE
+   SET like_pattern = EXCLUDED.like_pattern, is_exact = EXCLUDED.is_exact,
+       max_concurrency = EXCLUDED.max_concurrency, block_on_failure = EXCLUDED.block_on_failure,
+       updated_at = now();
+
+-- name: delete_key_concurrency
+DELETE FROM {key_limits} WHERE pattern = %(pattern)s;
+
+-- name: set_queue_limit
+INSERT INTO {queue_limits} (queue, max_pending, updated_at) VALUES (%(queue)s, %(n)s, now())
+ON CONFLICT (queue) DO UPDATE SET max_pending = EXCLUDED.max_pending, updated_at = now();
+
+-- name: delete_queue_limit
+DELETE FROM {queue_limits} WHERE queue = %(queue)s;
+
+-- name: register_instance
+INSERT INTO {instances} (instance_id, hostname, pid, version, started_at, last_heartbeat_at, status, metadata)
+VALUES (%(instance_id)s, %(hostname)s, %(pid)s, %(version)s, now(), now(), 'running', %(metadata)s)
+ON CONFLICT (instance_id) DO UPDATE
+   SET last_heartbeat_at = now(), status = 'running', stopped_at = NULL, metadata = EXCLUDED.metadata;
+
+-- name: heartbeat_instance
+UPDATE {instances} SET last_heartbeat_at = now()
+ WHERE instance_id = %(instance_id)s AND status IN ('running', 'stopping')
+RETURNING status;
+
+-- name: set_instance_status
+UPDATE {instances}
+   SET status = %(status)s,
+       stopped_at = CASE WHEN %(status)s IN ('stopped', 'dead') THEN now() ELSE stopped_at END,
+       last_heartbeat_at = now()
+ WHERE instance_id = %(instance_id)s;
+
+-- name: list_instances
+SELECT instance_id, hostname, pid, version, started_at, last_heartbeat_at, stopped_at, status, metadata,
+       (SELECT count(*) FROM {records} r WHERE r.status = 'processing' AND r.claimed_by = i.instance_id)
+           AS processing
+  FROM {instances} i
+ WHERE %(include_stopped)s OR status IN ('running', 'stopping')
+ ORDER BY started_at;
+
+-- name: server_facts
+SELECT current_setting('server_version') AS version, to_regclass(%(table)s) IS NOT NULL AS migrated;
