@@ -26,6 +26,7 @@ def migrations_dir() -> Path:
 def alembic_config(schema: str = "public") -> Config:
     cfg = Config()
     location = migrations_dir()
+    cfg.set_main_option("path_separator", "os")
     cfg.set_main_option("script_location", str(location))
     cfg.set_main_option("version_locations", str(location / "versions"))
     cfg.attributes["schema"] = schema

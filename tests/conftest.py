@@ -1,0 +1,86 @@
+"""Fixtures: one real PostgreSQL per session, a migrated template, a fresh database per test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from core import DistributedProcessor
+from core.migrate import upgrade
+from tests.support import Server, find_server, unique_name
+
+CATEGORIES = ("unit", "integration", "concurrent", "performance", "chaos")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The folder a test lives in is its category marker.
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        for category in CATEGORIES:
+            if category in parts:
+                item.add_marker(getattr(pytest.mark, category))
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Server:
+    return find_server()
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_server: Server) -> Iterator[str]:
+    name = unique_name("dp_tpl")
+    dsn = pg_server.create_database(name)
+    upgrade(dsn)
+    yield name
+    with pg_server.admin() as conn:
+        conn.execute(psycopg.sql.SQL("ALTER DATABASE {} IS_TEMPLATE false").format(psycopg.sql.Identifier(name)))
+    pg_server.drop_database(name)
+
+
+@pytest.fixture
+def dsn(pg_server: Server, template_db: str) -> Iterator[str]:
+    """A fresh, migrated database for this test only."""
+    name = unique_name("dp_t")
+    url = pg_server.create_database(name, template=template_db)
+    yield url
+    pg_server.drop_database(name)
+
+
+@pytest.fixture
+def empty_dsn(pg_server: Server) -> Iterator[str]:
+    """A fresh database with no schema at all."""
+    name = unique_name("dp_e")
+    url = pg_server.create_database(name)
+    yield url
+    pg_server.drop_database(name)
+
+
+@pytest.fixture
+def processor(dsn: str) -> Iterator[DistributedProcessor]:
+    with DistributedProcessor(dsn, instance_id="test-a", connect_timeout=5) as p:
+        yield p
+
+
+@pytest.fixture
+def make_processor(dsn: str) -> Iterator[object]:
+    made: list[DistributedProcessor] = []
+
+    def factory(**kwargs: object) -> DistributedProcessor:
+        kwargs.setdefault("connect_timeout", 5)
+        p = DistributedProcessor(dsn, **kwargs)  # type: ignore[arg-type]
+        made.append(p)
+        return p
+
+    yield factory
+    for p in made:
+        p.close()
+
+
+@pytest.fixture
+def db(dsn: str) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
+    """A plain autocommit connection to the test database, for assertions."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        yield conn
