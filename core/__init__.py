@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from core.errors import (  # noqa: E402
+from core.errors import (
     ConfigurationError,
     DatabaseUnavailable,
     InvalidArgument,
@@ -14,9 +14,9 @@ from core.errors import (  # noqa: E402
     QueueFull,
     SchemaNotMigrated,
 )
-from core.processor import AddResult, DistributedProcessor  # noqa: E402
-from core.record import Record  # noqa: E402
-from core.retry import RetryPolicy  # noqa: E402
+from core.processor import AddResult, DistributedProcessor
+from core.record import Record
+from core.retry import RetryPolicy
 
 __all__ = [
     "AddResult",

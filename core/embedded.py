@@ -24,7 +24,7 @@ def start(data_dir: Path | str | None = None, *, keep_running: bool = False) -> 
     them exits (unless ``keep_running``).
     """
     try:
-        import pgserver
+        import pgserver  # type: ignore[attr-defined,unused-ignore]
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise RuntimeError(
             "no DATABASE_URL is set and the embedded PostgreSQL is not installed: "
@@ -35,7 +35,8 @@ def start(data_dir: Path | str | None = None, *, keep_running: bool = False) -> 
     key = str(path)
     server = _servers.get(key)
     if server is None:
-        server = pgserver.get_server(path, cleanup_mode=None if keep_running else "stop")
+        server = pgserver.get_server(  # type: ignore[attr-defined,unused-ignore]
+            path, cleanup_mode=None if keep_running else "stop")
         _servers[key] = server
         log.info("embedded PostgreSQL running", extra={"data_dir": key})
     return str(server.get_uri())

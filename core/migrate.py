@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import psycopg
-from psycopg import sql
 from alembic import command
 from alembic.config import Config
+from psycopg import sql
 from sqlalchemy import create_engine, pool
 
 from core.dsn import redact

@@ -459,7 +459,7 @@ class DistributedProcessor:
         ids = [int(r[0]) for r in rows]
         when = run_at or conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
         with conn.cursor().copy(self.q.copy_records) as copy:
-            for rid, text, key in zip(ids, texts, keys):
+            for rid, text, key in zip(ids, texts, keys, strict=False):
                 copy.write_row((rid, queue, text, priority, when, max_attempts, key))
         return AddResult(ids)
 
@@ -627,12 +627,13 @@ class DistributedProcessor:
                 re.compile(error_pattern)
             except re.error as exc:
                 raise InvalidArgument(f"error_pattern is not a valid regular expression: {exc}") from None
-        params = {"ids": id_list, "queue": queue, "pattern": error_pattern, "batch": _positive_int("batch", batch)}
+        size = _positive_int("batch", batch)
+        params = {"ids": id_list, "queue": queue, "pattern": error_pattern, "batch": size}
         total = 0
         while True:
             n = self._with_retry(lambda conn: conn.execute(self.q.retry_failed, params).rowcount)
             total += n
-            if n < params["batch"] or id_list is not None:
+            if n < size or id_list is not None:
                 return total
 
     def purge(self, older_than: float | timedelta, *, batch: int = 5000, max_batches: int | None = None) -> int:
@@ -742,7 +743,7 @@ class DistributedProcessor:
         rows = self._with_retry(
             lambda conn: conn.execute(self.q.list_instances, {"include_stopped": include_stopped}).fetchall()
         )
-        return [dict(zip(cols, row)) for row in rows]
+        return [dict(zip(cols, row, strict=False)) for row in rows]
 
     def health_check(
         self,

@@ -30,7 +30,7 @@ def raw_statements() -> dict[str, str]:
     parts = _NAME.split(text)
     out: dict[str, str] = {}
     # parts = [preamble, name1, body1, name2, body2, ...]
-    for name, body in zip(parts[1::2], parts[2::2]):
+    for name, body in zip(parts[1::2], parts[2::2], strict=False):
         lines = [ln for ln in body.strip().splitlines() if not ln.lstrip().startswith("--")]
         out[name] = "\n".join(lines).strip().rstrip(";")
     return out
@@ -43,7 +43,7 @@ class Queries:
         self.schema = schema
         idents = {key: sql.Identifier(schema, table) for key, table in TABLES.items()}
         self._statements: dict[str, sql.Composed] = {
-            name: sql.SQL(text).format(**idents)  # type: ignore[arg-type]
+            name: sql.SQL(text).format(**idents)
             for name, text in raw_statements().items()
         }
         self.records_table = f"{sql.Identifier(schema).as_string()}.processing_queue"

@@ -34,10 +34,7 @@ class Record:
 
 def format_error(error: BaseException | str, limit: int = 2000) -> str:
     """``Type: message`` truncated to ``limit`` characters, for ``last_error``."""
-    if isinstance(error, BaseException):
-        text = f"{type(error).__name__}: {error}"
-    else:
-        text = str(error)
+    text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
     if len(text) > limit:
         text = text[: limit - 14] + " …[truncated]"
     return text

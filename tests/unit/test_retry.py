@@ -15,7 +15,7 @@ def test_default_delays_are_2_4_8_16_32_without_jitter() -> None:
 
 def test_default_delays_stay_within_jitter_band() -> None:
     policy = RetryPolicy()
-    for n, expected in zip(range(1, 6), [2, 4, 8, 16, 32]):
+    for n, expected in zip(range(1, 6), [2, 4, 8, 16, 32], strict=False):
         samples = [policy.delay_for(n) for _ in range(500)]
         assert all(expected * 0.9 - 1e-9 <= s <= expected * 1.1 + 1e-9 for s in samples)
         # jitter really spreads the delays (thundering herds avoided)

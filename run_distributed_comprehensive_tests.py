@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Test runner for distributed-processor.
+
+    python run_distributed_comprehensive_tests.py                   # unit, integration, concurrent, chaos
+    python run_distributed_comprehensive_tests.py --type unit
+    python run_distributed_comprehensive_tests.py --type performance   # short ratio benchmarks
+    python run_distributed_comprehensive_tests.py --validate-env
+    python run_distributed_comprehensive_tests.py --list-tests
+    python run_distributed_comprehensive_tests.py --type integration -k fencing -x
+
+Tests that claim behaviour run against a real PostgreSQL: DATABASE_URL, else POSTGRES_TEST_HOST/PORT/DB/USER/
+PASSWORD, else a local server on 127.0.0.1:5432, else an embedded one (pgserver) started for the run.
+The exit code is pytest's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+CATEGORIES = ("unit", "integration", "concurrent", "performance", "chaos")
+# "all" is everything a CI run should prove; performance and soak-length cases have their own --type/flag.
+DEFAULT_ALL = ("unit", "integration", "concurrent", "chaos")
+REQUIRED = ("psycopg", "psycopg_pool", "sqlalchemy", "alembic", "psutil", "pytest", "prometheus_client")
+OPTIONAL = ("pgserver", "pytest_cov", "pytest_timeout", "matplotlib", "ruff", "mypy")
+
+
+def _version(module: str) -> str | None:
+    dist = {"psycopg_pool": "psycopg-pool", "pytest_cov": "pytest-cov", "pytest_timeout": "pytest-timeout",
+            "prometheus_client": "prometheus-client", "sqlalchemy": "SQLAlchemy"}.get(module, module)
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return None
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def validate_env() -> int:
+    problems: list[str] = []
+    print(f"Python      {platform.python_version()} ({sys.executable})")
+    for module in REQUIRED:
+        v = _version(module)
+        print(f"  {module:<18} {v or 'MISSING'}")
+        if v is None:
+            problems.append(f"required package {module} is missing (pip install -e '.[test]')")
+    for module in OPTIONAL:
+        print(f"  {module:<18} {_version(module) or '-'} (optional)")
+    try:
+        sys.path.insert(0, str(ROOT))
+        from tests.support import find_server
+
+        server = find_server()
+        print(f"PostgreSQL  {server.version} via {server.source}")
+        with server.admin() as conn:
+            row = conn.execute("SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+            if not row or not row[0]:
+                problems.append("the test role cannot CREATE DATABASE (tests clone a template per test)")
+    except Exception as exc:
+        problems.append(f"no usable PostgreSQL: {exc}")
+    if problems:
+        print("\nEnvironment NOT ready:")
+        for p in problems:
+            print(f"  - {p}")
+        return 1
+    print("\nEnvironment ready.")
+    return 0
+
+
+def build_pytest_args(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    categories = DEFAULT_ALL if args.type == "all" else (args.type,)
+    cmd = [sys.executable, "-m", "pytest", *[str(ROOT / "tests" / c) for c in categories]]
+    if not args.soak:
+        cmd += ["-m", "not soak"]
+    if args.k:
+        cmd += ["-k", args.k]
+    if args.coverage:
+        cmd += ["--cov=core", "--cov-report=term-missing:skip-covered"]
+    return cmd + extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--type", choices=(*CATEGORIES, "all"), default="all",
+                        help="test category (default all = unit, integration, concurrent, chaos)")
+    parser.add_argument("--coverage", action="store_true", help="measure coverage of core/")
+    parser.add_argument("--validate-env", action="store_true", help="check Python, packages and PostgreSQL")
+    parser.add_argument("--list-tests", action="store_true", help="list the tests of the chosen category")
+    parser.add_argument("--soak", action="store_true", help="include soak-length cases")
+    parser.add_argument("-k", help="only tests matching this pytest expression")
+    args, extra = parser.parse_known_args(argv)
+    if args.validate_env:
+        return validate_env()
+    cmd = build_pytest_args(args, extra)
+    if args.list_tests:
+        cmd += ["--collect-only", "-q"]
+    print("+ " + " ".join(cmd[2:]), flush=True)
+    return subprocess.call(cmd, cwd=ROOT)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
