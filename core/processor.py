@@ -30,10 +30,12 @@ from core.errors import (
     SchemaNotMigrated,
 )
 from core.instance import ProcessFacts, new_instance_id
+from core.metrics import Metrics
 from core.queries import Queries
 from core.record import Record, format_error
 from core.retry import RetryPolicy
 from core.schema import FINAL_STATUSES, STATUSES
+from core.worker import Handler, RunSummary, Worker
 
 log = logging.getLogger("core.processor")
 
@@ -162,6 +164,8 @@ class DistributedProcessor:
         self.application_name = application_name
         self.q = Queries(schema)
         self.facts = ProcessFacts()
+        self.metrics = Metrics(self.instance_id)
+        self.worker: Worker | None = None
         self._pool: ConnectionPool[Conn] | None = None
         self._pool_lock = threading.Lock()
         self._closed = False
@@ -573,6 +577,108 @@ class DistributedProcessor:
             ).fetchall()
         )
         return {int(r[0]) for r in rows}, {int(r[0]) for r in rows if r[1]}
+
+    def heartbeat(self, records: Iterable[Record], *, registered: bool = True) -> tuple[set[int], set[int]]:
+        """Beat the instance's registry row and extend held leases in one round trip.
+
+        Returns (ids still held, ids whose cancel was requested).
+        """
+        ids, tokens = self._fence(records)
+        params = {
+            "ids": ids,
+            "tokens": tokens,
+            "lease_seconds": self.lease_seconds,
+            "instance_id": self.instance_id,
+            "registered": registered,
+        }
+        rows = self._with_retry(lambda conn: conn.execute(self.q.heartbeat, params).fetchall())
+        return {int(r[0]) for r in rows}, {int(r[0]) for r in rows if r[1]}
+
+    # ------------------------------------------------------------------ registry
+
+    def register_instance(self, metadata: dict[str, Any] | None = None) -> None:
+        """Add (or revive) this instance in ``processor_instances`` as ``running``."""
+        facts = self.facts.snapshot()
+        params = {
+            "instance_id": self.instance_id,
+            "hostname": facts["hostname"],
+            "pid": facts["pid"],
+            "version": __version__,
+            "metadata": json.dumps(metadata or {}),
+        }
+        self._with_retry(lambda conn: conn.execute(self.q.register_instance, params))
+
+    def set_instance_status(self, status: str) -> None:
+        params = {"instance_id": self.instance_id, "status": status}
+        self._with_retry(lambda conn: conn.execute(self.q.set_instance_status, params))
+
+    def deregister_instance(self) -> None:
+        """Mark this instance ``stopped`` (clean shutdown)."""
+        self.set_instance_status("stopped")
+
+    # ------------------------------------------------------------------ worker loop
+
+    def run(
+        self,
+        handler: Handler,
+        *,
+        concurrency: int = 10,
+        queues: Sequence[str] | None = None,
+        stop_when_empty: bool = False,
+        stop_event: threading.Event | None = None,
+        transactional: bool = False,
+        handler_timeout: float | None = None,
+        poll_interval: float = 1.0,
+        listen: bool = True,
+        handle_signals: bool = True,
+        grace_seconds: float = 30.0,
+        prefetch: int | None = None,
+        register: bool = True,
+        metadata: dict[str, Any] | None = None,
+    ) -> RunSummary:
+        """Claim and process records until stopped; returns a :class:`RunSummary`.
+
+        ``handler(record)`` runs on a pool of ``concurrency`` threads (a coroutine function is awaited on an
+        event-loop thread). Success completes the record, an exception fails it through the retry policy.
+        With ``transactional=True`` the handler is called as ``handler(record, conn)`` inside a transaction that
+        also writes the completion, so its own database writes and the completion commit together.
+        Called from the main thread it handles SIGTERM/SIGINT (unless ``handle_signals=False``): the first
+        signal drains for ``grace_seconds``, a second aborts the grace. ``stop_event`` or :meth:`stop` stop it
+        from elsewhere; ``stop_when_empty`` returns once nothing is due or held.
+        """
+        _positive_int("concurrency", concurrency, maximum=1000)
+        if poll_interval <= 0:
+            raise InvalidArgument("poll_interval must be > 0")
+        if handler_timeout is not None and handler_timeout <= 0:
+            raise InvalidArgument("handler_timeout must be > 0")
+        if not callable(handler):
+            raise InvalidArgument("handler must be callable")
+        worker = Worker(
+            self,
+            handler,
+            concurrency=concurrency,
+            queues=self._queues(queues),
+            stop_when_empty=stop_when_empty,
+            stop_event=stop_event,
+            transactional=transactional,
+            handler_timeout=handler_timeout,
+            poll_interval=poll_interval,
+            listen=listen,
+            handle_signals=handle_signals,
+            grace_seconds=grace_seconds,
+            prefetch=prefetch,
+            register=register,
+            metadata=metadata,
+        )
+        self.worker = worker
+        summary = worker.run()
+        log.info("run finished", extra={"instance_id": self.instance_id, **summary.as_dict()})
+        return summary
+
+    def stop(self, grace_seconds: float | None = None) -> None:
+        """Ask a running :meth:`run` to drain: no new claims, in-flight records get ``grace_seconds``."""
+        if self.worker is not None:
+            self.worker.stop(grace_seconds)
 
     # ------------------------------------------------------------------ maintenance
 

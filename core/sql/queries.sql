@@ -120,6 +120,24 @@ UPDATE {records}
    AND status = 'processing'
 RETURNING id, cancel_requested;
 
+-- name: heartbeat
+-- One round trip per heartbeat: the instance's own row (a wrongly declared dead instance revives) and the
+-- leases of every record it holds. Rows not returned were lost to recovery.
+WITH beat AS (
+    UPDATE {instances}
+       SET last_heartbeat_at = now(),
+           status = CASE WHEN status = 'dead' THEN 'running' ELSE status END,
+           stopped_at = CASE WHEN status = 'dead' THEN NULL ELSE stopped_at END
+     WHERE instance_id = %(instance_id)s AND %(registered)s
+    RETURNING 1
+)
+UPDATE {records}
+   SET lease_expires_at = now() + %(lease_seconds)s * interval '1 second'
+ WHERE id = ANY(%(ids)s::bigint[])
+   AND lease_token = ANY(%(tokens)s::uuid[])
+   AND status = 'processing'
+RETURNING id, cancel_requested;
+
 -- name: mark_dead_instances
 -- Instances whose heartbeat is older than the threshold are dead; several cleaners may race, all harmless.
 UPDATE {instances}

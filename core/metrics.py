@@ -1,0 +1,74 @@
+"""Prometheus metrics of one processor (served by the worker's ``/metrics`` endpoint)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    """Counters and histograms in a registry of their own, so several processors in one process never clash."""
+
+    def __init__(self, instance_id: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = {"instance": instance_id}
+        r = self.registry
+        self._claimed = Counter(
+            "dp_records_claimed", "Records claimed", ["instance"], registry=r).labels(**labels)
+        self._completed = Counter(
+            "dp_records_completed", "Records completed", ["instance"], registry=r).labels(**labels)
+        self._failed = Counter(
+            "dp_records_failed", "Records that ended failed", ["instance"], registry=r).labels(**labels)
+        self._retried = Counter(
+            "dp_records_retried", "Failures sent back to pending for a retry", ["instance"], registry=r
+        ).labels(**labels)
+        self._lost = Counter(
+            "dp_records_lost_lease", "Records whose lease was lost before the outcome was written", ["instance"],
+            registry=r).labels(**labels)
+        self._claim_latency = Histogram(
+            "dp_claim_seconds", "Claim statement round trip", ["instance"], registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        ).labels(**labels)
+        self._batch = Histogram(
+            "dp_claim_batch_size", "Records per non-empty claim", ["instance"], registry=r,
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 5000),
+        ).labels(**labels)
+        self._handler = Histogram(
+            "dp_handler_seconds", "Handler duration", ["instance"], registry=r,
+            buckets=(0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300),
+        ).labels(**labels)
+        self.queue_depth = Gauge("dp_queue_depth", "Pending records per queue", ["queue"], registry=r)
+        self.in_flight = Gauge("dp_records_in_flight", "Records held by this instance", ["instance"], registry=r)
+        self._in_flight = self.in_flight.labels(**labels)
+
+    def observe_claim(self, seconds: float, n: int) -> None:
+        self._claim_latency.observe(seconds)
+        if n:
+            self._claimed.inc(n)
+            self._batch.observe(n)
+
+    def observe_handler(self, seconds: float) -> None:
+        self._handler.observe(seconds)
+
+    def completed(self, n: int) -> None:
+        if n:
+            self._completed.inc(n)
+
+    def failed(self, n: int) -> None:
+        self._failed.inc(n)
+
+    def retried(self, n: int) -> None:
+        self._retried.inc(n)
+
+    def lost(self, n: int) -> None:
+        if n:
+            self._lost.inc(n)
+
+    def set_in_flight(self, n: int) -> None:
+        self._in_flight.set(n)
+
+    def render(self, refresh: Callable[[], None] | None = None) -> bytes:
+        if refresh is not None:
+            refresh()
+        return generate_latest(self.registry)

@@ -1,0 +1,581 @@
+"""The worker loop behind :meth:`DistributedProcessor.run`.
+
+One module per role, each a thread with its own stop condition:
+
+* the claimer (the calling thread) claims while there is room and hands records to the executor;
+* the executor runs handlers on a thread pool (coroutine handlers on one event-loop thread);
+* the completer writes outcomes in batches, one fenced statement per batch;
+* the heartbeat extends the leases of every held record and the instance's heartbeat, in one round trip;
+* the maintainer recovers orphaned records on a jittered interval;
+* the listener (core.notifier) turns NOTIFY into wake-ups; a jittered poll runs regardless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import queue as queue_mod
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from core.errors import DatabaseUnavailable, ProcessorError
+from core.record import Record, format_error
+
+if TYPE_CHECKING:
+    from core.processor import DistributedProcessor
+
+log = logging.getLogger("core.worker")
+
+Handler = Callable[..., Any]
+
+
+class HandlerTimeout(ProcessorError, TimeoutError):
+    """A handler ran longer than its per-record timeout; the record was failed and its late result fenced."""
+
+
+class LeaseLost(ProcessorError):
+    """The record's lease was lost before its completion could be written."""
+
+
+class RecordCancelled(ProcessorError):
+    """Raised by :meth:`RunContext.raise_if_cancelled` when ``cancel()`` flagged the running record."""
+
+
+@dataclass
+class RunSummary:
+    """What a ``run()`` did."""
+
+    claimed: int = 0
+    processed: int = 0
+    failed: int = 0
+    retried: int = 0
+    cancelled: int = 0
+    lost_leases: int = 0
+    released: int = 0
+    timed_out: int = 0
+    elapsed: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Held:
+    record: Record
+    started: float | None = None
+    cancel_requested: threading.Event = field(default_factory=threading.Event)
+    abandoned: bool = False  # timed out: the outcome was written, the late result must be ignored
+
+
+class _Outcome:
+    __slots__ = ("error", "held")
+
+    def __init__(self, held: _Held, error: BaseException | None) -> None:
+        self.held = held
+        self.error = error
+
+
+_current: threading.local = threading.local()
+
+
+def current_record_cancelled() -> bool:
+    """Inside a handler: whether ``cancel()`` flagged the record this thread is running."""
+    held: _Held | None = getattr(_current, "held", None)
+    return bool(held and held.cancel_requested.is_set())
+
+
+class Worker:
+    """Runs ``handler`` over claimed records until stopped. Use through ``DistributedProcessor.run``."""
+
+    def __init__(
+        self,
+        processor: DistributedProcessor,
+        handler: Handler,
+        *,
+        concurrency: int,
+        queues: list[str],
+        stop_when_empty: bool,
+        stop_event: threading.Event | None,
+        transactional: bool,
+        handler_timeout: float | None,
+        poll_interval: float,
+        listen: bool,
+        handle_signals: bool,
+        grace_seconds: float,
+        prefetch: int | None,
+        register: bool,
+        metadata: dict[str, Any] | None,
+    ) -> None:
+        self.p = processor
+        self.handler = handler
+        self.concurrency = concurrency
+        self.queues = queues
+        self.stop_when_empty = stop_when_empty
+        self.external_stop = stop_event
+        self.transactional = transactional
+        self.handler_timeout = handler_timeout
+        self.poll_interval = poll_interval
+        self.listen = listen
+        self.handle_signals = handle_signals
+        self.grace_seconds = grace_seconds
+        self.register = register
+        self.metadata = metadata or {}
+        # Prefetch at most one batch beyond what can run: every held record is heartbeated, so it cannot
+        # expire while it waits, and it starts within one batch's worth of handler time.
+        self.capacity = concurrency + (processor.batch_size if prefetch is None else prefetch)
+        self.is_async = inspect.iscoroutinefunction(handler)
+        self.summary = RunSummary()
+        self.stopping = threading.Event()  # no new claims
+        self.aborted = threading.Event()  # grace over: release what is still held
+        self.wake = threading.Event()
+        self.last_tick = time.monotonic()
+        self._held: dict[int, _Held] = {}
+        self._lock = threading.Lock()
+        self._outcomes: queue_mod.SimpleQueue[_Outcome | None] = queue_mod.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._executor: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._running_handlers = 0
+        self._grace_deadline: float | None = None
+        self.metrics = processor.metrics
+        self.listener: Any = None
+        self.signals_seen = 0
+        self.started = threading.Event()
+        self.finished = threading.Event()
+
+    # ------------------------------------------------------------------ public
+
+    def stop(self, grace_seconds: float | None = None) -> None:
+        """Stop claiming; let in-flight records finish for ``grace_seconds``, then release the rest."""
+        grace = self.grace_seconds if grace_seconds is None else grace_seconds
+        with self._lock:
+            if self._grace_deadline is None:
+                self._grace_deadline = time.monotonic() + grace
+        self.stopping.set()
+        self.wake.set()
+
+    def abort(self) -> None:
+        """End the grace period now: release held records at once."""
+        self.stopping.set()
+        self.aborted.set()
+        self.wake.set()
+
+    def held_count(self) -> int:
+        with self._lock:
+            return len(self._held)
+
+    def ticked_within(self, seconds: float) -> bool:
+        return time.monotonic() - self.last_tick <= seconds
+
+    # ------------------------------------------------------------------ signal handling
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.signals_seen += 1
+        if self.signals_seen == 1:
+            log.info("signal received: draining", extra={"signal": signum, "grace_seconds": self.grace_seconds})
+            self.stop()
+        else:
+            log.warning("second signal: aborting the grace period", extra={"signal": signum})
+            self.abort()
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> RunSummary:
+        started = time.monotonic()
+        previous: dict[signal.Signals, Any] = {}
+        if self.handle_signals and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                previous[signum] = signal.signal(signum, self._on_signal)
+        try:
+            self._start_services()
+            self.started.set()
+            self._claim_loop()
+            self._drain()
+        finally:
+            self._shutdown()
+            for signum, old in previous.items():
+                signal.signal(signum, old)
+            self.summary.elapsed = time.monotonic() - started
+            self.finished.set()
+        return self.summary
+
+    def _start_services(self) -> None:
+        if self.register:
+            self.p.register_instance(self.metadata)
+        self._executor = ThreadPoolExecutor(
+            max_workers=1 if self.is_async else self.concurrency, thread_name_prefix="dp-handler"
+        )
+        if self.is_async:
+            self._loop = asyncio.new_event_loop()
+            self._spawn("dp-asyncio", self._loop.run_forever)
+        self._spawn("dp-completer", self._completer)
+        self._spawn("dp-heartbeat", self._heartbeat)
+        self._spawn("dp-maintenance", self._maintenance)
+        if self.listen and self.p.notify:
+            from core.notifier import Listener
+
+            self.listener = Listener(self.p, self.queues, self.wake)
+            self.listener.start()
+
+    def _spawn(self, name: str, target: Callable[[], Any]) -> None:
+        thread = threading.Thread(target=target, name=f"{name}-{self.p.instance_id}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _should_stop(self) -> bool:
+        if self.external_stop is not None and self.external_stop.is_set() and not self.stopping.is_set():
+            self.stop()
+        return self.stopping.is_set()
+
+    def _claim_loop(self) -> None:
+        consecutive_errors = 0
+        while not self._should_stop():
+            self.last_tick = time.monotonic()
+            room = self.capacity - self.held_count()
+            if room <= 0:
+                self.wake.wait(0.5)
+                self.wake.clear()
+                continue
+            try:
+                t0 = time.perf_counter()
+                records = self.p.claim_records(min(room, self.p.batch_size), queues=self.queues)
+                self.metrics.observe_claim(time.perf_counter() - t0, len(records))
+                consecutive_errors = 0
+            except DatabaseUnavailable as exc:
+                consecutive_errors += 1
+                delay = min(10.0, 0.1 * 2**consecutive_errors) * random.uniform(0.8, 1.2)
+                log.warning("claim failed; retrying", extra={"error": str(exc), "retry_in": round(delay, 2)})
+                self._sleep(delay)
+                continue
+            if records:
+                self._dispatch(records)
+                continue
+            if self.stop_when_empty and self.held_count() == 0 and self._nothing_due():
+                self.stop(0)
+                break
+            # Idle: sleep until NOTIFY, a freed slot, a stop, or the jittered poll.
+            self.wake.wait(self.poll_interval * random.uniform(0.5, 1.0))
+            self.wake.clear()
+
+    def _nothing_due(self) -> bool:
+        try:
+            status = self.p.get_queue_status()
+        except DatabaseUnavailable:
+            return False
+        return not any(status["queues"].get(q, {}).get("due", 0) for q in self.queues)
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stopping.is_set() and time.monotonic() < deadline:
+            self.last_tick = time.monotonic()
+            self.wake.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+            self.wake.clear()
+
+    def _dispatch(self, records: list[Record]) -> None:
+        assert self._executor is not None
+        with self._lock:
+            helds = [_Held(r) for r in records]
+            for h in helds:
+                self._held[h.record.id] = h
+                if h.record.cancel_requested:
+                    h.cancel_requested.set()
+            self.summary.claimed += len(records)
+        for h in helds:
+            self._executor.submit(self._execute, h)
+
+    # ------------------------------------------------------------------ executor
+
+    def _execute(self, held: _Held) -> None:
+        if self.aborted.is_set():
+            return  # released by the shutdown path
+        with self._lock:
+            if held.record.id not in self._held:
+                return
+            held.started = time.monotonic()
+            self._running_handlers += 1
+        _current.held = held
+        error: BaseException | None = None
+        try:
+            t0 = time.perf_counter()
+            if self.transactional:
+                self._run_transactional(held)
+                self.metrics.observe_handler(time.perf_counter() - t0)
+                return  # the transaction already wrote the outcome
+            if self.is_async:
+                assert self._loop is not None
+                fut = asyncio.run_coroutine_threadsafe(self.handler(held.record), self._loop)
+                fut.result()
+            else:
+                self.handler(held.record)
+            self.metrics.observe_handler(time.perf_counter() - t0)
+        except BaseException as exc:  # the handler's error is the record's outcome
+            error = exc
+        finally:
+            _current.held = None
+            with self._lock:
+                self._running_handlers -= 1
+        self._outcomes.put(_Outcome(held, error))
+
+    def _run_transactional(self, held: _Held) -> None:
+        """Handler and completion share one transaction: both commit or neither does."""
+        p = self.p
+        try:
+            with p.connection() as conn, conn.transaction():
+                self.handler(held.record, conn)
+                updated = conn.execute(
+                    p.q.complete, {"ids": [held.record.id], "tokens": [held.record.lease_token]}
+                ).rowcount
+                if updated == 0:
+                    raise LeaseLost(f"record {held.record.id}: lease lost before commit; handler work rolled back")
+        except LeaseLost:
+            self._forget(held)
+            self._count(lost_leases=1)
+            return
+        except BaseException as exc:
+            self._outcomes.put(_Outcome(held, exc))
+            return
+        self._forget(held)
+        self._count(processed=1)
+        self.metrics.completed(1)
+
+    # ------------------------------------------------------------------ completer
+
+    def _completer(self) -> None:
+        done = False
+        while not done:
+            item = self._outcomes.get()
+            batch = [item]
+            while True:  # take everything that is ready: natural batching under load
+                try:
+                    batch.append(self._outcomes.get_nowait())
+                except queue_mod.Empty:
+                    break
+            if any(o is None for o in batch):
+                done = True
+            self._write_outcomes([o for o in batch if o is not None])
+
+    def _write_outcomes(self, outcomes: list[_Outcome]) -> None:
+        ok = [o.held for o in outcomes if o.error is None and not o.held.abandoned]
+        bad = [o for o in outcomes if o.error is not None and not o.held.abandoned]
+        for o in outcomes:
+            if o.held.abandoned:
+                self._forget(o.held)
+        if ok:
+            updated = self._retrying_write(lambda: self.p.mark_completed([h.record for h in ok]), ok)
+            if updated is not None:
+                self._count(processed=updated, lost_leases=len(ok) - updated)
+                self.metrics.completed(updated)
+                self.metrics.lost(len(ok) - updated)
+            for h in ok:
+                self._forget(h)
+        for o in bad:
+            err = o.error
+            assert err is not None
+            self._fail(o.held, err)
+        self.wake.set()
+
+    def _fail(self, held: _Held, err: BaseException) -> None:
+        rows = self._retrying_write(lambda: self._mark_failed_status(held.record, err), [held])
+        self._forget(held)
+        if rows is None:
+            return
+        if not rows:
+            self._count(lost_leases=1)
+            self.metrics.lost(1)
+            return
+        status = rows[0]
+        if status == "pending":
+            self._count(retried=1)
+            self.metrics.retried(1)
+        elif status == "cancelled":
+            self._count(cancelled=1)
+        else:
+            self._count(failed=1)
+            self.metrics.failed(1)
+        log.info(
+            "record failed",
+            extra={"record_id": held.record.id, "outcome": status, "error": f"{type(err).__name__}: {err}"[:500]},
+        )
+
+    def _mark_failed_status(self, record: Record, err: BaseException) -> list[str]:
+        p = self.p
+        retryable = p.retry.should_retry(err) and not isinstance(err, RecordCancelled)
+        params = {
+            "ids": [record.id],
+            "tokens": [record.lease_token],
+            "delays": [p.retry.delay_for(record.attempts)],
+            "retry": [retryable],
+            "error": format_error(err),
+        }
+        rows = p._with_retry(lambda conn: conn.execute(p.q.fail, params).fetchall())
+        return [str(r[1]) for r in rows]
+
+    def _retrying_write(self, write: Callable[[], Any], helds: list[_Held]) -> Any:
+        """Retry an outcome write through database faults until the leases could have run out."""
+        deadline = time.monotonic() + self.p.lease_seconds
+        delay = 0.1
+        while True:
+            try:
+                return write()
+            except DatabaseUnavailable as exc:
+                if time.monotonic() + delay > deadline:
+                    log.error(
+                        "could not write outcomes before the lease ran out; left to recovery",
+                        extra={"records": [h.record.id for h in helds], "error": str(exc)},
+                    )
+                    return None
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _forget(self, held: _Held) -> None:
+        with self._lock:
+            self._held.pop(held.record.id, None)
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for name, n in deltas.items():
+                setattr(self.summary, name, getattr(self.summary, name) + n)
+
+    # ------------------------------------------------------------------ heartbeat
+
+    def _heartbeat(self) -> None:
+        interval = self.p.heartbeat_interval
+        while not self.finished.is_set():
+            if self.finished.wait(interval * random.uniform(0.9, 1.0)):
+                return
+            try:
+                self.beat()
+            except DatabaseUnavailable as exc:
+                log.warning("heartbeat failed", extra={"error": str(exc)})
+            except Exception:  # keep beating whatever happens
+                log.exception("heartbeat error")
+
+    def beat(self) -> None:
+        """Extend the leases of every held record; forget those that come back lost; check timeouts."""
+        self._check_timeouts()
+        with self._lock:
+            helds = [h for h in self._held.values() if not h.abandoned]
+        kept, cancels = self.p.heartbeat([h.record for h in helds], registered=self.register)
+        lost = [h for h in helds if h.record.id not in kept]
+        for h in helds:
+            if h.record.id in cancels:
+                h.cancel_requested.set()
+        if lost:
+            # Someone else owns these now: stop treating them as ours; a late result will be fenced anyway.
+            with self._lock:
+                for h in lost:
+                    if self._held.get(h.record.id) is h:
+                        h.abandoned = True
+                        self._held.pop(h.record.id, None)
+            self._count(lost_leases=len(lost))
+            self.metrics.lost(len(lost))
+            log.warning("leases lost", extra={"records": [h.record.id for h in lost]})
+
+    def _check_timeouts(self) -> None:
+        if not self.handler_timeout:
+            return
+        now = time.monotonic()
+        with self._lock:
+            expired = [
+                h for h in self._held.values()
+                if h.started is not None and not h.abandoned and now - h.started > self.handler_timeout
+            ]
+            for h in expired:
+                h.abandoned = True
+        for h in expired:
+            err = HandlerTimeout(f"handler exceeded {self.handler_timeout:g}s on record {h.record.id}")
+            self._count(timed_out=1)
+            self._fail(h, err)
+
+    # ------------------------------------------------------------------ maintenance
+
+    def _maintenance(self) -> None:
+        interval = self.p.cleanup_interval
+        # A random first delay spreads the cleaners of instances started together.
+        wait = interval * random.uniform(0.1, 1.0)
+        while not self.finished.wait(wait):
+            try:
+                self.p.cleanup_orphaned_records()
+            except DatabaseUnavailable as exc:
+                log.warning("cleanup failed", extra={"error": str(exc)})
+            except Exception:
+                log.exception("cleanup error")
+            wait = interval * random.uniform(0.8, 1.2)
+
+    # ------------------------------------------------------------------ shutdown
+
+    def _drain(self) -> None:
+        """Release records not yet started at once; let running handlers finish until the grace deadline;
+        then release whatever is still held (its late result is fenced out)."""
+        with self._lock:
+            deadline = self._grace_deadline if self._grace_deadline is not None else time.monotonic()
+        self._release(unstarted_only=True)
+        while not self.aborted.is_set() and self.held_count() and time.monotonic() < deadline:
+            self.last_tick = time.monotonic()
+            self.wake.wait(0.05)
+            self.wake.clear()
+        self.aborted.set()
+        self._release(unstarted_only=False)
+
+    def _release(self, *, unstarted_only: bool) -> None:
+        with self._lock:
+            helds = [
+                h for h in self._held.values() if not h.abandoned and (not unstarted_only or h.started is None)
+            ]
+            for h in helds:
+                h.abandoned = True
+                self._held.pop(h.record.id, None)
+        if not helds:
+            return
+        try:
+            n = self.p.release_records([h.record for h in helds], reason="released on shutdown")
+            self._count(released=n)
+            log.info("released records on shutdown", extra={"released": n})
+        except DatabaseUnavailable as exc:
+            log.error("could not release records; recovery will", extra={"error": str(exc)})
+
+    def _shutdown(self) -> None:
+        self.stopping.set()
+        self._outcomes.put(None)
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            # Handlers still running after the grace period keep their threads; we do not wait for them.
+            executor.shutdown(wait=False, cancel_futures=True)
+        for t in self._threads:
+            if t.name.startswith("dp-completer"):
+                t.join(timeout=10)
+        self.finished.set()
+        if self.listener is not None:
+            self.listener.stop()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        for t in self._threads:
+            t.join(timeout=5)
+        if self.register:
+            try:
+                self.p.deregister_instance()
+            except DatabaseUnavailable as exc:
+                log.warning("could not deregister", extra={"error": str(exc)})
+
+
+def summary_json(summary: RunSummary) -> str:
+    return json.dumps(summary.as_dict(), sort_keys=True)
+
+
+__all__ = [
+    "HandlerTimeout",
+    "LeaseLost",
+    "RecordCancelled",
+    "RunSummary",
+    "Worker",
+    "current_record_cancelled",
+]
