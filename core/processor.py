@@ -708,9 +708,10 @@ class DistributedProcessor:
         return recovered
 
     def cancel(self, ids: Iterable[int]) -> dict[int, str]:
-        """Cancel records: pending ones at once, processing ones flagged (their outcome becomes cancelled).
+        """Cancel records: pending (and failed) ones at once; processing ones are flagged, the handler can see it
+        (``core.worker.current_record_cancelled()``) and their outcome becomes ``cancelled``.
 
-        Returns ``{id: status_after}`` for the records it touched; finished records are left alone.
+        Returns ``{id: status_after}`` for the records it touched; completed and cancelled ones are left alone.
         """
         id_list = [_positive_int("id", i) for i in ids]
         if not id_list:

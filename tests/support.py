@@ -120,3 +120,44 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
 
 def dbname_of(dsn: str) -> str:
     return str(conninfo_to_dict(dsn).get("dbname"))
+
+
+class WorkerProcs:
+    """Start worker OS processes, stop them with real signals, and check how they exited."""
+
+    def __init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, *argv], cwd=ROOT, env={**os.environ, **(env or {})},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        self.procs[name] = proc
+        return proc
+
+    def terminate_all(self, timeout: float = 30) -> dict[str, tuple[int, str, str]]:
+        """SIGTERM every process and wait; returns {name: (returncode, stdout, stderr)}."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        out = {}
+        for name, proc in self.procs.items():
+            try:
+                stdout, stderr = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                stdout, stderr = proc.communicate()
+            out[name] = (proc.returncode, stdout, stderr)
+        return out
+
+    def kill_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def unfinished(conn: Any) -> int:
+    row = conn.execute("SELECT count(*) FROM processing_queue WHERE status IN ('pending', 'processing')").fetchone()
+    return int(row[0])

@@ -221,13 +221,20 @@ SELECT count(*) FROM (
 SELECT pg_notify(%(channel)s, %(queue)s);
 
 -- name: queue_status_active
-SELECT queue, status, count(*) AS n,
-       extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'pending')) AS oldest_pending_age,
-       count(*) FILTER (WHERE status = 'pending' AND run_at <= now()) AS due
+-- Two branches so that each status is read through its own partial index, never the finished rows.
+SELECT queue, 'pending' AS status, count(*) AS n,
+       extract(epoch FROM now() - min(created_at)) AS oldest_pending_age,
+       count(*) FILTER (WHERE run_at <= now()) AS due
   FROM {records}
- WHERE status IN ('pending', 'processing')
+ WHERE status = 'pending'
    AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
- GROUP BY queue, status;
+ GROUP BY queue
+UNION ALL
+SELECT queue, 'processing', count(*), NULL, 0
+  FROM {records}
+ WHERE status = 'processing'
+   AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+ GROUP BY queue;
 
 -- name: queue_status_finished
 SELECT queue, status, count AS n
@@ -236,14 +243,15 @@ SELECT queue, status, count AS n
 
 -- name: cancel
 -- Pending records are cancelled at once; processing ones are flagged, and their outcome becomes cancelled.
+-- A failed record may be cancelled too: that is how an operator unblocks a key stopped by block_on_failure.
 UPDATE {records}
-   SET status = CASE WHEN status = 'pending' THEN 'cancelled' ELSE status END,
-       finished_at = CASE WHEN status = 'pending' THEN now() ELSE finished_at END,
-       dedupe_held = CASE WHEN status = 'pending' THEN false ELSE dedupe_held END,
+   SET status = CASE WHEN status = 'processing' THEN status ELSE 'cancelled' END,
+       finished_at = CASE WHEN status = 'processing' THEN finished_at ELSE now() END,
+       dedupe_held = CASE WHEN status = 'processing' THEN dedupe_held ELSE false END,
        cancel_requested = true,
        updated_at = now()
  WHERE id = ANY(%(ids)s::bigint[])
-   AND status IN ('pending', 'processing')
+   AND status IN ('pending', 'processing', 'failed')
 RETURNING id, status;
 
 -- name: retry_failed

@@ -1,0 +1,254 @@
+"""Ordering keys, cancellation in order, failure handling per key, dedupe keys, bounded queues."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from core import DistributedProcessor, QueueFull, RetryPolicy
+from tests.procs.ledger import ensure_ledger, ledger_handler
+from tests.support import wait_until
+
+
+def _order(db: Any, key: str) -> list[int]:
+    return [r[0] for r in db.execute("SELECT record_id FROM ledger WHERE ordering_key = %s ORDER BY seq", (key,))]
+
+
+def _run_until(p: DistributedProcessor, done: Any, timeout: float = 60, **kwargs: Any) -> Any:
+    """Run the ledger handler in a thread until ``done()``; return the summary."""
+    stop = threading.Event()
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        result["summary"] = p.run(ledger_handler(p, p.instance_id), stop_event=stop, poll_interval=0.05, **kwargs)
+
+    t = threading.Thread(target=target)
+    t.start()
+    try:
+        wait_until(done, timeout, interval=0.05)
+    finally:
+        stop.set()
+        t.join(30)
+    assert not t.is_alive()
+    return result["summary"]
+
+
+def _statuses(db: Any, ids: list[int]) -> list[str]:
+    rows = dict(db.execute("SELECT id, status FROM processing_queue WHERE id = ANY(%s)", (ids,)).fetchall())
+    return [rows[i] for i in ids]
+
+
+def test_keyed_records_claim_one_at_a_time_in_order(processor: DistributedProcessor) -> None:
+    ids = processor.add_records([{"n": i} for i in range(5)], ordering_key="k")
+    other = processor.add_records([{"n": 9}], ordering_key="other")
+    first = processor.claim_records(10)
+    assert [r.id for r in first] == [ids[0], other[0]]  # one per key, keys in parallel
+    assert processor.claim_records(10) == []  # the key's head is in flight
+    processor.mark_completed(first)
+    assert [r.id for r in processor.claim_records(10)] == [ids[1]]
+
+
+def test_per_key_limit_lets_n_run_and_is_read_from_the_database(make_processor: Any) -> None:
+    a = make_processor(instance_id="a")
+    b = make_processor(instance_id="b")
+    ids = a.add_records([{} for _ in range(6)], ordering_key="acct-7")
+    a.set_key_concurrency("acct-*", 3)  # set from one instance ...
+    got: list[int] = []
+    for _ in range(5):
+        got += [r.id for r in b.claim_records(10)]  # ... obeyed by another, with no restart
+    assert got == ids[:3]
+    a.set_key_concurrency("acct-7", 1)  # exact key wins over the pattern
+    a.set_key_concurrency("acct-*", None)
+    assert b.claim_records(10) == []
+
+
+def test_per_key_order_survives_mixed_priorities(processor: DistributedProcessor) -> None:
+    first = processor.add_records([{"n": 1}], ordering_key="k", priority=0)
+    second = processor.add_records([{"n": 2}], ordering_key="k", priority=100)
+    claimed = processor.claim_records(10)
+    assert [r.id for r in claimed] == first  # the high-priority later record did not jump its key
+    assert processor.claim_records(10) == []
+    processor.mark_completed(claimed)
+    assert [r.id for r in processor.claim_records(10)] == second
+
+
+def test_scheduled_head_blocks_its_key(processor: DistributedProcessor) -> None:
+    processor.add_records([{"n": 1}], ordering_key="k", delay=60)
+    processor.add_records([{"n": 2}], ordering_key="k")  # due, but behind a scheduled head
+    free = processor.add_records([{"n": 3}])
+    assert [r.id for r in processor.claim_records(10)] == free
+
+
+def test_cancel_in_the_middle_of_a_key_lets_the_rest_run_in_order(processor: DistributedProcessor, db: Any) -> None:
+    ensure_ledger(db)
+    ids = processor.add_records([{"n": i} for i in range(10)], ordering_key="order-42")
+    cancelled = [ids[3], ids[5], ids[7]]
+    assert processor.cancel(cancelled) == {i: "cancelled" for i in cancelled}
+    _run_until(processor, lambda: _order(db, "order-42") == [i for i in ids if i not in cancelled])
+    assert _statuses(db, ids) == ["cancelled" if i in cancelled else "completed" for i in ids]
+
+
+def test_cancel_flags_a_processing_record_and_its_outcome_is_cancelled(
+    processor: DistributedProcessor, db: Any
+) -> None:
+    (rid,) = processor.add_records([{}])
+    (rec,) = processor.claim_records()
+    assert processor.cancel([rid]) == {rid: "processing"}
+    kept, cancels = processor.extend_leases([rec])
+    assert kept == {rid} and cancels == {rid}
+    assert processor.mark_completed([rec]) == 1
+    assert _statuses(db, [rid]) == ["cancelled"]
+
+
+def test_failing_record_with_retries_holds_its_key_until_it_succeeds(make_processor: Any, db: Any) -> None:
+    ensure_ledger(db)
+    p = make_processor(retry=RetryPolicy(base_delay=0.05, jitter=0), max_attempts=5)
+    ids = p.add_records([{"fail_times": 2}, {}, {}], ordering_key="k")
+    _run_until(p, lambda: _statuses(db, ids) == ["completed"] * 3)
+    assert _order(db, "k") == [ids[0], ids[0], ids[0], ids[1], ids[2]]
+
+
+def test_exhausted_failure_unblocks_the_key(make_processor: Any, db: Any) -> None:
+    ensure_ledger(db)
+    p = make_processor(retry=RetryPolicy(base_delay=0.05, jitter=0), max_attempts=2)
+    ids = p.add_records([{"fail_times": 99}, {}, {}], ordering_key="k")
+    _run_until(p, lambda: _statuses(db, ids) == ["failed", "completed", "completed"])
+    assert _order(db, "k") == [ids[0], ids[0], ids[1], ids[2]]
+
+
+def test_block_on_failure_stops_the_key_until_an_operator_acts(make_processor: Any, db: Any) -> None:
+    ensure_ledger(db)
+    p = make_processor(retry=RetryPolicy(base_delay=0.05, jitter=0), max_attempts=2, block_on_failure=True)
+    ids = p.add_records([{"fail_times": 99}, {}, {}], ordering_key="k")
+    free = p.add_records([{}])
+    _run_until(p, lambda: _statuses(db, ids + free) == ["failed", "pending", "pending", "completed"])
+    assert p.claim_records(10) == []  # the key stays stopped
+    # the operator gives up on the failed record: the key continues in order
+    assert p.cancel([ids[0]]) == {ids[0]: "cancelled"}
+    _run_until(p, lambda: _statuses(db, ids) == ["cancelled", "completed", "completed"])
+    assert _order(db, "k") == [ids[0], ids[0], ids[1], ids[2]]
+
+
+def test_block_on_failure_can_be_set_per_key_in_the_database(make_processor: Any) -> None:
+    p = make_processor(max_attempts=1)
+    p.set_key_concurrency("strict-*", 1, block_on_failure=True)
+    strict = p.add_records([{}, {}], ordering_key="strict-1")
+    loose = p.add_records([{}, {}], ordering_key="loose-1")
+    recs = p.claim_records(10)
+    assert {r.id for r in recs} == {strict[0], loose[0]}
+    p.mark_failed(recs, "boom")
+    assert [r.id for r in p.claim_records(10)] == [loose[1]]
+
+
+def test_dedupe_returns_the_existing_id_and_releases_on_claim(processor: DistributedProcessor) -> None:
+    first = processor.add_records([{"v": 1}], dedupe_key="sync-user-1")
+    again = processor.add_records([{"v": 2}], dedupe_key="sync-user-1")
+    assert again == first and again.deduplicated == [0]
+    other_queue = processor.add_records([{"v": 3}], dedupe_key="sync-user-1", queue="other")
+    assert other_queue.deduplicated == []
+    (rec,) = processor.claim_records()
+    # default dedupe_while="pending": once claimed, a new one may be queued
+    fresh = processor.add_records([{"v": 4}], dedupe_key="sync-user-1")
+    assert fresh.deduplicated == [] and fresh[0] != first[0]
+    assert rec.id == first[0]
+
+
+def test_dedupe_while_active_spans_processing_and_survives_retries(make_processor: Any) -> None:
+    p = make_processor(retry=RetryPolicy(base_delay=0, jitter=0))
+    (_rid,) = p.add_records([{}], dedupe_key="d", dedupe_while="active")
+    (rec,) = p.claim_records()
+    assert p.add_records([{}], dedupe_key="d", dedupe_while="active").deduplicated == [0]
+    p.mark_failed([rec], RuntimeError("retry me"))  # back to pending, still holding the key
+    assert p.add_records([{}], dedupe_key="d").deduplicated == [0]
+    (rec,) = p.claim_records()
+    p.mark_completed([rec])
+    assert p.add_records([{}], dedupe_key="d").deduplicated == []
+
+
+def test_dedupe_under_8_concurrent_producers_keeps_one_active_per_key(dsn: str, db: Any) -> None:
+    keys = [f"key-{i}" for i in range(40)]
+    start = threading.Barrier(8)
+    results: list[tuple[str, int]] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def producer(n: int) -> None:
+        try:
+            with DistributedProcessor(dsn, instance_id=f"prod-{n}") as p:
+                start.wait()
+                for round_ in range(3):
+                    batch = keys[n % 5 :] + keys[: n % 5]  # different orders per producer
+                    ids = p.add_records([{"n": n, "r": round_} for _ in batch], dedupe_key=batch)
+                    with lock:
+                        results.extend(zip(batch, ids, strict=False))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=producer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    per_key = Counter(k for (k,) in db.execute("SELECT dedupe_key FROM processing_queue WHERE status = 'pending'"))
+    assert per_key == Counter({k: 1 for k in keys})
+    # every producer was told the id of the one record that holds the key
+    ids_per_key: dict[str, set[int]] = {}
+    for k, rid in results:
+        ids_per_key.setdefault(k, set()).add(rid)
+    assert all(len(v) == 1 for v in ids_per_key.values())
+
+
+def test_queue_limit_under_8_concurrent_producers(dsn: str, db: Any) -> None:
+    with DistributedProcessor(dsn) as admin:
+        admin.set_queue_limit("bounded", 10)
+    start = threading.Barrier(8)
+    accepted: list[int] = []
+    rejected: list[QueueFull] = []
+    lock = threading.Lock()
+
+    def producer(n: int) -> None:
+        with DistributedProcessor(dsn, instance_id=f"prod-{n}") as p:
+            start.wait()
+            for _ in range(5):
+                try:
+                    ids = p.add_records([{"n": n}], queue="bounded")
+                    with lock:
+                        accepted.extend(ids)
+                except QueueFull as exc:
+                    with lock:
+                        rejected.append(exc)
+
+    threads = [threading.Thread(target=producer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(accepted) == 10 and len(rejected) == 30
+    row = db.execute("SELECT count(*) FROM processing_queue WHERE queue = 'bounded'").fetchone()
+    assert row[0] == 10
+    assert all(e.limit == 10 and e.depth == 10 for e in rejected)
+    assert "limit 10" in str(rejected[0])
+
+
+def test_queue_limit_rejects_the_whole_batch_and_other_queues_are_free(
+    processor: DistributedProcessor, db: Any
+) -> None:
+    processor.set_queue_limit("small", 5)
+    processor.add_records([{}] * 3, queue="small")
+    with pytest.raises(QueueFull) as info:
+        processor.add_records([{}] * 3, queue="small")
+    assert (info.value.depth, info.value.adding) == (3, 3)
+    assert db.execute("SELECT count(*) FROM processing_queue").fetchone()[0] == 3
+    processor.add_records([{}] * 20)  # another queue has no limit
+    processor.set_queue_limit("small", None)
+    processor.add_records([{}] * 3, queue="small")
+
+
+def test_one_queue_never_blocks_another(processor: DistributedProcessor) -> None:
+    processor.add_records([{}] * 500, queue="busy", priority=100)
+    quiet = processor.add_records([{}], queue="quiet")
+    assert [r.id for r in processor.claim_records(1, queues=["quiet"])] == quiet
