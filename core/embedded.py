@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ def start(data_dir: Path | str | None = None, *, keep_running: bool = False) -> 
     Several processes may call this for the same folder: they share one server, which stops when the last of
     them exits (unless ``keep_running``).
     """
+    # platformdirs (used by pgserver) warns about XDG_RUNTIME_DIR in containers; it is harmless here.
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     try:
         import pgserver  # type: ignore[attr-defined,unused-ignore]
     except ImportError as exc:  # pragma: no cover - depends on the install

@@ -31,6 +31,9 @@ class InvalidArgument(ProcessorError, ValueError):
 class DatabaseUnavailable(ProcessorError):
     """The database could not be reached within the connect timeout, or the connection broke mid-call."""
 
+    #: False when the connect timeout was already spent waiting: retrying at once would only wait again.
+    retryable: bool = True
+
 
 class SchemaNotMigrated(ProcessorError):
     """The database is reachable but the processor's tables are missing: run ``dproc migrate``."""
@@ -51,3 +54,5 @@ class QueueFull(ProcessorError):
 
 class PoolExhausted(DatabaseUnavailable):
     """Every pooled connection stayed busy for the whole wait: more concurrent callers than connections."""
+
+    retryable = False

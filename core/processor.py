@@ -218,7 +218,10 @@ class DistributedProcessor:
                     f"all {self.pool_max} pooled connections stayed busy for {self.connect_timeout:g}s "
                     f"(requests waiting: {stats.get('requests_waiting', 0)})"
                 )
-        return DatabaseUnavailable(f"database {redact(self.dsn)} unavailable: {str(exc).strip()}")
+        error = DatabaseUnavailable(f"database {redact(self.dsn)} unavailable: {str(exc).strip()}")
+        # A pool timeout already waited the whole connect timeout: retrying would only multiply the wait.
+        error.retryable = not isinstance(exc, PoolTimeout)
+        return error
 
     @contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[Conn]:
@@ -245,10 +248,8 @@ class DistributedProcessor:
             try:
                 with self.connection() as conn:
                     return op(conn)
-            except PoolExhausted:
-                raise
-            except DatabaseUnavailable:
-                if attempt == attempts:
+            except DatabaseUnavailable as exc:
+                if attempt == attempts or not exc.retryable:
                     raise
                 time.sleep(delay)
                 delay *= 4

@@ -18,6 +18,7 @@ TABLES = {
     "key_limits": "key_concurrency",
     "queue_limits": "queue_limits",
     "instances": "processor_instances",
+    "demo_ledger": "dproc_demo_ledger",
 }
 
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
