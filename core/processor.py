@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from core import __version__
@@ -268,6 +269,12 @@ class DistributedProcessor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _target(self) -> dict[str, Any]:
+        """Where the database is, without credentials: safe for public health output."""
+        info = conninfo_to_dict(self.dsn)
+        return {"host": info.get("host") or "(default)", "port": info.get("port") or "5432",
+                "dbname": info.get("dbname") or info.get("user") or ""}
 
     def __repr__(self) -> str:
         return (
@@ -869,7 +876,7 @@ class DistributedProcessor:
         report: dict[str, Any] = {
             "status": "unhealthy",
             "instance": {"instance_id": self.instance_id, **self.facts.snapshot()},
-            "database": {"reachable": False, "dsn": redact(self.dsn), "schema": self.schema},
+            "database": {"reachable": False, **self._target(), "schema": self.schema},
             "reasons": [],
             "checked_at": datetime.now(timezone.utc).isoformat(),
         }

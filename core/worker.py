@@ -74,6 +74,7 @@ class _Held:
     started: float | None = None
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     abandoned: bool = False  # timed out: the outcome was written, the late result must be ignored
+    completing: bool = False  # our own outcome write is under way: a heartbeat miss is not a lost lease
 
 
 class _Outcome:
@@ -331,6 +332,7 @@ class Worker:
         try:
             with p.connection() as conn, conn.transaction():
                 self.handler(held.record, conn)
+                held.completing = True
                 updated = conn.execute(
                     p.q.complete, {"ids": [held.record.id], "tokens": [held.record.lease_token]}
                 ).rowcount
@@ -369,6 +371,10 @@ class Worker:
         for o in outcomes:
             if o.held.abandoned:
                 self._forget(o.held)
+        for h in ok:
+            h.completing = True
+        for o in bad:
+            o.held.completing = True
         if ok:
             updated = self._retrying_write(lambda: self.p.mark_completed([h.record for h in ok]), ok)
             if updated is not None:
@@ -465,17 +471,20 @@ class Worker:
         with self._lock:
             helds = [h for h in self._held.values() if not h.abandoned]
         kept, cancels = self.p.heartbeat([h.record for h in helds], registered=self.register)
-        lost = [h for h in helds if h.record.id not in kept]
+        lost = [h for h in helds if h.record.id not in kept and not h.completing]
         for h in helds:
             if h.record.id in cancels:
                 h.cancel_requested.set()
         if lost:
             # Someone else owns these now: stop treating them as ours; a late result will be fenced anyway.
             with self._lock:
+                # Our own completion may have landed between the snapshot and the check: not a loss.
+                lost = [h for h in lost if self._held.get(h.record.id) is h and not h.completing]
                 for h in lost:
-                    if self._held.get(h.record.id) is h:
-                        h.abandoned = True
-                        self._held.pop(h.record.id, None)
+                    h.abandoned = True
+                    self._held.pop(h.record.id, None)
+            if not lost:
+                return
             self._count(lost_leases=len(lost))
             self.metrics.lost(len(lost))
             log.warning("leases lost", extra={"records": [h.record.id for h in lost]})
