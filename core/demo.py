@@ -98,3 +98,10 @@ def run_demo(dsn: str, schema: str, *, count: int, workers: int, work_ms: float)
 def _progress(p: Any) -> dict[str, int]:
     with p.connection() as conn:
         return {str(k): int(v) for k, v in conn.execute(p.q.demo_progress).fetchall()}
+
+
+def log_payload(record: Record) -> None:
+    """A ready-made handler for trying the image: logs the record and completes it."""
+    import logging
+
+    logging.getLogger("core.demo").info("processed record", extra={"record_id": record.id, "queue": record.queue})
