@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
@@ -109,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add(run, "--batch-size", "DP_BATCH_SIZE", "records per claim", type=_positive(int), default=100)
     _add(run, "--lease-seconds", "DP_LEASE_SECONDS", "lease length", type=_positive(float), default=30.0)
     _add(run, "--max-attempts", "DP_MAX_ATTEMPTS", "default attempts per record", type=_positive(int), default=5)
+    _add(run, "--heartbeat-interval", "DP_HEARTBEAT_INTERVAL", "seconds between heartbeats (<= lease/3)",
+         type=_positive(float))
+    _add(run, "--dead-after", "DP_DEAD_AFTER", "heartbeat age after which an instance is declared dead",
+         type=_positive(float))
+    _add(run, "--cleanup-interval", "DP_CLEANUP_INTERVAL", "seconds between orphan recoveries",
+         type=_positive(float))
+    _add(run, "--retry-base-delay", "DP_RETRY_BASE_DELAY", "first retry delay in seconds", type=float, default=2.0)
+    _add(run, "--retry-max-delay", "DP_RETRY_MAX_DELAY", "cap of the retry delay in seconds", type=float,
+         default=300.0)
     _add(run, "--grace-seconds", "DP_GRACE_SECONDS", "drain time after SIGTERM", type=float, default=30.0)
     _add(run, "--poll-interval", "DP_POLL_INTERVAL", "max seconds between polls when idle",
          type=_positive(float), default=1.0)
@@ -220,6 +230,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from core.retry import RetryPolicy
+
     handler = load_handler(args.handler)
     dsn = resolve_dsn(args)
     queues = [q.strip() for q in str(args.queue).split(",") if q.strip()]
@@ -232,6 +244,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         "max_attempts": args.max_attempts,
         "instance_id": args.instance_id,
         "pool_max": args.pool_max or max(4, min(args.concurrency + 3, 50)),
+        "heartbeat_interval": args.heartbeat_interval,
+        "dead_after": args.dead_after,
+        "cleanup_interval": args.cleanup_interval,
+        "retry": RetryPolicy(base_delay=args.retry_base_delay, max_delay=args.retry_max_delay),
     }
     if args.transactional:
         n_params = len(inspect.signature(handler).parameters)
@@ -264,6 +280,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             if server is not None:
                 server.stop()
     print(json.dumps({"instance_id": p.instance_id, **summary.as_dict()}), flush=True)
+    stuck = [t for t in threading.enumerate() if t.name.startswith("dp-handler") and t.is_alive()]
+    if stuck:
+        # A handler that ignored the grace period would keep the interpreter alive at exit; its record was
+        # already released and its late result is fenced, so leave now.
+        log.warning("handlers still running after the grace period; exiting anyway", extra={"threads": len(stuck)})
+        sys.stderr.flush()
+        os._exit(EXIT_OK)
     return EXIT_OK
 
 
