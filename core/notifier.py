@@ -83,7 +83,8 @@ class Listener:
     def _listen(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
         last_check = time.monotonic()
         while not self._stop.is_set():
-            for _ in conn.notifies(timeout=1.0, stop_after=64):
+            # A short timeout so that stop() is noticed quickly; the loop itself costs nothing.
+            for _ in conn.notifies(timeout=0.25, stop_after=64):
                 self.notifications += 1
                 self.wake.set()
             # An idle socket can hide a dead peer: probe it now and then (keepalives cover half-open links).

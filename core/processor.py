@@ -125,6 +125,7 @@ class DistributedProcessor:
         cleanup_interval: float | None = None,
         notify: bool = True,
         application_name: str = "distributed-processor",
+        instance_retention: float = 86400.0,
     ) -> None:
         self.dsn = resolve_dsn(dsn)
         if not _SCHEMA_NAME.match(schema):
@@ -162,6 +163,7 @@ class DistributedProcessor:
         self.dead_after = float(dead_after or max(self.lease_seconds, 3 * self.heartbeat_interval))
         self.cleanup_interval = float(cleanup_interval or max(1.0, self.lease_seconds / 2))
         self.notify = notify
+        self.instance_retention = float(instance_retention)
         self.application_name = application_name
         self.q = Queries(schema)
         self.facts = ProcessFacts()
@@ -700,6 +702,7 @@ class DistributedProcessor:
 
         def op(conn: Conn) -> int:
             dead = conn.execute(self.q.mark_dead_instances, {"dead_after": self.dead_after}).fetchall()
+            conn.execute(self.q.prune_instances, {"retention": self.instance_retention})
             if dead:
                 log.warning("instances declared dead", extra={"instances": [r[0] for r in dead]})
             total = 0

@@ -243,8 +243,7 @@ class Worker:
             self.last_tick = time.monotonic()
             room = self.capacity - self.held_count()
             if room <= 0:
-                self.wake.wait(0.5)
-                self.wake.clear()
+                self._idle_wait(0.5)
                 continue
             try:
                 t0 = time.perf_counter()
@@ -264,8 +263,18 @@ class Worker:
                 self.stop(0)
                 break
             # Idle: sleep until NOTIFY, a freed slot, a stop, or the jittered poll.
-            self.wake.wait(self.poll_interval * random.uniform(0.5, 1.0))
-            self.wake.clear()
+            self._idle_wait(self.poll_interval * random.uniform(0.5, 1.0))
+
+    def _idle_wait(self, seconds: float) -> None:
+        """Wait for a wake-up; a caller's stop_event cannot wake us, so look at it every 50 ms."""
+        deadline = time.monotonic() + seconds
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._should_stop():
+                break
+            if self.wake.wait(min(remaining, 0.05) if self.external_stop is not None else remaining):
+                break
+        self.wake.clear()
 
     def _nothing_due(self) -> bool:
         try:

@@ -146,6 +146,13 @@ UPDATE {instances}
    AND last_heartbeat_at < now() - %(dead_after)s * interval '1 second'
 RETURNING instance_id;
 
+-- name: prune_instances
+-- Registry rows of instances that ended long ago (every restart makes a new identity); none holds a record.
+DELETE FROM {instances} i
+ WHERE status IN ('stopped', 'dead')
+   AND coalesce(stopped_at, last_heartbeat_at) < now() - %(retention)s * interval '1 second'
+   AND NOT EXISTS (SELECT 1 FROM {records} r WHERE r.status = 'processing' AND r.claimed_by = i.instance_id);
+
 -- name: recover_orphans
 -- One bounded batch: processing rows whose lease expired or whose instance is dead. SKIP LOCKED so that
 -- every instance can run it at once; the status guard is re-checked on the locked row version.

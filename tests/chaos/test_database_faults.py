@@ -1,0 +1,256 @@
+"""Database faults: killed backends, a restarted server, a blackholed network, flaky calls, pool exhaustion."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from core import DistributedProcessor, PoolExhausted
+from core.migrate import upgrade
+from tests.chaos.conftest import RECOVERY_BOUND, Fleet
+from tests.chaos.proxy import BlackholeProxy
+from tests.procs.chaos_handlers import CHAOS_DDL
+from tests.support import unfinished, wait_until
+
+
+def _enqueue(dsn: str, n: int, sleep: float = 0.0) -> list[int]:
+    with DistributedProcessor(dsn) as p:
+        return list(p.add_records([{"sleep": sleep} if sleep else {} for _ in range(n)]))
+
+
+def _assert_all_completed_once(db: Any, total: int) -> None:
+    assert db.execute("SELECT status, count(*) FROM processing_queue GROUP BY 1").fetchall() == [("completed", total)]
+    assert db.execute("SELECT sum(count) FROM queue_stats WHERE status = 'completed'").fetchone() == (total,)
+    row = db.execute("SELECT count(DISTINCT record_id) FROM exec_ledger").fetchone()
+    assert row == (total,), "every record executed at least once"
+
+
+def _stop_fleet(fleet: Fleet) -> dict[str, Any]:
+    alive = fleet.alive()
+    results = fleet.terminate_all()
+    for name in alive:
+        code, _, err = results[name]
+        assert code == 0, f"{name}: {err[-2000:]}"
+    return results
+
+
+def test_terminate_every_processor_backend_repeatedly(dsn: str, chaos_db: Any, fleet: Fleet) -> None:
+    db = chaos_db
+    total = 10_000
+    _enqueue(dsn, total, sleep=0.001)
+    names = [fleet.spawn() for _ in range(3)]
+    wait_until(lambda: db.execute("SELECT count(*) FROM processing_queue WHERE status = 'completed'").fetchone()[0]
+               > 500, 30)
+    killed = 0
+    for _ in range(10):
+        row = db.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name LIKE 'distributed-processor%%'"
+            " AND pid <> pg_backend_pid()"
+        ).fetchone()
+        killed += row[0]
+        time.sleep(0.5)  # the fault cadence
+    assert killed >= 10
+    wait_until(lambda: unfinished(db) == 0, 80, interval=0.2, message="drained after backend kills")
+    assert fleet.alive() == names, "workers resumed without a restart"
+    _stop_fleet(fleet)
+    _assert_all_completed_once(db, total)
+
+
+def test_database_server_restart_during_a_drain(tmp_path: Path, fleet: Fleet) -> None:
+    from pgserver import _commands, get_server  # type: ignore[attr-defined,import-untyped,unused-ignore]
+
+    server = get_server(tmp_path / "restart-pg", cleanup_mode="stop")  # a dedicated cluster, not the shared one
+    try:
+        dsn = str(server.get_uri())
+        upgrade(dsn)
+        with psycopg.connect(dsn, autocommit=True) as db:
+            db.execute(CHAOS_DDL)
+        total = 10_000
+        _enqueue(dsn, total, sleep=0.001)
+        names = [fleet.spawn(dsn=dsn) for _ in range(3)]
+        with psycopg.connect(dsn, autocommit=True) as db:
+            wait_until(lambda: db.execute(
+                "SELECT count(*) FROM processing_queue WHERE status = 'completed'").fetchone()[0] > 1000, 30)
+        restarted_at = time.monotonic()
+        _commands.pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user, timeout=60)
+        with psycopg.connect(dsn, autocommit=True) as db:
+            wait_until(lambda: unfinished(db) == 0, 80, interval=0.2, message="drained after the restart")
+            assert fleet.alive() == names, "workers resumed without a restart of their own"
+            _stop_fleet(fleet)
+            _assert_all_completed_once(db, total)
+        assert time.monotonic() - restarted_at < 85
+    finally:
+        fleet.kill_all()
+        server.cleanup()
+
+
+def _upstream(dsn: str) -> tuple[str, int] | str:
+    info = conninfo_to_dict(dsn)
+    host, port = str(info.get("host") or "/var/run/postgresql"), int(info.get("port") or 5432)
+    return f"{host}/.s.PGSQL.{port}" if host.startswith("/") else (host, port)
+
+
+def test_blackholed_network_longer_than_the_lease(dsn: str, chaos_db: Any, fleet: Fleet) -> None:
+    db = chaos_db
+    total = 3000
+    _enqueue(dsn, total, sleep=0.01)
+    with BlackholeProxy(_upstream(dsn)) as proxy:
+        info = conninfo_to_dict(dsn)
+        info.update(host="127.0.0.1", port=str(proxy.port))
+        via_proxy = make_conninfo(**info)  # type: ignore[arg-type]
+        cut = fleet.spawn(dsn=via_proxy)
+        healthy = fleet.spawn()
+        held = lambda: db.execute(  # noqa: E731
+            "SELECT array_agg(id) FROM processing_queue WHERE status = 'processing' AND claimed_by = %s", (cut,)
+        ).fetchone()[0] or []
+        wait_until(lambda: len(held()) > 0, 30, message="the instance to cut off holds records")
+        proxy.blackhole()
+        cut_at = time.monotonic()
+        stranded = held()
+        # the healthy instance takes the stranded records over, via the dead-instance path or lease expiry
+        wait_until(lambda: not set(stranded) & set(held()), RECOVERY_BOUND + 5, interval=0.1)
+        recovery = time.monotonic() - cut_at
+        while time.monotonic() - cut_at < 10:  # keep the partition open well past the 6 s lease
+            time.sleep(0.2)
+        proxy.restore()
+        restored_at = db.execute("SELECT clock_timestamp()").fetchone()[0]
+        wait_until(lambda: unfinished(db) == 0, 60, interval=0.2, message="drained after the partition")
+        # the cut-off instance recovered: it executed records after traffic flowed again
+        wait_until(lambda: db.execute("SELECT count(*) FROM exec_ledger WHERE instance = %s AND at > %s",
+                                      (cut, restored_at)).fetchone()[0] > 0 or unfinished(db) == 0, 10)
+        results = _stop_fleet(fleet)
+    assert recovery <= RECOVERY_BOUND, recovery
+    _assert_all_completed_once(db, total)
+    import json
+
+    summary = json.loads(results[cut][1].strip().splitlines()[-1])
+    assert summary["lost_leases"] >= 1, "its late completions were rejected by fencing"
+    finished_by = dict(db.execute(
+        "SELECT id, claimed_by FROM processing_queue WHERE id = ANY(%s)", (stranded,)).fetchall())
+    assert all(v == healthy for v in finished_by.values()), "the stranded records' outcome is the healthy one's"
+    assert db.execute("SELECT status FROM processor_instances WHERE instance_id = %s", (cut,)).fetchone() == (
+        "stopped",
+    )
+
+
+class FlakyProcessor(DistributedProcessor):
+    """Fails a third of database calls, half of them after the statement ran (the response is lost)."""
+
+    def __init__(self, *args: Any, rate: float = 1 / 3, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rate = rate
+        self.rng = random.Random(5)
+        self.injected = 0
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def _roll(self) -> str | None:
+        with self.lock:
+            self.calls += 1
+            r = self.rng.random()
+            if r < self.rate:
+                self.injected += 1
+                return "before" if r < self.rate / 2 else "after"
+        return None
+
+    @contextmanager
+    def connection(self, timeout: float | None = None) -> Iterator[Any]:
+        with super().connection(timeout) as conn:
+            yield _FlakyConn(conn, self)
+
+
+class _FlakyConn:
+    def __init__(self, conn: Any, owner: FlakyProcessor) -> None:
+        self._conn = conn
+        self._owner = owner
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        when = self._owner._roll()
+        if when == "before":
+            raise psycopg.OperationalError("injected: connection lost before the statement")
+        result = self._conn.execute(*args, **kwargs)
+        if when == "after":
+            raise psycopg.OperationalError("injected: connection lost after the statement ran")
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+def test_intermittent_database_failures(dsn: str, chaos_db: Any) -> None:
+    db = chaos_db
+    total = 2000
+    ids = _enqueue(dsn, total)
+    executed: list[int] = []
+    lock = threading.Lock()
+
+    def handler(record: Any) -> None:
+        with lock:
+            executed.append(record.id)
+
+    p = FlakyProcessor(dsn, lease_seconds=2, heartbeat_interval=0.5, cleanup_interval=0.5, dead_after=2,
+                       connect_timeout=5, batch_size=25)
+    stop = threading.Event()
+    thread = threading.Thread(target=p.run, args=(handler,),
+                              kwargs={"stop_event": stop, "poll_interval": 0.1, "concurrency": 4}, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: unfinished(db) == 0, 80, interval=0.2, message="drained through flaky calls")
+    finally:
+        stop.set()
+        thread.join(30)
+        p.close()
+    assert not thread.is_alive()
+    assert p.calls > 150 and 0.25 < p.injected / p.calls < 0.42, (p.injected, p.calls)
+    assert db.execute("SELECT status, count(*) FROM processing_queue GROUP BY 1").fetchall() == [("completed", total)]
+    assert db.execute("SELECT sum(count) FROM queue_stats WHERE status = 'completed'").fetchone() == (total,)
+    assert set(executed) == set(ids)
+    # re-executions happen only where a claim's answer was lost (its records then waited for their lease)
+    assert len(executed) - total < total * 0.5
+
+
+def test_pool_exhaustion_gives_a_clear_timeout_never_a_deadlock(dsn: str) -> None:
+    p = DistributedProcessor(dsn, pool_min=0, pool_max=2, connect_timeout=1)
+    errors: list[BaseException] = []
+    done = threading.Barrier(7)
+
+    def hog() -> None:
+        try:
+            with p.connection():
+                time.sleep(2.5)
+        except BaseException as exc:
+            errors.append(exc)
+        done.wait(30)
+
+    threads = [threading.Thread(target=hog) for _ in range(6)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    done.wait(30)
+    elapsed = time.monotonic() - started
+    for t in threads:
+        t.join(5)
+    p.close()
+    assert len(errors) == 4
+    assert all(isinstance(e, PoolExhausted) for e in errors), errors
+    assert "pooled connections stayed busy" in str(errors[0])
+    assert elapsed < 10
+
+
+@pytest.mark.parametrize("n", [1])
+def test_claims_keep_working_after_the_pool_recovers(dsn: str, n: int) -> None:
+    with DistributedProcessor(dsn, pool_max=1, connect_timeout=1) as p:
+        p.add_records([{}])
+        with p.connection(), pytest.raises(PoolExhausted):
+            p.claim_records()
+        assert len(p.claim_records()) == n
