@@ -7,6 +7,7 @@ retransmission would, so both ends resume where they stopped.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from typing import Any
@@ -32,10 +33,8 @@ class BlackholeProxy:
         self.flowing.set()
         self.listener.close()
         for s in self._sockets:
-            try:
+            with contextlib.suppress(OSError):
                 s.close()
-            except OSError:
-                pass
 
     def blackhole(self) -> None:
         self.flowing.clear()
@@ -77,7 +76,5 @@ class BlackholeProxy:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
