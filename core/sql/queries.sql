@@ -45,8 +45,11 @@ WITH picked AS (
 UPDATE {records} t
    SET status = 'processing',
        claimed_by = %(instance_id)s,
-       claimed_at = now(),
-       lease_expires_at = now() + %(lease_seconds)s * interval '1 second',
+       -- clock_timestamp(), not now(): now() is fixed when the transaction starts, which can precede the
+       -- snapshot by a commit of another claimer; the clock read here is after the snapshot, so claim times
+       -- of one key are strictly increasing.
+       claimed_at = clock_timestamp(),
+       lease_expires_at = clock_timestamp() + %(lease_seconds)s * interval '1 second',
        lease_token = gen_random_uuid(),
        attempts = t.attempts + 1,
        dedupe_held = t.dedupe_held AND t.dedupe_while = 'active',
