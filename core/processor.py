@@ -9,6 +9,7 @@ import math
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -169,6 +170,7 @@ class DistributedProcessor:
         self.facts = ProcessFacts()
         self.metrics = Metrics(self.instance_id)
         self.worker: Worker | None = None
+        self._binary_claim = True
         self._pool: ConnectionPool[Conn] | None = None
         self._pool_lock = threading.Lock()
         self._closed = False
@@ -181,6 +183,9 @@ class DistributedProcessor:
             options.append(f"-c statement_timeout={int(self.statement_timeout * 1000)}")
         # Keep idle-in-transaction sessions from holding row locks forever if a client wedges.
         options.append("-c idle_in_transaction_session_timeout=60000")
+        # UTC sessions: psycopg then builds datetimes with the fixed timezone.utc, several times cheaper to
+        # decode than a ZoneInfo (it shows in the claim's per-row cost).
+        options.append("-c TimeZone=UTC")
         kwargs: dict[str, Any] = {
             "autocommit": True,
             "connect_timeout": max(2, math.ceil(self.connect_timeout)),
@@ -498,6 +503,7 @@ class DistributedProcessor:
         size = self.batch_size if batch_size is None else _positive_int("batch_size", batch_size, maximum=MAX_BATCH)
         params = {
             "queues": self._queues(queues),
+            "token": uuid.uuid4(),
             "batch": size,
             "instance_id": self.instance_id,
             "lease_seconds": self.lease_seconds,
@@ -506,7 +512,8 @@ class DistributedProcessor:
         }
 
         def op(conn: Conn) -> list[Record]:
-            rows = conn.execute(self.q.claim, params).fetchall()
+            # Binary results: timestamps, UUIDs and integers decode several times faster than from text.
+            rows = conn.execute(self.q.claim, params, binary=self._binary_claim).fetchall()
             records = [Record(*row) for row in rows]
             records.sort(key=lambda r: (-r.priority, r.run_at, r.id))
             return records

@@ -13,6 +13,7 @@ One module per role, each a thread with its own stop condition:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import json
 import logging
@@ -21,9 +22,9 @@ import random
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -68,13 +69,17 @@ class RunSummary:
         return asdict(self)
 
 
-@dataclass
 class _Held:
-    record: Record
-    started: float | None = None
-    cancel_requested: threading.Event = field(default_factory=threading.Event)
-    abandoned: bool = False  # timed out: the outcome was written, the late result must be ignored
-    completing: bool = False  # our own outcome write is under way: a heartbeat miss is not a lost lease
+    """A record this instance holds, with its local state (plain slots: this is on the per-record path)."""
+
+    __slots__ = ("abandoned", "cancel_requested", "completing", "record", "started")
+
+    def __init__(self, record: Record) -> None:
+        self.record = record
+        self.started: float | None = None
+        self.cancel_requested = record.cancel_requested
+        self.abandoned = False  # timed out or released: a late result must be ignored
+        self.completing = False  # our own outcome write is under way: a heartbeat miss is not a lost lease
 
 
 class _Outcome:
@@ -85,13 +90,14 @@ class _Outcome:
         self.error = error
 
 
-_current: threading.local = threading.local()
+# The record a handler is running: a context variable, so it works for threads and asyncio tasks alike.
+_current: contextvars.ContextVar[_Held | None] = contextvars.ContextVar("dp_current_record", default=None)
 
 
 def current_record_cancelled() -> bool:
-    """Inside a handler: whether ``cancel()`` flagged the record this thread is running."""
-    held: _Held | None = getattr(_current, "held", None)
-    return bool(held and held.cancel_requested.is_set())
+    """Inside a handler: whether ``cancel()`` flagged the record it is running (seen at the next heartbeat)."""
+    held = _current.get()
+    return bool(held and held.cancel_requested)
 
 
 class Worker:
@@ -130,9 +136,10 @@ class Worker:
         self.grace_seconds = grace_seconds
         self.register = register
         self.metadata = metadata or {}
-        # Prefetch at most one batch beyond what can run: every held record is heartbeated, so it cannot
-        # expire while it waits, and it starts within one batch's worth of handler time.
-        self.capacity = concurrency + (processor.batch_size if prefetch is None else prefetch)
+        # Hold at most what is running plus a prefetch (default two batches: one being claimed while the
+        # previous one's outcomes are written). Every held record is heartbeated, so none expires while it
+        # waits, and each starts within two batches' worth of handler time.
+        self.capacity = concurrency + (2 * processor.batch_size if prefetch is None else prefetch)
         self.is_async = inspect.iscoroutinefunction(handler)
         self.summary = RunSummary()
         self.stopping = threading.Event()  # no new claims
@@ -143,8 +150,11 @@ class Worker:
         self._lock = threading.Lock()
         self._outcomes: queue_mod.SimpleQueue[_Outcome | None] = queue_mod.SimpleQueue()
         self._threads: list[threading.Thread] = []
-        self._executor: ThreadPoolExecutor | None = None
+        # Records claimed and waiting for a handler thread, in claim order.
+        self._ready: deque[_Held] = deque()
+        self._ready_cv = threading.Condition(threading.Lock())
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._async_slots: asyncio.Semaphore | None = None
         self._running_handlers = 0
         self._grace_deadline: float | None = None
         self.metrics = processor.metrics
@@ -212,12 +222,13 @@ class Worker:
     def _start_services(self) -> None:
         if self.register:
             self.p.register_instance(self.metadata)
-        self._executor = ThreadPoolExecutor(
-            max_workers=1 if self.is_async else self.concurrency, thread_name_prefix="dp-handler"
-        )
         if self.is_async:
             self._loop = asyncio.new_event_loop()
             self._spawn("dp-asyncio", self._loop.run_forever)
+        else:
+            # Long-lived handler threads pulling from one deque: no per-record future or executor hop.
+            for i in range(self.concurrency):
+                self._spawn(f"dp-handler-{i}", self._handler_loop)
         self._spawn("dp-completer", self._completer)
         self._spawn("dp-heartbeat", self._heartbeat)
         self._spawn("dp-maintenance", self._maintenance)
@@ -242,7 +253,9 @@ class Worker:
         while not self._should_stop():
             self.last_tick = time.monotonic()
             room = self.capacity - self.held_count()
-            if room <= 0:
+            # Claim full batches: a trickle of small claims costs a round trip each. A partial batch is
+            # claimed only when every handler has run dry.
+            if room <= 0 or (room < self.p.batch_size and self._ready):
                 self._idle_wait(0.5)
                 continue
             try:
@@ -291,48 +304,83 @@ class Worker:
             self.wake.clear()
 
     def _dispatch(self, records: list[Record]) -> None:
-        assert self._executor is not None
+        helds = [_Held(r) for r in records]
         with self._lock:
-            helds = [_Held(r) for r in records]
             for h in helds:
                 self._held[h.record.id] = h
-                if h.record.cancel_requested:
-                    h.cancel_requested.set()
             self.summary.claimed += len(records)
-        for h in helds:
-            self._executor.submit(self._execute, h)
+        if self._loop is not None:
+            for h in helds:
+                asyncio.run_coroutine_threadsafe(self._execute_async(h), self._loop)
+            return
+        with self._ready_cv:
+            self._ready.extend(helds)
+            self._ready_cv.notify(len(helds))
 
     # ------------------------------------------------------------------ executor
 
-    def _execute(self, held: _Held) -> None:
+    def _handler_loop(self) -> None:
+        ready, cv = self._ready, self._ready_cv
+        while True:
+            with cv:
+                while not ready:
+                    if self.finished.is_set() or self.aborted.is_set():
+                        return
+                    cv.wait(0.25)
+                held = ready.popleft()
+            self._execute(held)
+
+    def _begin(self, held: _Held) -> bool:
+        """Mark a record started unless it was released meanwhile (shutdown)."""
         if self.aborted.is_set():
-            return  # released by the shutdown path
+            return False
         with self._lock:
-            if held.record.id not in self._held:
-                return
+            if self._held.get(held.record.id) is not held or held.abandoned:
+                return False
             held.started = time.monotonic()
             self._running_handlers += 1
-        _current.held = held
+        return True
+
+    def _end(self) -> None:
+        with self._lock:
+            self._running_handlers -= 1
+
+    def _execute(self, held: _Held) -> None:
+        if not self._begin(held):
+            return
+        token = _current.set(held)
         error: BaseException | None = None
+        t0 = time.perf_counter()
         try:
-            t0 = time.perf_counter()
             if self.transactional:
                 self._run_transactional(held)
                 self.metrics.observe_handler(time.perf_counter() - t0)
                 return  # the transaction already wrote the outcome
-            if self.is_async:
-                assert self._loop is not None
-                fut = asyncio.run_coroutine_threadsafe(self.handler(held.record), self._loop)
-                fut.result()
-            else:
-                self.handler(held.record)
-            self.metrics.observe_handler(time.perf_counter() - t0)
+            self.handler(held.record)
         except BaseException as exc:  # the handler's error is the record's outcome
             error = exc
         finally:
-            _current.held = None
-            with self._lock:
-                self._running_handlers -= 1
+            _current.reset(token)
+            self._end()
+        self.metrics.observe_handler(time.perf_counter() - t0)
+        self._outcomes.put(_Outcome(held, error))
+
+    async def _execute_async(self, held: _Held) -> None:
+        if self._async_slots is None:
+            self._async_slots = asyncio.Semaphore(self.concurrency)
+        async with self._async_slots:
+            if not self._begin(held):
+                return
+            _current.set(held)  # each task runs in a copy of the context
+            error: BaseException | None = None
+            t0 = time.perf_counter()
+            try:
+                await self.handler(held.record)
+            except BaseException as exc:
+                error = exc
+            finally:
+                self._end()
+            self.metrics.observe_handler(time.perf_counter() - t0)
         self._outcomes.put(_Outcome(held, error))
 
     def _run_transactional(self, held: _Held) -> None:
@@ -483,7 +531,7 @@ class Worker:
         lost = [h for h in helds if h.record.id not in kept and not h.completing]
         for h in helds:
             if h.record.id in cancels:
-                h.cancel_requested.set()
+                h.cancel_requested = True
         if lost:
             # Someone else owns these now: stop treating them as ours; a late result will be fenced anyway.
             with self._lock:
@@ -564,19 +612,22 @@ class Worker:
     def _shutdown(self) -> None:
         self.stopping.set()
         self._outcomes.put(None)
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            # Handlers still running after the grace period keep their threads; we do not wait for them.
-            executor.shutdown(wait=False, cancel_futures=True)
+        with self._ready_cv:
+            self._ready.clear()
+            self._ready_cv.notify_all()
         for t in self._threads:
             if t.name.startswith("dp-completer"):
                 t.join(timeout=10)
         self.finished.set()
+        with self._ready_cv:
+            self._ready_cv.notify_all()
         if self.listener is not None:
             self.listener.stop()
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
         for t in self._threads:
+            if t.name.startswith("dp-handler"):
+                continue  # a handler that ignored the grace period keeps its (daemon) thread; do not wait
             t.join(timeout=5)
         if self.register:
             try:

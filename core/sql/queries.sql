@@ -50,7 +50,9 @@ UPDATE {records} t
        -- of one key are strictly increasing.
        claimed_at = clock_timestamp(),
        lease_expires_at = clock_timestamp() + %(lease_seconds)s * interval '1 second',
-       lease_token = gen_random_uuid(),
+       -- One fresh token per claim statement, shared by its records: every later update pairs (id, token),
+       -- so a re-claim (a new statement, a new token) fences out the old holder. Cheaper than one per row.
+       lease_token = %(token)s::uuid,
        attempts = t.attempts + 1,
        dedupe_held = t.dedupe_held AND t.dedupe_while = 'active',
        updated_at = now()
@@ -61,16 +63,17 @@ RETURNING t.id, t.queue, t.payload, t.priority, t.attempts, t.max_attempts, t.le
 
 -- name: complete
 -- Fenced: only the claim whose token is still on the row may complete it. A flagged cancel wins.
-UPDATE {records}
-   SET status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'completed' END,
+-- Each id is paired with its own token (tokens are per claim statement, so ANY(tokens) alone could pair
+-- a stale record with a later claim's token).
+UPDATE {records} t
+   SET status = CASE WHEN t.cancel_requested THEN 'cancelled' ELSE 'completed' END,
        finished_at = now(),
        updated_at = now(),
        lease_expires_at = NULL,
        dedupe_held = false
- WHERE id = ANY(%(ids)s::bigint[])
-   AND lease_token = ANY(%(tokens)s::uuid[])
-   AND status = 'processing'
-RETURNING id;
+ WHERE t.id = ANY(%(ids)s::bigint[])
+   AND t.status = 'processing'
+   AND t.lease_token = (%(tokens)s::uuid[])[array_position(%(ids)s::bigint[], t.id)];
 
 -- name: fail
 -- Fenced like complete. A retryable failure with attempts left goes back to pending after its backoff.
@@ -101,27 +104,29 @@ RETURNING t.id, t.status;
 
 -- name: release
 -- Hand records back at once (graceful shutdown): pending again, the attempt not charged.
-UPDATE {records}
+UPDATE {records} t
    SET status = 'pending',
-       attempts = greatest(attempts - 1, 0),
+       attempts = greatest(t.attempts - 1, 0),
        run_at = now(),
        lease_token = NULL,
        lease_expires_at = NULL,
        last_error = %(reason)s,
        updated_at = now()
- WHERE id = ANY(%(ids)s::bigint[])
-   AND lease_token = ANY(%(tokens)s::uuid[])
-   AND status = 'processing'
-RETURNING id;
+  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS u(id, token)
+ WHERE t.id = u.id
+   AND t.lease_token = u.token
+   AND t.status = 'processing'
+RETURNING t.id;
 
 -- name: extend_leases
--- Heartbeat: push the lease of every record this instance still holds. Rows not returned are lost.
-UPDATE {records}
-   SET lease_expires_at = now() + %(lease_seconds)s * interval '1 second'
- WHERE id = ANY(%(ids)s::bigint[])
-   AND lease_token = ANY(%(tokens)s::uuid[])
-   AND status = 'processing'
-RETURNING id, cancel_requested;
+-- Push the lease of every record this instance still holds. Rows not returned are lost.
+UPDATE {records} t
+   SET lease_expires_at = clock_timestamp() + %(lease_seconds)s * interval '1 second'
+  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS u(id, token)
+ WHERE t.id = u.id
+   AND t.lease_token = u.token
+   AND t.status = 'processing'
+RETURNING t.id, t.cancel_requested;
 
 -- name: heartbeat
 -- One round trip per heartbeat: the instance's own row (a wrongly declared dead instance revives) and the
@@ -134,12 +139,13 @@ WITH beat AS (
      WHERE instance_id = %(instance_id)s AND %(registered)s
     RETURNING 1
 )
-UPDATE {records}
-   SET lease_expires_at = now() + %(lease_seconds)s * interval '1 second'
- WHERE id = ANY(%(ids)s::bigint[])
-   AND lease_token = ANY(%(tokens)s::uuid[])
-   AND status = 'processing'
-RETURNING id, cancel_requested;
+UPDATE {records} t
+   SET lease_expires_at = clock_timestamp() + %(lease_seconds)s * interval '1 second'
+  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS u(id, token)
+ WHERE t.id = u.id
+   AND t.lease_token = u.token
+   AND t.status = 'processing'
+RETURNING t.id, t.cancel_requested;
 
 -- name: mark_dead_instances
 -- Instances whose heartbeat is older than the threshold are dead; several cleaners may race, all harmless.
@@ -160,12 +166,13 @@ DELETE FROM {instances} i
 -- One bounded batch: processing rows whose lease expired or whose instance is dead. SKIP LOCKED so that
 -- every instance can run it at once; the status guard is re-checked on the locked row version.
 WITH orphan AS (
+    -- Both conditions read the small partial index of in-flight rows, never the finished ones.
     SELECT id
       FROM {records}
      WHERE status = 'processing'
        AND (lease_expires_at < now()
             OR claimed_by IN (SELECT instance_id FROM {instances} WHERE status = 'dead'))
-     ORDER BY id
+     ORDER BY lease_expires_at
      LIMIT %(batch)s
        FOR UPDATE SKIP LOCKED
 )

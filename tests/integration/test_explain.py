@@ -51,7 +51,7 @@ def _fill(db: Any) -> None:
 
 def _plan(p: DistributedProcessor, db: Any, queues: list[str]) -> dict[str, Any]:
     params = {
-        "queues": queues, "batch": 100, "instance_id": "explain", "lease_seconds": 30,
+        "queues": queues, "batch": 100, "instance_id": "explain", "lease_seconds": 30, "token": None,
         "default_key_concurrency": 1, "default_block_on_failure": False,
     }
     stmt = p.q.claim.as_string(db)
@@ -97,3 +97,12 @@ def test_status_queries_avoid_the_finished_rows(big_table: DistributedProcessor,
     status = big_table.get_queue_status()
     assert status["queues"]["default"]["completed"] == 1_000_000
     assert status["totals"]["pending"] + status["totals"]["processing"] == 10_000
+
+
+def test_recovery_reads_only_in_flight_rows(big_table: DistributedProcessor, db: Any) -> None:
+    stmt = big_table.q.recover_orphans.as_string(db)
+    with db.transaction():
+        row = db.execute("EXPLAIN (FORMAT JSON) " + stmt, {"batch": 1000}).fetchone()
+    nodes = _nodes(row[0][0]["Plan"])
+    seq = [n for _, n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "processing_queue"]
+    assert not seq, json.dumps(row[0][0]["Plan"])

@@ -1,0 +1,446 @@
+"""The benchmark suite: every figure next to a baseline measured in the same run.
+
+    python -m bench                 # the whole suite (a few minutes on 2 cores)
+    python -m bench --quick         # small sizes, seconds (what `--type performance` runs)
+    python -m bench --only drain,latency
+
+Baselines (same database, same run, so a noisy machine moves both):
+* drain: the raw two-statement loop (UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED LIMIT B)
+  RETURNING, committed; UPDATE ... WHERE id = ANY(...), committed) over the same rows of the same
+  ``processing_queue`` table, at the same batch size and process count. The same loop over a bare
+  three-column table is reported too, as context.
+* enqueue: a raw COPY of the same rows into the same table.
+* table size: the claim throughput of the same loop with an empty table.
+* per-key ordering: the keyless drain of the same size.
+Results are printed as a table with MET / MISSED per target, written to JSON, and plotted to PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from core import DistributedProcessor
+from core.migrate import upgrade
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+@dataclass
+class Row:
+    suite: str
+    case: str
+    value: float
+    unit: str
+    baseline: float | None = None
+    baseline_name: str = ""
+    ratio: float | None = None
+    target: str = ""
+    met: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Bench:
+    def __init__(self, quick: bool) -> None:
+        self.quick = quick
+        self.rows: list[Row] = []
+        self.admin_dsn, self.source = find_server()
+        self.dbname = f"dp_bench_{os.getpid()}"
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.dbname)))
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.dbname)))
+        self.dsn = make_conninfo(self.admin_dsn, dbname=self.dbname)
+        upgrade(self.dsn)
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            self.server_version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
+            self.sync_commit = str(conn.execute("SHOW synchronous_commit").fetchone()[0])  # type: ignore[index]
+
+    def close(self) -> None:
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.dbname)))
+
+    def add(self, row: Row) -> Row:
+        if row.baseline:
+            row.ratio = row.value / row.baseline
+        self.rows.append(row)
+        status = "" if row.met is None else ("MET" if row.met else "MISSED")
+        ratio = f" ratio {row.ratio:.2f}" if row.ratio is not None else ""
+        base = f" vs {row.baseline:,.1f} ({row.baseline_name})" if row.baseline is not None else ""
+        print(f"  {row.suite:<10} {row.case:<42} {row.value:>12,.1f} {row.unit:<6}{base}{ratio}"
+              f" {row.target} {status}".rstrip(), flush=True)
+        return row
+
+    def db(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.dsn, autocommit=True)
+
+    # ------------------------------------------------------------------ data
+
+    def fill_pending(self, n: int, *, keys: int = 0, finished: int = 0) -> None:
+        with self.db() as conn:
+            conn.execute("TRUNCATE processing_queue; TRUNCATE queue_stats; TRUNCATE processor_instances")
+            if finished:
+                conn.execute(
+                    "INSERT INTO processing_queue (queue, payload, status, attempts, finished_at, lease_token)"
+                    " SELECT 'default', jsonb_build_object('n', g), 'completed', 1, now(), gen_random_uuid()"
+                    " FROM generate_series(1, %s) g", (finished,))
+            key_expr = f"'key-' || (g %% {int(keys)})" if keys else "NULL"
+            conn.execute(
+                f"INSERT INTO processing_queue (queue, payload, ordering_key)"
+                f" SELECT 'default', jsonb_build_object('n', g), {key_expr} FROM generate_series(1, %s) g", (n,))
+            conn.execute("VACUUM ANALYZE processing_queue")
+
+    def fill_bare(self, n: int) -> None:
+        with self.db() as conn:
+            conn.execute("DROP TABLE IF EXISTS bench_raw")
+            conn.execute("CREATE TABLE bench_raw (id bigserial PRIMARY KEY, payload jsonb NOT NULL,"
+                         " status text NOT NULL DEFAULT 'pending')")
+            conn.execute("CREATE INDEX ON bench_raw (id) WHERE status = 'pending'")
+            conn.execute("INSERT INTO bench_raw (payload) SELECT jsonb_build_object('n', g)"
+                         " FROM generate_series(1, %s) g", (n,))
+            conn.execute("VACUUM ANALYZE bench_raw")
+
+    # ------------------------------------------------------------------ processes
+
+    def drain_procs(self, mode: str, workers: int, batch: int, extra: list[str] | None = None) -> dict[str, Any]:
+        """Start ``workers`` processes, fire them together, return throughput and their RSS."""
+        procs = [
+            subprocess.Popen([sys.executable, "-m", "bench.workers", mode, self.dsn, str(batch), *(extra or [])],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+            for _ in range(workers)
+        ]
+        for p in procs:  # each prints "ready" once connected and imported
+            assert p.stdout is not None
+            line = p.stdout.readline().strip()
+            if line != "ready":
+                raise RuntimeError(f"bench worker failed to start: {line!r}")
+        started = time.time()
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        outs = []
+        for p in procs:
+            out, _ = p.communicate(timeout=900)
+            outs.append(json.loads(out.strip().splitlines()[-1]))
+        elapsed = max(o["end"] for o in outs) - started
+        done = sum(o["done"] for o in outs)
+        return {"rate": done / elapsed, "done": done, "elapsed": elapsed, "rss": [o["rss"] for o in outs]}
+
+    # ------------------------------------------------------------------ suites
+
+    def suite_drain(self) -> None:
+        n = 20_000 if self.quick else 100_000
+        print(f"drain: {n:,} records, no-op handler, batch 100, run() with heartbeats and recovery on")
+        for workers in ((2,) if self.quick else (1, 2, 4)):
+            self.fill_bare(n)
+            bare = self.drain_procs("bare", workers, 100)
+            self.fill_pending(n)
+            raw = self.drain_procs("raw", workers, 100)
+            self.fill_pending(n)
+            ours = self.drain_procs("ours", workers, 100)
+            target = ">= 0.85x" if workers == 2 else ""
+            ratio = ours["rate"] / raw["rate"]
+            self.add(Row("drain", f"W={workers} run()", ours["rate"], "rec/s", raw["rate"], "raw loop, same table",
+                         target=target, met=(ratio >= 0.85) if workers == 2 else None,
+                         extra={"bare_table_raw": bare["rate"], "workers": workers}))
+            self.add(Row("drain", f"W={workers} raw loop, bare 3-column table (context)", bare["rate"], "rec/s"))
+
+    def suite_enqueue(self) -> None:
+        sizes = [(1, 300 if self.quick else 2_000), (100, 5_000 if self.quick else 50_000),
+                 (10_000, 20_000 if self.quick else 100_000)]
+        print("enqueue: add_records in batches vs a raw COPY of the same rows")
+        payloads = [{"n": i, "kind": "bench"} for i in range(max(n for _, n in sizes))]
+        for batch, n in sizes:
+            with self.db() as conn:
+                conn.execute("TRUNCATE processing_queue")
+            with DistributedProcessor(self.dsn, copy_threshold=2000) as p:
+                p.get_queue_status()
+                t0 = time.perf_counter()
+                for start in range(0, n, batch):
+                    p.add_records(payloads[start:start + batch])
+                ours = n / (time.perf_counter() - t0)
+            with self.db() as conn:
+                conn.execute("TRUNCATE processing_queue")
+                t0 = time.perf_counter()
+                for start in range(0, n, batch):
+                    with conn.transaction(), conn.cursor().copy(
+                            "COPY processing_queue (queue, payload) FROM STDIN") as copy:
+                        for item in payloads[start:start + batch]:
+                            copy.write_row(("default", json.dumps(item)))
+                raw = n / (time.perf_counter() - t0)
+            target = ">= 0.8x" if batch == 10_000 else ""
+            self.add(Row("enqueue", f"batches of {batch:,}", ours, "rec/s", raw, "raw COPY, same batches",
+                         target=target, met=(ours / raw >= 0.8) if batch == 10_000 else None))
+
+    def suite_latency(self) -> None:
+        samples = 100 if self.quick else 300
+        print(f"latency: insert-to-handler-start, {samples} samples, worker in another process")
+        for loaded in (False, True):
+            self.fill_pending(0)
+            proc = subprocess.Popen([sys.executable, "-m", "bench.workers", "latency", self.dsn, "100"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+            assert proc.stdout is not None and proc.stdin is not None
+            assert proc.stdout.readline().strip() == "ready"
+            stop = threading.Event()
+            loader = threading.Thread(target=self._load, args=(stop,), daemon=True) if loaded else None
+            if loader:
+                loader.start()
+            starts: dict[int, float] = {}
+
+            def read(stdout: Any = proc.stdout) -> None:
+                for line in stdout:
+                    if line.startswith("start "):
+                        _, rid, ts = line.split()
+                        starts[int(rid)] = float(ts)
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            lat: list[float] = []
+            with DistributedProcessor(self.dsn, queue="probe") as p:
+                p.get_queue_status()
+                time.sleep(0.5)
+                for _ in range(samples):
+                    (rid,) = p.add_records([{"probe": True}])
+                    returned = time.time()
+                    deadline = time.monotonic() + 5
+                    while rid not in starts and time.monotonic() < deadline:
+                        time.sleep(0.0002)
+                    if rid in starts:
+                        lat.append((starts[rid] - returned) * 1000)
+                    time.sleep(0.01)
+            stop.set()
+            if loader:
+                loader.join(10)
+            proc.stdin.write("stop\n")
+            proc.stdin.flush()
+            proc.wait(30)
+            lat.sort()
+            q = statistics.quantiles(lat, n=100)
+            label = "under load" if loaded else "idle worker (NOTIFY)"
+            self.add(Row("latency", f"{label} p50", q[49], "ms", target="< 5 ms" if not loaded else "",
+                         met=(q[49] < 5) if not loaded else None))
+            self.add(Row("latency", f"{label} p95", q[94], "ms"))
+            self.add(Row("latency", f"{label} p99", q[98], "ms", target="< 25 ms" if not loaded else "",
+                         met=(q[98] < 25) if not loaded else None))
+
+    def _load(self, stop: threading.Event) -> None:
+        with DistributedProcessor(self.dsn, queue="load") as p:
+            while not stop.is_set():
+                p.add_records([{"load": True}] * 200, queue="probe")
+                time.sleep(0.02)
+
+    def _claim_rate(self, n: int) -> float:
+        with DistributedProcessor(self.dsn) as p:
+            p.get_queue_status()
+            t0 = time.perf_counter()
+            done = 0
+            while True:
+                recs = p.claim_records(100)
+                if not recs:
+                    break
+                p.mark_completed(recs)
+                done += len(recs)
+            return done / (time.perf_counter() - t0)
+
+    def suite_table(self) -> None:
+        sizes = [0, 200_000] if self.quick else [0, 1_000_000, 10_000_000]
+        n = 10_000 if self.quick else 30_000
+        print(f"table size: claim+complete loop over {n:,} pending records beside many finished ones")
+        empty_rate = None
+        for finished in sizes:
+            t0 = time.perf_counter()
+            self.fill_pending(n, finished=finished)
+            fill_s = time.perf_counter() - t0
+            with DistributedProcessor(self.dsn) as p:
+                p.get_queue_status()
+                health = _best_ms(lambda p=p: p.health_check(), 7)
+                status = _best_ms(lambda p=p: p.get_queue_status(), 7)
+            rate = self._claim_rate(n)
+            if empty_rate is None:
+                empty_rate = rate
+            is_big = finished == sizes[-1] and finished > 0
+            self.add(Row("table", f"claim rate, {finished:,} finished rows", rate, "rec/s",
+                         empty_rate if finished else None, "empty table" if finished else "",
+                         target=">= 0.9x" if is_big else "", met=(rate / empty_rate >= 0.9) if is_big else None,
+                         extra={"fill_seconds": fill_s}))
+            self.add(Row("table", f"health_check(), {finished:,} finished rows", health, "ms",
+                         target="< 50 ms" if is_big else "", met=(health < 50) if is_big else None))
+            self.add(Row("table", f"get_queue_status(), {finished:,} finished rows", status, "ms"))
+
+    def suite_keys(self) -> None:
+        n = 20_000 if self.quick else 60_000
+        print(f"per-key ordering: {n:,} records drained by run() with W=2, keys limit 1")
+        self.fill_pending(n)
+        keyless = self.drain_procs("ours", 2, 100)["rate"]
+        self.add(Row("keys", "no ordering keys", keyless, "rec/s"))
+        for keys in (100, 10_000):
+            self.fill_pending(n, keys=keys)
+            rate = self.drain_procs("ours", 2, 100)["rate"]
+            big = keys == 10_000
+            self.add(Row("keys", f"{keys:,} ordering keys", rate, "rec/s", keyless, "keyless drain",
+                         target=">= 0.7x" if big else "", met=(rate / keyless >= 0.7) if big else None))
+
+    def suite_memory(self) -> None:
+        n = 50_000 if self.quick else 1_000_000
+        print(f"memory: RSS of one worker process over {n:,} records")
+        self.fill_pending(n)
+        proc = subprocess.Popen([sys.executable, "-m", "bench.workers", "ours", self.dsn, "100"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().strip() == "ready"
+        ps = psutil.Process(proc.pid)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        samples: list[tuple[float, float]] = []
+        t0 = time.monotonic()
+        while proc.poll() is None:
+            try:
+                samples.append((time.monotonic() - t0, ps.memory_info().rss / 2**20))
+            except psutil.Error:
+                break
+            time.sleep(0.25)
+        proc.communicate(timeout=60)
+        if len(samples) < 4:
+            return
+        warm = samples[len(samples) // 10][1]
+        peak = max(s[1] for s in samples)
+        end = samples[-1][1]
+        self.add(Row("memory", "worker RSS after warm-up", warm, "MB"))
+        self.add(Row("memory", f"worker RSS peak over {n:,} records", peak, "MB", target="< 60 MB",
+                     met=peak < 60))
+        growth = end - warm
+        self.add(Row("memory", "growth from warm-up to the end", growth, "MB", target="flat (< 5 MB)",
+                     met=growth < 5, extra={"samples": samples[:: max(1, len(samples) // 50)]}))
+
+    # ------------------------------------------------------------------ output
+
+    def report(self, path: Path, plot: Path | None) -> None:
+        machine = {
+            "cpus": psutil.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(), "postgres": self.server_version, "server": self.source,
+            "synchronous_commit": self.sync_commit, "platform": platform.platform(),
+        }
+        data = {"machine": machine, "quick": self.quick, "rows": [asdict(r) for r in self.rows],
+                "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2))
+        print()
+        print(f"{'suite':<10}{'case':<44}{'value':>14}  {'baseline':>14}  {'ratio':>6}  {'target':<14}result")
+        for r in self.rows:
+            base = f"{r.baseline:,.1f}" if r.baseline is not None else "-"
+            ratio = f"{r.ratio:.2f}" if r.ratio is not None else "-"
+            result = "" if r.met is None else ("MET" if r.met else "MISSED")
+            print(f"{r.suite:<10}{r.case:<44}{r.value:>12,.1f} {r.unit:<3}{base:>14}  {ratio:>6}  {r.target:<14}{result}")
+        missed = [r for r in self.rows if r.met is False]
+        print(f"\n{sum(1 for r in self.rows if r.met)} targets MET, {len(missed)} MISSED; JSON: {path}")
+        if plot is not None:
+            _plot(self.rows, plot)
+
+
+def _best_ms(fn: Any, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, (time.perf_counter() - t0) * 1000)
+    return best
+
+
+def _plot(rows: list[Row], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install -e '.[bench]')")
+        return
+    drain = [r for r in rows if r.suite == "drain" and "run()" in r.case]
+    table = [r for r in rows if r.suite == "table" and r.case.startswith("claim rate")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    if drain:
+        w = [r.extra["workers"] for r in drain]
+        axes[0].plot(w, [r.value for r in drain], "o-", label="DistributedProcessor.run()")
+        axes[0].plot(w, [r.baseline for r in drain], "s--", label="raw loop, same table")
+        axes[0].plot(w, [r.extra["bare_table_raw"] for r in drain], "^:", label="raw loop, bare table")
+        axes[0].set_xlabel("worker processes")
+        axes[0].set_ylabel("records/s")
+        axes[0].set_title("Drain throughput vs workers")
+        axes[0].legend()
+    if table:
+        sizes = [int(r.case.split(",")[1].split()[0].replace(",", "")) for r in table]
+        labels = [f"{s / 1e6:g}M" for s in sizes]
+        axes[1].bar(labels, [r.value for r in table], label="claim + complete loop")
+        axes[1].axhline(table[0].value, color="gray", linestyle="--", label="empty table")
+        axes[1].set_xlabel("finished rows in the table")
+        axes[1].set_ylabel("records/s")
+        axes[1].set_title("Claim throughput vs table size")
+        axes[1].legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+def find_server() -> tuple[str, str]:
+    """DATABASE_URL, else a local server on 127.0.0.1:5432, else the embedded one."""
+    candidates = []
+    if os.environ.get("DATABASE_URL"):
+        candidates.append((os.environ["DATABASE_URL"], "DATABASE_URL"))
+    for user in ("postgres", "root"):
+        candidates.append((f"host=127.0.0.1 port=5432 dbname=postgres user={user}", "local 127.0.0.1:5432"))
+    for dsn, source in candidates:
+        try:
+            with psycopg.connect(dsn, connect_timeout=3):
+                return dsn, source
+        except psycopg.Error:
+            continue
+    from core import embedded
+
+    return embedded.start(ROOT / ".dproc" / "bench-pgdata"), "embedded pgserver"
+
+
+SUITES = ("drain", "enqueue", "latency", "table", "keys", "memory")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes (seconds per suite)")
+    ap.add_argument("--only", default=",".join(SUITES), help=f"comma-separated suites: {', '.join(SUITES)}")
+    ap.add_argument("--json", type=Path, default=RESULTS / "latest.json")
+    ap.add_argument("--plot", type=Path, default=RESULTS / "drain.png")
+    ap.add_argument("--no-plot", action="store_true")
+    args = ap.parse_args(argv)
+    chosen = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(chosen) - set(SUITES)
+    if unknown:
+        ap.error(f"unknown suites: {sorted(unknown)}")
+    bench = Bench(args.quick)
+    started = time.monotonic()
+    print(f"PostgreSQL {bench.server_version} ({bench.source}), synchronous_commit={bench.sync_commit}, "
+          f"{psutil.cpu_count()} CPUs")
+    try:
+        for name in chosen:
+            getattr(bench, f"suite_{name}")()
+    finally:
+        bench.close()
+    bench.report(args.json, None if args.no_plot else args.plot)
+    print(f"total time {time.monotonic() - started:.0f}s")
+    return 0

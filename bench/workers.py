@@ -1,0 +1,96 @@
+"""Benchmark worker processes.
+
+    python -m bench.workers raw|bare|ours|latency DSN BATCH
+
+``raw``: the two-statement loop over ``processing_queue`` (the ceiling for the same rows); ``bare``: the same
+loop over a three-column table; ``ours``: ``DistributedProcessor.run`` with a no-op handler; ``latency``: run()
+printing ``start <id> <unix time>`` as each handler starts. Each prints ``ready`` once connected, waits for a
+line on stdin (the start gun; ``latency`` instead runs until it reads ``stop``), then prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from typing import Any
+
+import psycopg
+
+CLAIM = {
+    "raw": "UPDATE processing_queue SET status = 'processing' WHERE id IN ("
+           " SELECT id FROM processing_queue WHERE queue = 'default' AND status = 'pending'"
+           " ORDER BY priority DESC, run_at, id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, payload",
+    "bare": "UPDATE bench_raw SET status = 'processing' WHERE id IN ("
+            " SELECT id FROM bench_raw WHERE status = 'pending' ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)"
+            " RETURNING id, payload",
+}
+COMPLETE = {
+    "raw": "UPDATE processing_queue SET status = 'completed' WHERE id = ANY(%s)",
+    "bare": "UPDATE bench_raw SET status = 'completed' WHERE id = ANY(%s)",
+}
+
+
+def raw_loop(mode: str, dsn: str, batch: int) -> int:
+    done = 0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        print("ready", flush=True)
+        sys.stdin.readline()
+        while True:
+            rows = conn.execute(CLAIM[mode], (batch,)).fetchall()
+            if not rows:
+                return done
+            conn.execute(COMPLETE[mode], ([r[0] for r in rows],))
+            done += len(rows)
+
+
+def ours(dsn: str, batch: int) -> int:
+    from core import DistributedProcessor
+
+    with DistributedProcessor(dsn, batch_size=batch) as p:
+        p.get_queue_status()  # connected before the gun
+        print("ready", flush=True)
+        sys.stdin.readline()
+        summary = p.run(lambda record: None, stop_when_empty=True, poll_interval=0.2, handle_signals=False)
+        return summary.processed
+
+
+def latency(dsn: str, batch: int) -> int:
+    from core import DistributedProcessor
+
+    out = sys.stdout
+    lock = threading.Lock()
+
+    def handler(record: Any) -> None:
+        now = time.time()
+        with lock:
+            out.write(f"start {record.id} {now:.6f}\n")
+            out.flush()
+
+    with DistributedProcessor(dsn, batch_size=batch, queue="probe") as p:
+        p.get_queue_status()
+        stop = threading.Event()
+        threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+        print("ready", flush=True)
+        summary = p.run(handler, stop_event=stop, poll_interval=1.0, handle_signals=False)
+        return summary.processed
+
+
+def main() -> int:
+    mode, dsn, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    if mode in CLAIM:
+        n = raw_loop(mode, dsn, batch)
+    elif mode == "ours":
+        n = ours(dsn, batch)
+    else:
+        n = latency(dsn, batch)
+    import psutil
+
+    print(json.dumps({"done": n, "end": time.time(), "rss": psutil.Process().memory_info().rss,
+                      "cpu": time.process_time()}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
