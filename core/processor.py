@@ -18,9 +18,11 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.types.json import set_json_loads
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from core import __version__
+from core.constants import FINAL_STATUSES, STATUSES
 from core.dsn import KEEPALIVE_KWARGS, redact, resolve_dsn
 from core.errors import (
     ConfigurationError,
@@ -36,7 +38,6 @@ from core.metrics import Metrics
 from core.queries import Queries
 from core.record import Record, format_error
 from core.retry import RetryPolicy
-from core.schema import FINAL_STATUSES, STATUSES
 from core.worker import Handler, RunSummary, Worker
 
 log = logging.getLogger("core.processor")
@@ -81,6 +82,24 @@ def glob_to_like(pattern: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+def _loads(data: str | bytes) -> Any:
+    # json.loads on bytes first sniffs the encoding; PostgreSQL always sends UTF-8, so decode first. This is
+    # per record on the claim path, where it shows.
+    return _json_decode(data if isinstance(data, str) else bytes(data).decode())
+
+
+_json_decode = json.JSONDecoder().decode
+
+
+def _configure_connection(conn: Conn) -> None:
+    set_json_loads(_loads, conn)
+
+
+def _copy_text(value: str) -> str:
+    """Escape a value for COPY's text format."""
+    return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
 def _positive_int(name: str, value: object, *, allow_zero: bool = False, maximum: int | None = None) -> int:
@@ -171,6 +190,7 @@ class DistributedProcessor:
         self.metrics = Metrics(self.instance_id)
         self.worker: Worker | None = None
         self._binary_claim = True
+        self._sequence: str | None = None  # the id sequence, looked up on the first COPY
         self._pool: ConnectionPool[Conn] | None = None
         self._pool_lock = threading.Lock()
         self._closed = False
@@ -213,6 +233,7 @@ class DistributedProcessor:
                     name=f"dp-{self.instance_id}",
                     reconnect_timeout=max(60.0, self.connect_timeout),
                     max_idle=300.0,
+                    configure=_configure_connection,
                 )
                 self._pool.open(wait=False)
             return self._pool
@@ -474,12 +495,21 @@ class DistributedProcessor:
         keys: list[str | None],
     ) -> AddResult:
         n = len(texts)
-        rows = conn.execute(self.q.allocate_ids, {"table": self.q.records_table, "n": n}).fetchall()
+        if self._sequence is None:
+            row = conn.execute(self.q.records_sequence, {"table": self.q.records_table}).fetchone()
+            self._sequence = str(row[0]) if row else None
+        rows = conn.execute(self.q.allocate_ids, {"seq": self._sequence, "n": n}).fetchall()
         ids = [int(r[0]) for r in rows]
         when = run_at or conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+        # The rows are formatted here as COPY text in one string: much cheaper than a write_row per record.
+        # JSON from json.dumps has no raw control characters, so only backslashes need escaping.
+        constant = "\t".join(("", _copy_text(queue), str(priority), when.isoformat(), str(max_attempts), ""))
+        payloads = [t.replace("\\", "\\\\") for t in texts]
+        null = "\\N"
+        key_texts = [null if k is None else _copy_text(k) for k in keys]
+        lines = [f"{rid}{constant}{k}\t{t}\n" for rid, k, t in zip(ids, key_texts, payloads)]
         with conn.cursor().copy(self.q.copy_records) as copy:
-            for rid, text, key in zip(ids, texts, keys, strict=False):
-                copy.write_row((rid, queue, text, priority, when, max_attempts, key))
+            copy.write("".join(lines))
         return AddResult(ids)
 
     # ------------------------------------------------------------------ claiming

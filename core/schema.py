@@ -35,9 +35,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 
-STATUSES = ("pending", "processing", "completed", "failed", "cancelled")
-FINAL_STATUSES = ("completed", "failed", "cancelled")
-INSTANCE_STATUSES = ("running", "stopping", "stopped", "dead")
+from core.constants import FINAL_STATUSES, INSTANCE_STATUSES, STATUSES
+
+__all__ = ["FINAL_STATUSES", "INSTANCE_STATUSES", "STATUSES", "metadata"]
 
 metadata = MetaData(
     naming_convention={

@@ -223,11 +223,15 @@ RETURNING id, dedupe_key;
 SELECT dedupe_key, id FROM {records}
  WHERE queue = %(queue)s AND dedupe_key = ANY(%(dedupes)s::text[]) AND dedupe_held;
 
+-- name: records_sequence
+SELECT pg_get_serial_sequence(%(table)s, 'id');
+
 -- name: allocate_ids
-SELECT nextval(pg_get_serial_sequence(%(table)s, 'id')) FROM generate_series(1, %(n)s) ORDER BY 1;
+-- Ids for a COPY batch, in order (the sequence name is resolved once per processor, by records_sequence).
+SELECT nextval(%(seq)s::regclass) FROM generate_series(1, %(n)s) g ORDER BY g;
 
 -- name: copy_records
-COPY {records} (id, queue, payload, priority, run_at, max_attempts, ordering_key) FROM STDIN;
+COPY {records} (id, queue, priority, run_at, max_attempts, ordering_key, payload) FROM STDIN;
 
 -- name: pending_depth
 SELECT count(*) FROM (

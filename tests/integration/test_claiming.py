@@ -272,3 +272,14 @@ def test_several_queues_in_one_claim_respect_global_order(processor: Distributed
     got = [r.id for r in processor.claim_records(5, queues=["a", "b", "c"])]
     assert got == b + a[:2]
     assert [r.id for r in processor.claim_records(10, queues=["c"])] == c
+
+
+def test_copy_path_round_trips_awkward_text(make_processor: Any, db: Any) -> None:
+    p = make_processor(copy_threshold=2)
+    tricky = [{"s": "back\\slash\ttab\nnewline\r", "u": "é😀"}, {"n": None}, {"q": "\\N"}]
+    ids = p.add_records(tricky, ordering_key=["k\\1\t", None, "\\N"], queue="q\tx")
+    rows = db.execute("SELECT payload, ordering_key, queue FROM processing_queue WHERE id = ANY(%s) ORDER BY id",
+                      (list(ids),)).fetchall()
+    assert [r[0] for r in rows] == tricky
+    assert [r[1] for r in rows] == ["k\\1\t", None, "\\N"]
+    assert {r[2] for r in rows} == {"q\tx"}
