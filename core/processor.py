@@ -189,7 +189,6 @@ class DistributedProcessor:
         self.facts = ProcessFacts()
         self.metrics = Metrics(self.instance_id)
         self.worker: Worker | None = None
-        self._binary_claim = True
         self._sequence: str | None = None  # the id sequence, looked up on the first COPY
         self._pool: ConnectionPool[Conn] | None = None
         self._pool_lock = threading.Lock()
@@ -530,8 +529,23 @@ class DistributedProcessor:
         Each claimed record is ``processing`` under a fresh lease token; per-key ordering and concurrency
         limits are applied in the same statement.
         """
+        return self.complete_and_claim((), batch_size, queues=queues)[0]
+
+    def complete_and_claim(
+        self, done: Iterable[Record], batch_size: int | None = None, *, queues: Sequence[str] | None = None
+    ) -> tuple[list[Record], int]:
+        """Complete ``done`` (fenced, like :meth:`mark_completed`) and claim the next batch in one statement.
+
+        Returns (claimed records, how many of ``done`` were completed). The worker loop uses this so that a
+        batch costs one round trip and one commit.
+        """
         size = self.batch_size if batch_size is None else _positive_int("batch_size", batch_size, maximum=MAX_BATCH)
+        done_ids, done_tokens = self._fence(done)
         params = {
+            # Array literals built here: psycopg would dump each element in Python (a UUID dumper call per
+            # token); one join is much cheaper on this per-batch path.
+            "done_ids": "{" + ",".join(map(str, done_ids)) + "}",
+            "done_tokens": "{" + ",".join(map(str, done_tokens)) + "}",
             "queues": self._queues(queues),
             "token": uuid.uuid4(),
             "batch": size,
@@ -541,12 +555,13 @@ class DistributedProcessor:
             "default_block_on_failure": self.block_on_failure,
         }
 
-        def op(conn: Conn) -> list[Record]:
+        def op(conn: Conn) -> tuple[list[Record], int]:
             # Binary results: timestamps, UUIDs and integers decode several times faster than from text.
-            rows = conn.execute(self.q.claim, params, binary=self._binary_claim).fetchall()
-            records = [Record(*row) for row in rows]
-            records.sort(key=lambda r: (-r.priority, r.run_at, r.id))
-            return records
+            rows = conn.execute(self.q.claim, params, binary=True).fetchall()
+            completed = int(rows[0][-1]) if rows else 0
+            if rows[0][0] is None:
+                return [], completed
+            return [Record(*row[:-1]) for row in rows], completed
 
         return self._with_retry(op)
 
@@ -682,6 +697,7 @@ class DistributedProcessor:
         prefetch: int | None = None,
         register: bool = True,
         metadata: dict[str, Any] | None = None,
+        claimers: int = 2,
     ) -> RunSummary:
         """Claim and process records until stopped; returns a :class:`RunSummary`.
 
@@ -716,6 +732,7 @@ class DistributedProcessor:
             prefetch=prefetch,
             register=register,
             metadata=metadata,
+            claimers=claimers,
         )
         self.worker = worker
         summary = worker.run()

@@ -38,6 +38,10 @@ log = logging.getLogger("core.worker")
 
 Handler = Callable[..., Any]
 
+# How long a finished record may wait for the next claim to carry its completion. The claimer is woken as
+# soon as a record finishes, so this only bounds the wait behind a claim already in flight.
+COALESCE_SECONDS = 0.002
+
 
 class HandlerTimeout(ProcessorError, TimeoutError):
     """A handler ran longer than its per-record timeout; the record was failed and its late result fenced."""
@@ -72,7 +76,7 @@ class RunSummary:
 class _Held:
     """A record this instance holds, with its local state (plain slots: this is on the per-record path)."""
 
-    __slots__ = ("abandoned", "cancel_requested", "completing", "record", "started")
+    __slots__ = ("abandoned", "cancel_requested", "completing", "finished", "record", "started")
 
     def __init__(self, record: Record) -> None:
         self.record = record
@@ -80,6 +84,7 @@ class _Held:
         self.cancel_requested = record.cancel_requested
         self.abandoned = False  # timed out or released: a late result must be ignored
         self.completing = False  # our own outcome write is under way: a heartbeat miss is not a lost lease
+        self.finished = False  # the handler returned: its outcome is queued, never release it
 
 
 class _Outcome:
@@ -121,8 +126,12 @@ class Worker:
         prefetch: int | None,
         register: bool,
         metadata: dict[str, Any] | None,
+        claimers: int = 2,
     ) -> None:
         self.p = processor
+        # Claim statements in flight at once. One claimer waits a full round trip (and a commit) per batch;
+        # a second one overlaps them, which is where most of a fast drain's time goes.
+        self.claimers = max(1, claimers)
         self.handler = handler
         self.concurrency = concurrency
         self.queues = queues
@@ -139,7 +148,7 @@ class Worker:
         # Hold at most what is running plus a prefetch (default two batches: one being claimed while the
         # previous one's outcomes are written). Every held record is heartbeated, so none expires while it
         # waits, and each starts within two batches' worth of handler time.
-        self.capacity = concurrency + (2 * processor.batch_size if prefetch is None else prefetch)
+        self.capacity = concurrency + ((1 + max(1, claimers)) * processor.batch_size if prefetch is None else prefetch)
         self.is_async = inspect.iscoroutinefunction(handler)
         self.summary = RunSummary()
         self.stopping = threading.Event()  # no new claims
@@ -149,6 +158,10 @@ class Worker:
         self._held: dict[int, _Held] = {}
         self._lock = threading.Lock()
         self._outcomes: queue_mod.SimpleQueue[_Outcome | None] = queue_mod.SimpleQueue()
+        # Successes waiting to be completed: the next claim statement carries them (one round trip and one
+        # commit per batch); the completer writes them itself if no claim comes within COALESCE_SECONDS.
+        self._done: list[_Held] = []
+        self._done_since = 0.0
         self._threads: list[threading.Thread] = []
         # Records claimed and waiting for a handler thread, in claim order.
         self._ready: deque[_Held] = deque()
@@ -209,7 +222,15 @@ class Worker:
         try:
             self._start_services()
             self.started.set()
+            extra = [
+                threading.Thread(target=self._claim_loop, name=f"dp-claimer-{i}-{self.p.instance_id}", daemon=True)
+                for i in range(1, self.claimers)
+            ]
+            for t in extra:
+                t.start()
             self._claim_loop()
+            for t in extra:
+                t.join(30)
             self._drain()
         finally:
             self._shutdown()
@@ -256,19 +277,26 @@ class Worker:
             # Claim full batches: a trickle of small claims costs a round trip each. A partial batch is
             # claimed only when every handler has run dry.
             if room <= 0 or (room < self.p.batch_size and self._ready):
-                self._idle_wait(0.5)
+                if not self._flush_done():  # no room: write finished records now rather than wait
+                    self._idle_wait(0.5)
                 continue
+            done = self._take_done()
             try:
                 t0 = time.perf_counter()
-                records = self.p.claim_records(min(room, self.p.batch_size), queues=self.queues)
+                records, completed = self.p.complete_and_claim(
+                    [h.record for h in done], min(room, self.p.batch_size), queues=self.queues
+                )
                 self.metrics.observe_claim(time.perf_counter() - t0, len(records))
                 consecutive_errors = 0
             except DatabaseUnavailable as exc:
+                self._return_done(done)
                 consecutive_errors += 1
                 delay = min(10.0, 0.1 * 2**consecutive_errors) * random.uniform(0.8, 1.2)
                 log.warning("claim failed; retrying", extra={"error": str(exc), "retry_in": round(delay, 2)})
                 self._sleep(delay)
                 continue
+            if done:
+                self._completed(done, completed)
             if records:
                 self._dispatch(records)
                 continue
@@ -277,6 +305,47 @@ class Worker:
                 break
             # Idle: sleep until NOTIFY, a freed slot, a stop, or the jittered poll.
             self._idle_wait(self.poll_interval * random.uniform(0.5, 1.0))
+
+    # ------------------------------------------------------------------ completion buffer
+
+    def _take_done(self) -> list[_Held]:
+        with self._lock:
+            done, self._done = [h for h in self._done if not h.abandoned], []
+        for h in done:
+            h.completing = True
+        return done
+
+    def _return_done(self, done: list[_Held]) -> None:
+        if done:
+            with self._lock:
+                self._done[:0] = done
+                self._done_since = time.monotonic()
+
+    def _completed(self, done: list[_Held], completed: int) -> None:
+        self._count(processed=completed, lost_leases=len(done) - completed)
+        self.metrics.completed(completed)
+        self.metrics.lost(len(done) - completed)
+        if completed < len(done):
+            log.warning("lost leases on completion", extra={"lost": len(done) - completed, "batch": len(done)})
+        with self._lock:
+            for h in done:
+                if self._held.get(h.record.id) is h:
+                    del self._held[h.record.id]
+        self.wake.set()
+
+    def _flush_done(self) -> bool:
+        """Write buffered successes with a plain completion statement; False when there were none."""
+        done = self._take_done()
+        if not done:
+            return False
+        completed = self._retrying_write(lambda: self.p.mark_completed([h.record for h in done]), done)
+        if completed is None:  # gave up: the leases ran out, recovery takes them
+            with self._lock:
+                for h in done:
+                    self._held.pop(h.record.id, None)
+            return True
+        self._completed(done, completed)
+        return True
 
     def _idle_wait(self, seconds: float) -> None:
         """Wait for a wake-up; a caller's stop_event cannot wake us, so look at it every 50 ms."""
@@ -363,6 +432,7 @@ class Worker:
             _current.reset(token)
             self._end()
         self.metrics.observe_handler(time.perf_counter() - t0)
+        held.finished = True
         self._outcomes.put(_Outcome(held, error))
 
     async def _execute_async(self, held: _Held) -> None:
@@ -381,6 +451,7 @@ class Worker:
             finally:
                 self._end()
             self.metrics.observe_handler(time.perf_counter() - t0)
+        held.finished = True
         self._outcomes.put(_Outcome(held, error))
 
     def _run_transactional(self, held: _Held) -> None:
@@ -400,6 +471,7 @@ class Worker:
             self._count(lost_leases=1)
             return
         except BaseException as exc:
+            held.finished = True
             self._outcomes.put(_Outcome(held, exc))
             return
         self._forget(held)
@@ -409,18 +481,28 @@ class Worker:
     # ------------------------------------------------------------------ completer
 
     def _completer(self) -> None:
-        done = False
-        while not done:
-            item = self._outcomes.get()
-            batch = [item]
+        stopping = False
+        while not stopping:
+            timeout = None
+            with self._lock:
+                if self._done:
+                    timeout = max(0.0, self._done_since + COALESCE_SECONDS - time.monotonic())
+            try:
+                batch = [self._outcomes.get(timeout=timeout)]
+            except queue_mod.Empty:
+                batch = []
             while True:  # take everything that is ready: natural batching under load
                 try:
                     batch.append(self._outcomes.get_nowait())
                 except queue_mod.Empty:
                     break
             if any(o is None for o in batch):
-                done = True
+                stopping = True
             self._write_outcomes([o for o in batch if o is not None])
+            with self._lock:
+                stale = bool(self._done) and time.monotonic() - self._done_since >= COALESCE_SECONDS
+            if stale or stopping:
+                self._flush_done()
 
     def _write_outcomes(self, outcomes: list[_Outcome]) -> None:
         ok = [o.held for o in outcomes if o.error is None and not o.held.abandoned]
@@ -428,23 +510,19 @@ class Worker:
         for o in outcomes:
             if o.held.abandoned:
                 self._forget(o.held)
-        for h in ok:
-            h.completing = True
+        if ok:
+            with self._lock:
+                if not self._done:
+                    self._done_since = time.monotonic()
+                self._done.extend(ok)
+            self.wake.set()  # the claimer may carry them now
         for o in bad:
             o.held.completing = True
-        if ok:
-            updated = self._retrying_write(lambda: self.p.mark_completed([h.record for h in ok]), ok)
-            if updated is not None:
-                self._count(processed=updated, lost_leases=len(ok) - updated)
-                self.metrics.completed(updated)
-                self.metrics.lost(len(ok) - updated)
-            for h in ok:
-                self._forget(h)
-        for o in bad:
             err = o.error
             assert err is not None
             self._fail(o.held, err)
-        self.wake.set()
+        if bad:
+            self.wake.set()
 
     def _fail(self, held: _Held, err: BaseException) -> None:
         rows = self._retrying_write(lambda: self._mark_failed_status(held.record, err), [held])
@@ -595,7 +673,9 @@ class Worker:
     def _release(self, *, unstarted_only: bool) -> None:
         with self._lock:
             helds = [
-                h for h in self._held.values() if not h.abandoned and (not unstarted_only or h.started is None)
+                h for h in self._held.values()
+                if not h.abandoned and not h.finished and not h.completing
+                and (not unstarted_only or h.started is None)
             ]
             for h in helds:
                 h.abandoned = True

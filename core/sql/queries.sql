@@ -3,11 +3,25 @@
 -- %(name)s are bound parameters. A literal % is written %%, a literal brace doubled.
 
 -- name: claim
--- One round trip claims up to %(batch)s records from any number of queues. Each queue is read by its own
--- index scan in claim order, locked with SKIP LOCKED; only the k*batch candidates are sorted, never the backlog.
--- A keyed record qualifies only when no earlier record of its key is pending, fewer than its key's limit are
--- in flight, and (when the key blocks on failure) no earlier record of it failed.
-WITH picked AS (
+-- One round trip completes the caller's finished records (if any) and claims up to %(batch)s more: one
+-- commit per batch instead of two. The completion is fenced exactly like `complete`.
+-- The claim reads each queue by its own index scan in claim order, locked with SKIP LOCKED; only the
+-- k*batch candidates are sorted, never the backlog. A keyed record qualifies only when no earlier record of
+-- its key is pending, fewer than its key's limit are in flight, and (when the key blocks on failure) no
+-- earlier record of it failed.
+WITH done AS (
+    UPDATE {records} d
+       SET status = CASE WHEN d.cancel_requested THEN 'cancelled' ELSE 'completed' END,
+           finished_at = now(),
+           updated_at = now(),
+           lease_expires_at = NULL,
+           dedupe_held = false
+     WHERE d.id = ANY(%(done_ids)s::bigint[])
+       AND d.status = 'processing'
+       AND d.lease_token = (%(done_tokens)s::uuid[])[array_position(%(done_ids)s::bigint[], d.id)]
+    RETURNING 1
+),
+picked AS (
     SELECT c.id
       FROM unnest(%(queues)s::text[]) AS qn(name)
      CROSS JOIN LATERAL (
@@ -41,25 +55,31 @@ WITH picked AS (
      ) c
      ORDER BY c.priority DESC, c.run_at, c.id
      LIMIT %(batch)s
+),
+claimed AS (
+    UPDATE {records} t
+       SET status = 'processing',
+           claimed_by = %(instance_id)s,
+           -- clock_timestamp(), not now(): now() is fixed when the transaction starts, which can precede the
+           -- snapshot by a commit of another claimer; the clock read here is after the snapshot, so claim
+           -- times of one key are strictly increasing.
+           claimed_at = clock_timestamp(),
+           lease_expires_at = clock_timestamp() + %(lease_seconds)s * interval '1 second',
+           -- One fresh token per claim statement, shared by its records: every later update pairs (id, token),
+           -- so a re-claim (a new statement, a new token) fences out the old holder. Cheaper than one per row.
+           lease_token = %(token)s::uuid,
+           attempts = t.attempts + 1,
+           dedupe_held = t.dedupe_held AND t.dedupe_while = 'active',
+           updated_at = now()
+      FROM picked
+     WHERE t.id = picked.id
+    RETURNING t.id, t.queue, t.payload, t.priority, t.attempts, t.max_attempts, t.lease_token, t.claimed_at,
+              t.lease_expires_at, t.run_at, t.created_at, t.ordering_key, t.dedupe_key, t.cancel_requested
 )
-UPDATE {records} t
-   SET status = 'processing',
-       claimed_by = %(instance_id)s,
-       -- clock_timestamp(), not now(): now() is fixed when the transaction starts, which can precede the
-       -- snapshot by a commit of another claimer; the clock read here is after the snapshot, so claim times
-       -- of one key are strictly increasing.
-       claimed_at = clock_timestamp(),
-       lease_expires_at = clock_timestamp() + %(lease_seconds)s * interval '1 second',
-       -- One fresh token per claim statement, shared by its records: every later update pairs (id, token),
-       -- so a re-claim (a new statement, a new token) fences out the old holder. Cheaper than one per row.
-       lease_token = %(token)s::uuid,
-       attempts = t.attempts + 1,
-       dedupe_held = t.dedupe_held AND t.dedupe_while = 'active',
-       updated_at = now()
-  FROM picked
- WHERE t.id = picked.id
-RETURNING t.id, t.queue, t.payload, t.priority, t.attempts, t.max_attempts, t.lease_token, t.claimed_at,
-          t.lease_expires_at, t.run_at, t.created_at, t.ordering_key, t.dedupe_key, t.cancel_requested;
+SELECT claimed.*, (SELECT count(*) FROM done) AS completed
+  FROM (SELECT 1) AS one
+  LEFT JOIN claimed ON true
+ ORDER BY claimed.priority DESC, claimed.run_at, claimed.id;
 
 -- name: complete
 -- Fenced: only the claim whose token is still on the row may complete it. A flagged cancel wins.

@@ -52,6 +52,7 @@ def _fill(db: Any) -> None:
 def _plan(p: DistributedProcessor, db: Any, queues: list[str]) -> dict[str, Any]:
     params = {
         "queues": queues, "batch": 100, "instance_id": "explain", "lease_seconds": 30, "token": None,
+        "done_ids": [], "done_tokens": [],
         "default_key_concurrency": 1, "default_block_on_failure": False,
     }
     stmt = p.q.claim.as_string(db)
