@@ -203,7 +203,7 @@ class Bench:
                 loader.start()
             starts: dict[int, float] = {}
 
-            def read(stdout: Any = proc.stdout) -> None:
+            def read(stdout: Any = proc.stdout, starts: dict[int, float] = starts) -> None:
                 for line in stdout:
                     if line.startswith("start "):
                         _, rid, ts = line.split()
@@ -346,7 +346,8 @@ class Bench:
             base = f"{r.baseline:,.1f}" if r.baseline is not None else "-"
             ratio = f"{r.ratio:.2f}" if r.ratio is not None else "-"
             result = "" if r.met is None else ("MET" if r.met else "MISSED")
-            print(f"{r.suite:<10}{r.case:<44}{r.value:>12,.1f} {r.unit:<3}{base:>14}  {ratio:>6}  {r.target:<14}{result}")
+            print(f"{r.suite:<10}{r.case:<44}{r.value:>12,.1f} {r.unit:<3}{base:>14}  {ratio:>6}"
+                  f"  {r.target:<14}{result}")
         missed = [r for r in self.rows if r.met is False]
         print(f"\n{sum(1 for r in self.rows if r.met)} targets MET, {len(missed)} MISSED; JSON: {path}")
         if plot is not None:

@@ -506,7 +506,7 @@ class DistributedProcessor:
         payloads = [t.replace("\\", "\\\\") for t in texts]
         null = "\\N"
         key_texts = [null if k is None else _copy_text(k) for k in keys]
-        lines = [f"{rid}{constant}{k}\t{t}\n" for rid, k, t in zip(ids, key_texts, payloads)]
+        lines = [f"{rid}{constant}{k}\t{t}\n" for rid, k, t in zip(ids, key_texts, payloads, strict=True)]
         with conn.cursor().copy(self.q.copy_records) as copy:
             copy.write("".join(lines))
         return AddResult(ids)
@@ -561,7 +561,11 @@ class DistributedProcessor:
             completed = int(rows[0][-1]) if rows else 0
             if rows[0][0] is None:
                 return [], completed
-            return [Record(*row[:-1]) for row in rows], completed
+            token = params["token"]
+            return [
+                Record(r[0], r[1], r[2], r[3], r[4], r[5], token, r[6], r[7], r[8], r[9], r[10], r[11], r[12])
+                for r in rows
+            ], completed
 
         return self._with_retry(op)
 

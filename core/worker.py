@@ -384,20 +384,24 @@ class Worker:
             return
         with self._ready_cv:
             self._ready.extend(helds)
-            self._ready_cv.notify(len(helds))
+            self._ready_cv.notify(min(len(helds), self.concurrency))
 
     # ------------------------------------------------------------------ executor
 
     def _handler_loop(self) -> None:
-        ready, cv = self._ready, self._ready_cv
+        ready, cv, n_threads = self._ready, self._ready_cv, self.concurrency
         while True:
             with cv:
                 while not ready:
                     if self.finished.is_set() or self.aborted.is_set():
                         return
                     cv.wait(0.25)
-                held = ready.popleft()
-            self._execute(held)
+                # Take a fair share, not one: fewer lock hand-offs between threads when handlers are short,
+                # and never more than leaves work for every other thread.
+                take = max(1, len(ready) // n_threads)
+                mine = [ready.popleft() for _ in range(take)]
+            for held in mine:
+                self._execute(held)
 
     def _begin(self, held: _Held) -> bool:
         """Mark a record started unless it was released meanwhile (shutdown)."""

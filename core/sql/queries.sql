@@ -73,7 +73,8 @@ claimed AS (
            updated_at = now()
       FROM picked
      WHERE t.id = picked.id
-    RETURNING t.id, t.queue, t.payload, t.priority, t.attempts, t.max_attempts, t.lease_token, t.claimed_at,
+    -- Not the lease token: the caller chose it, so it need not travel back and be decoded per row.
+    RETURNING t.id, t.queue, t.payload, t.priority, t.attempts, t.max_attempts, t.claimed_at,
               t.lease_expires_at, t.run_at, t.created_at, t.ordering_key, t.dedupe_key, t.cancel_requested
 )
 SELECT claimed.*, (SELECT count(*) FROM done) AS completed
