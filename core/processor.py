@@ -541,13 +541,14 @@ class DistributedProcessor:
         """
         size = self.batch_size if batch_size is None else _positive_int("batch_size", batch_size, maximum=MAX_BATCH)
         done_ids, done_tokens = self._fence(done)
+        token = uuid.uuid4()
         params = {
             # Array literals built here: psycopg would dump each element in Python (a UUID dumper call per
             # token); one join is much cheaper on this per-batch path.
             "done_ids": "{" + ",".join(map(str, done_ids)) + "}",
             "done_tokens": "{" + ",".join(map(str, done_tokens)) + "}",
             "queues": self._queues(queues),
-            "token": uuid.uuid4(),
+            "token": token,
             "batch": size,
             "instance_id": self.instance_id,
             "lease_seconds": self.lease_seconds,
@@ -561,7 +562,6 @@ class DistributedProcessor:
             completed = int(rows[0][-1]) if rows else 0
             if rows[0][0] is None:
                 return [], completed
-            token = params["token"]
             return [
                 Record(r[0], r[1], r[2], r[3], r[4], r[5], token, r[6], r[7], r[8], r[9], r[10], r[11], r[12])
                 for r in rows
