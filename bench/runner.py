@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -380,12 +381,13 @@ def _plot(rows: list[Row], path: Path) -> None:
         axes[0].plot(w, [r.value for r in drain], "o-", label="DistributedProcessor.run()")
         axes[0].plot(w, [r.baseline for r in drain], "s--", label="raw loop, same table")
         axes[0].plot(w, [r.extra["bare_table_raw"] for r in drain], "^:", label="raw loop, bare table")
+        axes[0].set_xticks(w)
         axes[0].set_xlabel("worker processes")
         axes[0].set_ylabel("records/s")
         axes[0].set_title("Drain throughput vs workers")
         axes[0].legend()
     if table:
-        sizes = [int(r.case.split(",")[1].split()[0].replace(",", "")) for r in table]
+        sizes = [int(re.search(r"([\d,]+) finished", r.case).group(1).replace(",", "")) for r in table]  # type: ignore[union-attr]
         labels = [f"{s / 1e6:g}M" for s in sizes]
         axes[1].bar(labels, [r.value for r in table], label="claim + complete loop")
         axes[1].axhline(table[0].value, color="gray", linestyle="--", label="empty table")
@@ -428,7 +430,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=RESULTS / "latest.json")
     ap.add_argument("--plot", type=Path, default=RESULTS / "drain.png")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--plot-from", type=Path, help="only redraw the plot from a results JSON")
     args = ap.parse_args(argv)
+    if args.plot_from:
+        rows = [Row(**r) for r in json.loads(args.plot_from.read_text())["rows"]]
+        _plot(rows, args.plot)
+        return 0
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(chosen) - set(SUITES)
     if unknown:

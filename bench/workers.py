@@ -52,7 +52,11 @@ def ours(dsn: str, batch: int) -> int:
         p.get_queue_status()  # connected before the gun
         print("ready", flush=True)
         sys.stdin.readline()
-        summary = p.run(lambda record: None, stop_when_empty=True, poll_interval=0.2, handle_signals=False)
+        import os
+
+        summary = p.run(lambda record: None, stop_when_empty=True, poll_interval=0.2, handle_signals=False,
+                        claimers=int(os.environ.get("DPB_CLAIMERS", "2")),
+                        concurrency=int(os.environ.get("DPB_CONC", "10")))
         return summary.processed
 
 
