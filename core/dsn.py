@@ -6,7 +6,7 @@ import os
 import re
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import conninfo_to_dict
 
 from core.errors import ConfigurationError
 
@@ -41,15 +41,3 @@ def resolve_dsn(dsn: str | None) -> str:
     except psycopg.ProgrammingError as exc:
         raise ConfigurationError(f"malformed DSN {redact(value)!r}: {exc}") from None
     return value
-
-
-def with_options(dsn: str, **options: object) -> str:
-    """Return ``dsn`` with libpq options added (existing ones in the DSN win)."""
-    given = conninfo_to_dict(dsn)
-    extra = {k: v for k, v in options.items() if k not in given and v is not None}
-    return make_conninfo(dsn, **extra)  # type: ignore[arg-type]
-
-
-def is_unix_socket(dsn: str) -> bool:
-    host = str(conninfo_to_dict(dsn).get("host") or "")
-    return host.startswith("/") or host == ""

@@ -22,7 +22,7 @@ from psycopg.types.json import set_json_loads
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from core import __version__
-from core.constants import FINAL_STATUSES, STATUSES
+from core.constants import STATUSES
 from core.dsn import KEEPALIVE_KWARGS, redact, resolve_dsn
 from core.errors import (
     ConfigurationError,
@@ -540,6 +540,13 @@ class DistributedProcessor:
         batch costs one round trip and one commit.
         """
         size = self.batch_size if batch_size is None else _positive_int("batch_size", batch_size, maximum=MAX_BATCH)
+        queue_list = self._queues(queues)
+        records = list(done)
+        return self._with_retry(lambda conn: self._complete_and_claim_on(conn, records, size, queue_list))
+
+    def _complete_and_claim_on(
+        self, conn: Conn, done: Sequence[Record], size: int, queues: list[str]
+    ) -> tuple[list[Record], int]:
         done_ids, done_tokens = self._fence(done)
         token = uuid.uuid4()
         params = {
@@ -547,7 +554,7 @@ class DistributedProcessor:
             # token); one join is much cheaper on this per-batch path.
             "done_ids": "{" + ",".join(map(str, done_ids)) + "}",
             "done_tokens": "{" + ",".join(map(str, done_tokens)) + "}",
-            "queues": self._queues(queues),
+            "queues": queues,
             "token": token,
             "batch": size,
             "instance_id": self.instance_id,
@@ -555,19 +562,15 @@ class DistributedProcessor:
             "default_key_concurrency": self.key_concurrency,
             "default_block_on_failure": self.block_on_failure,
         }
-
-        def op(conn: Conn) -> tuple[list[Record], int]:
-            # Binary results: timestamps, UUIDs and integers decode several times faster than from text.
-            rows = conn.execute(self.q.claim, params, binary=True).fetchall()
-            completed = int(rows[0][-1]) if rows else 0
-            if rows[0][0] is None:
-                return [], completed
-            return [
-                Record(r[0], r[1], r[2], r[3], r[4], r[5], token, r[6], r[7], r[8], r[9], r[10], r[11], r[12])
-                for r in rows
-            ], completed
-
-        return self._with_retry(op)
+        # Binary results: timestamps, UUIDs and integers decode several times faster than from text.
+        rows = conn.execute(self.q.claim, params, binary=True).fetchall()
+        completed = int(rows[0][-1]) if rows else 0
+        if not rows or rows[0][0] is None:
+            return [], completed
+        return [
+            Record(r[0], r[1], r[2], r[3], r[4], r[5], token, r[6], r[7], r[8], r[9], r[10], r[11], r[12])
+            for r in rows
+        ], completed
 
     # ------------------------------------------------------------------ completing
 
@@ -588,18 +591,20 @@ class DistributedProcessor:
         counted. A record flagged by ``cancel()`` ends ``cancelled`` instead.
         """
         batch = list(records)
-        ids, tokens = self._fence(batch)
-        if not ids:
+        self._fence(batch)  # type check before any I/O
+        if not batch:
             return 0
-        updated = self._with_retry(
-            lambda conn: conn.execute(self.q.complete, {"ids": ids, "tokens": tokens}).rowcount
-        )
-        if updated < len(ids):
+        updated = self._with_retry(lambda conn: self.complete_on(conn, batch))
+        if updated < len(batch):
             log.warning(
                 "lost leases on completion",
-                extra={"instance_id": self.instance_id, "lost": len(ids) - updated, "batch": len(ids)},
+                extra={"instance_id": self.instance_id, "lost": len(batch) - updated, "batch": len(batch)},
             )
         return updated
+
+    def complete_on(self, conn: Conn, records: Sequence[Record]) -> int:
+        """Fenced completion of ``records`` on ``conn`` (inside the caller's transaction, if any)."""
+        return self._complete_and_claim_on(conn, records, 0, [])[1]
 
     def mark_failed(
         self, records: Iterable[Record], error: BaseException | str, *, retry: bool = True
@@ -983,12 +988,3 @@ class DistributedProcessor:
             report["status"] = "unhealthy"
         return report
 
-    # ------------------------------------------------------------------ misc
-
-    @property
-    def version(self) -> str:
-        return __version__
-
-    @staticmethod
-    def final_statuses() -> tuple[str, ...]:
-        return FINAL_STATUSES

@@ -38,7 +38,7 @@ def raw_statements() -> dict[str, str]:
 
 
 class Queries:
-    """The statements bound to one schema: ``q.claim``, ``q.complete``, ... are ready-to-run ``sql.Composed``."""
+    """The statements bound to one schema: ``q.claim``, ``q.fail``, ... are ready-to-run ``sql.Composed``."""
 
     def __init__(self, schema: str) -> None:
         self.schema = schema

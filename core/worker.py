@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
-import json
 import logging
 import queue as queue_mod
 import random
@@ -465,9 +464,7 @@ class Worker:
             with p.connection() as conn, conn.transaction():
                 self.handler(held.record, conn)
                 held.completing = True
-                updated = conn.execute(
-                    p.q.complete, {"ids": [held.record.id], "tokens": [held.record.lease_token]}
-                ).rowcount
+                updated = p.complete_on(conn, [held.record])
                 if updated == 0:
                     raise LeaseLost(f"record {held.record.id}: lease lost before commit; handler work rolled back")
         except LeaseLost:
@@ -718,10 +715,6 @@ class Worker:
                 self.p.deregister_instance()
             except DatabaseUnavailable as exc:
                 log.warning("could not deregister", extra={"error": str(exc)})
-
-
-def summary_json(summary: RunSummary) -> str:
-    return json.dumps(summary.as_dict(), sort_keys=True)
 
 
 __all__ = [

@@ -4,7 +4,10 @@
 
 -- name: claim
 -- One round trip completes the caller's finished records (if any) and claims up to %(batch)s more: one
--- commit per batch instead of two. The completion is fenced exactly like `complete`.
+-- commit per batch instead of two (with batch 0 it is the plain completion of mark_completed).
+-- The completion is fenced: only the claim whose token is still on the row may complete it, each id paired
+-- with its own token (tokens are per claim statement, so ANY(tokens) alone could pair a stale record with a
+-- later claim's token). A flagged cancel wins over completion.
 -- The claim reads each queue by its own index scan in claim order, locked with SKIP LOCKED; only the
 -- k*batch candidates are sorted, never the backlog. A keyed record qualifies only when no earlier record of
 -- its key is pending, fewer than its key's limit are in flight, and (when the key blocks on failure) no
@@ -81,20 +84,6 @@ SELECT claimed.*, (SELECT count(*) FROM done) AS completed
   FROM (SELECT 1) AS one
   LEFT JOIN claimed ON true
  ORDER BY claimed.priority DESC, claimed.run_at, claimed.id;
-
--- name: complete
--- Fenced: only the claim whose token is still on the row may complete it. A flagged cancel wins.
--- Each id is paired with its own token (tokens are per claim statement, so ANY(tokens) alone could pair
--- a stale record with a later claim's token).
-UPDATE {records} t
-   SET status = CASE WHEN t.cancel_requested THEN 'cancelled' ELSE 'completed' END,
-       finished_at = now(),
-       updated_at = now(),
-       lease_expires_at = NULL,
-       dedupe_held = false
- WHERE t.id = ANY(%(ids)s::bigint[])
-   AND t.status = 'processing'
-   AND t.lease_token = (%(tokens)s::uuid[])[array_position(%(ids)s::bigint[], t.id)];
 
 -- name: fail
 -- Fenced like complete. A retryable failure with attempts left goes back to pending after its backoff.

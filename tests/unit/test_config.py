@@ -82,7 +82,7 @@ def test_channel_names_fit_postgres_identifiers() -> None:
 
 def test_every_named_statement_composes_for_a_custom_schema() -> None:
     names = raw_statements()
-    assert {"claim", "complete", "fail", "recover_orphans", "insert_records"} <= set(names)
+    assert {"claim", "fail", "recover_orphans", "insert_records", "heartbeat"} <= set(names)
     q = Queries("tenant_a")
     for name in q.names():
         text = getattr(q, name).as_string(None)
