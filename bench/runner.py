@@ -101,9 +101,12 @@ class Bench:
                     " SELECT 'default', jsonb_build_object('n', g), 'completed', 1, now(), gen_random_uuid()"
                     " FROM generate_series(1, %s) g", (finished,))
             key_expr = f"'key-' || (g %% {int(keys)})" if keys else "NULL"
+            # As add_records would insert them: every record after its key's first one starts blocked.
+            blocked_expr = f"g > {int(keys)}" if keys else "false"
             conn.execute(
-                f"INSERT INTO processing_queue (queue, payload, ordering_key)"
-                f" SELECT 'default', jsonb_build_object('n', g), {key_expr} FROM generate_series(1, %s) g", (n,))
+                f"INSERT INTO processing_queue (queue, payload, ordering_key, key_blocked)"
+                f" SELECT 'default', jsonb_build_object('n', g), {key_expr}, {blocked_expr}"
+                f" FROM generate_series(1, %s) g", (n,))
             conn.execute("VACUUM ANALYZE processing_queue")
 
     def fill_bare(self, n: int) -> None:

@@ -401,14 +401,24 @@ class DistributedProcessor:
 
         def op(conn: Conn) -> AddResult:
             with conn.transaction():
+                blocked = [False] * n
+                if has_dedupe:
+                    conn.execute(self.q.lock_dedupe_keys, {"queue": queue, "keys": dedupes})
                 if key_set:
                     conn.execute(self.q.lock_ordering_keys, {"keys": key_set})
+                    # A record behind an earlier pending one of its key is inserted blocked: claims skip it
+                    # until the key's head moves on (see unblock_key_heads).
+                    busy = {k for k, has in conn.execute(self.q.key_heads, {"keys": key_set}).fetchall() if has}
+                    for i, k in enumerate(keys):
+                        if k is not None:
+                            blocked[i] = k in busy
+                            busy.add(k)
                 limit_row = conn.execute(self.q.lock_queue_limit, {"queue": queue}).fetchone()
                 if use_copy:
-                    result = self._insert_copy(conn, queue, texts, priority, run_at, attempts_cap, keys)
+                    result = self._insert_copy(conn, queue, texts, priority, run_at, attempts_cap, keys, blocked)
                 else:
                     result = self._insert_statement(
-                        conn, queue, texts, priority, run_at, attempts_cap, keys, dedupes, dedupe_while
+                        conn, queue, texts, priority, run_at, attempts_cap, keys, dedupes, dedupe_while, blocked
                     )
                 inserted = n - len(result.deduplicated)
                 if limit_row is not None and inserted:
@@ -423,9 +433,17 @@ class DistributedProcessor:
                     conn.execute(self.q.notify, {"channel": channel_for(self.schema, queue), "queue": queue})
             return result
 
-        # Not retried: a broken connection during COMMIT leaves it unknown whether the batch landed.
-        with self.connection() as conn:
-            return op(conn)
+        # A broken connection is not retried (during COMMIT it is unknown whether the batch landed); a
+        # deadlock or serialization failure rolled everything back, so that is retried.
+        for attempt in range(3):
+            try:
+                with self.connection() as conn:
+                    return op(conn)
+            except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure):
+                if attempt == 2:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _insert_statement(
         self,
@@ -438,6 +456,7 @@ class DistributedProcessor:
         keys: list[str | None],
         dedupes: list[str | None],
         dedupe_while: str,
+        blocked: list[bool],
     ) -> AddResult:
         rows = conn.execute(
             self.q.insert_records,
@@ -450,6 +469,7 @@ class DistributedProcessor:
                 "keys": keys,
                 "dedupes": dedupes,
                 "dedupe_while": dedupe_while,
+                "blocked": blocked,
             },
         ).fetchall()
         n = len(texts)
@@ -492,6 +512,7 @@ class DistributedProcessor:
         run_at: datetime | None,
         max_attempts: int,
         keys: list[str | None],
+        blocked: list[bool],
     ) -> AddResult:
         n = len(texts)
         if self._sequence is None:
@@ -505,7 +526,8 @@ class DistributedProcessor:
         constant = "\t".join(("", _copy_text(queue), str(priority), when.isoformat(), str(max_attempts), ""))
         payloads = [t.replace("\\", "\\\\") for t in texts]
         null = "\\N"
-        key_texts = [null if k is None else _copy_text(k) for k in keys]
+        key_texts = [null + "\tf" if k is None else _copy_text(k) + ("\tt" if b else "\tf")
+                     for k, b in zip(keys, blocked, strict=True)]
         lines = [f"{rid}{constant}{k}\t{t}\n" for rid, k, t in zip(ids, key_texts, payloads, strict=True)]
         with conn.cursor().copy(self.q.copy_records) as copy:
             copy.write("".join(lines))
@@ -532,24 +554,57 @@ class DistributedProcessor:
         return self.complete_and_claim((), batch_size, queues=queues)[0]
 
     def complete_and_claim(
-        self, done: Iterable[Record], batch_size: int | None = None, *, queues: Sequence[str] | None = None
+        self,
+        done: Iterable[Record],
+        batch_size: int | None = None,
+        *,
+        queues: Sequence[str] | None = None,
+        unblock: Iterable[str] = (),
+        defer_unblock: bool = False,
     ) -> tuple[list[Record], int]:
         """Complete ``done`` (fenced, like :meth:`mark_completed`) and claim the next batch in one statement.
 
         Returns (claimed records, how many of ``done`` were completed). The worker loop uses this so that a
-        batch costs one round trip and one commit.
+        batch costs one round trip and one commit. The next record of each claimed record's ordering key is
+        made claimable by a later statement (it must see inserts committed meanwhile): at once here, or, with
+        ``defer_unblock``, by the caller passing those keys as ``unblock`` to its next statement.
         """
         size = self.batch_size if batch_size is None else _positive_int("batch_size", batch_size, maximum=MAX_BATCH)
         queue_list = self._queues(queues)
         records = list(done)
-        return self._with_retry(lambda conn: self._complete_and_claim_on(conn, records, size, queue_list))
+        keys = sorted(set(unblock))
+        claimed, completed = self._with_retry(
+            lambda conn: self._complete_and_claim_on(conn, records, size, queue_list, keys)
+        )
+        if not defer_unblock:
+            claimed_keys = {r.ordering_key for r in claimed if r.ordering_key is not None}
+            if claimed_keys:
+                self._followups(claimed_keys, set())
+        return claimed, completed
+
+    def _followups(self, keys: set[str], queues: set[str]) -> None:
+        ordered = sorted(queues) if self.notify else []
+        params = {
+            "keys": sorted(keys),
+            "channels": [channel_for(self.schema, q) for q in ordered],
+            "queues": ordered,
+        }
+        try:
+            self._with_retry(lambda conn: conn.execute(self.q.key_followups, params))
+        except DatabaseUnavailable as exc:
+            log.warning("could not unblock key heads; the sweep will", extra={"error": str(exc)})
 
     def _complete_and_claim_on(
-        self, conn: Conn, done: Sequence[Record], size: int, queues: list[str]
+        self, conn: Conn, done: Sequence[Record], size: int, queues: list[str], unblock: Sequence[str] = ()
     ) -> tuple[list[Record], int]:
         done_ids, done_tokens = self._fence(done)
         token = uuid.uuid4()
+        # Queues to wake if a keyed record completes (pg_notify runs only then).
+        nqueues = sorted({r.queue for r in done if r.ordering_key is not None}) if self.notify else []
         params = {
+            "unblock_keys": list(unblock),
+            "channels": [channel_for(self.schema, q) for q in nqueues],
+            "nqueues": nqueues,
             # Array literals built here: psycopg would dump each element in Python (a UUID dumper call per
             # token); one join is much cheaper on this per-batch path.
             "done_ids": "{" + ",".join(map(str, done_ids)) + "}",
@@ -584,7 +639,7 @@ class DistributedProcessor:
             tokens.append(r.lease_token)
         return ids, tokens
 
-    def mark_completed(self, records: Iterable[Record]) -> int:
+    def mark_completed(self, records: Iterable[Record], *, unblock: Iterable[str] = ()) -> int:
         """Complete records still held under their claim's lease token; returns how many were updated.
 
         A record whose lease was lost (recovered and possibly re-claimed elsewhere) is left untouched and not
@@ -594,7 +649,8 @@ class DistributedProcessor:
         self._fence(batch)  # type check before any I/O
         if not batch:
             return 0
-        updated = self._with_retry(lambda conn: self.complete_on(conn, batch))
+        keys = list(unblock)
+        updated = self._with_retry(lambda conn: self.complete_on(conn, batch, keys))
         if updated < len(batch):
             log.warning(
                 "lost leases on completion",
@@ -602,9 +658,9 @@ class DistributedProcessor:
             )
         return updated
 
-    def complete_on(self, conn: Conn, records: Sequence[Record]) -> int:
+    def complete_on(self, conn: Conn, records: Sequence[Record], unblock: Iterable[str] = ()) -> int:
         """Fenced completion of ``records`` on ``conn`` (inside the caller's transaction, if any)."""
-        return self._complete_and_claim_on(conn, records, 0, [])[1]
+        return self._complete_and_claim_on(conn, records, 0, [], sorted(set(unblock)))[1]
 
     def mark_failed(
         self, records: Iterable[Record], error: BaseException | str, *, retry: bool = True
@@ -768,6 +824,7 @@ class DistributedProcessor:
             conn.execute(self.q.prune_instances, {"retention": self.instance_retention})
             if dead:
                 log.warning("instances declared dead", extra={"instances": [r[0] for r in dead]})
+            conn.execute(self.q.unblock_sweep)
             total = 0
             while True:
                 n = conn.execute(self.q.recover_orphans, {"batch": self.cleanup_batch}).rowcount
@@ -791,6 +848,9 @@ class DistributedProcessor:
         if not id_list:
             return {}
         rows = self._with_retry(lambda conn: conn.execute(self.q.cancel, {"ids": id_list}).fetchall())
+        keys = {str(r[2]) for r in rows if r[2] is not None and r[1] == "cancelled"}
+        if keys:
+            self._followups(keys, {str(r[3]) for r in rows if r[2] is not None and r[1] == "cancelled"})
         return {int(r[0]): str(r[1]) for r in rows}
 
     def retry_failed(

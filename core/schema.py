@@ -5,8 +5,8 @@ Tables carry no schema name: the configured PostgreSQL schema is applied at run 
 
 Index design (why each exists):
 
-* ``ix_processing_queue_claim``: the claim walks this in order. Partial on ``pending`` so finished rows,
-  however many, never enter the scan.
+* ``ix_processing_queue_pending``: the claim walks it in order, ``key_blocked = false`` only, so neither
+  finished rows nor the backlog of a busy ordering key ever enter the scan. Partial on ``pending``.
 * ``ix_processing_queue_lease``: recovery by expired lease and by dead instance; partial on ``processing``
   so it holds only in-flight rows (migration 0002 dropped a separate claimed_by index: one index write less
   per claim, and the in-flight set is small enough to filter by instance).
@@ -69,6 +69,8 @@ processing_queue = Table(
     Column("dedupe_while", Text),
     Column("dedupe_held", Boolean, nullable=False, server_default=text("false")),
     Column("cancel_requested", Boolean, nullable=False, server_default=text("false")),
+    # A hint: an earlier record of the same ordering key is pending, so this one cannot start yet.
+    Column("key_blocked", Boolean, nullable=False, server_default=text("false")),
     Column("created_at", TS, nullable=False, server_default=func.now()),
     Column("updated_at", TS, nullable=False, server_default=func.now()),
     Column("finished_at", TS),
@@ -81,8 +83,9 @@ processing_queue = Table(
 )
 
 Index(
-    "ix_processing_queue_claim",
+    "ix_processing_queue_pending",
     processing_queue.c.queue,
+    processing_queue.c.key_blocked,
     processing_queue.c.priority.desc(),
     processing_queue.c.run_at,
     processing_queue.c.id,

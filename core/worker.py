@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -161,6 +161,9 @@ class Worker:
         # commit per batch); the completer writes them itself if no claim comes within COALESCE_SECONDS.
         self._done: list[_Held] = []
         self._done_since = 0.0
+        # Ordering keys of records claimed by the last statement: the next statement makes each key's next
+        # record claimable (it must run in a snapshot taken after that claim committed).
+        self._unblock: set[str] = set()
         self._threads: list[threading.Thread] = []
         # Records claimed and waiting for a handler thread, in claim order.
         self._ready: deque[_Held] = deque()
@@ -231,6 +234,7 @@ class Worker:
             for t in extra:
                 t.join(30)
             self._drain()
+            self._flush_unblock()
         finally:
             self._shutdown()
             for signum, old in previous.items():
@@ -277,17 +281,27 @@ class Worker:
             # claimed only when every handler has run dry.
             if room <= 0 or (room < self.p.batch_size and self._ready):
                 if not self._flush_done():  # no room: write finished records now rather than wait
+                    self._flush_unblock()
                     self._idle_wait(0.5)
                 continue
             done = self._take_done()
+            keyed = [h for h in done if h.record.ordering_key is not None]
+            if keyed:
+                # A keyed completion frees its key's next record: write it first, so that this very claim
+                # can take that record (a completion carried by the claim is invisible to its own snapshot).
+                done = [h for h in done if h.record.ordering_key is None]
+                self._write_completions(keyed)
+            unblock = self._take_unblock()
             try:
                 t0 = time.perf_counter()
                 records, completed = self.p.complete_and_claim(
-                    [h.record for h in done], min(room, self.p.batch_size), queues=self.queues
+                    [h.record for h in done], min(room, self.p.batch_size), queues=self.queues,
+                    unblock=unblock, defer_unblock=True,
                 )
                 self.metrics.observe_claim(time.perf_counter() - t0, len(records))
                 consecutive_errors = 0
             except DatabaseUnavailable as exc:
+                self._return_unblock(unblock)
                 self._return_done(done)
                 consecutive_errors += 1
                 delay = min(10.0, 0.1 * 2**consecutive_errors) * random.uniform(0.8, 1.2)
@@ -297,8 +311,10 @@ class Worker:
             if done:
                 self._completed(done, completed)
             if records:
+                self._return_unblock({r.ordering_key for r in records if r.ordering_key is not None})
                 self._dispatch(records)
                 continue
+            self._flush_unblock()
             if self.stop_when_empty and self.held_count() == 0 and self._nothing_due():
                 self.stop(0)
                 break
@@ -306,6 +322,21 @@ class Worker:
             self._idle_wait(self.poll_interval * random.uniform(0.5, 1.0))
 
     # ------------------------------------------------------------------ completion buffer
+
+    def _take_unblock(self) -> list[str]:
+        with self._lock:
+            keys, self._unblock = self._unblock, set()
+        return sorted(keys)
+
+    def _return_unblock(self, keys: Iterable[str]) -> None:
+        if keys:
+            with self._lock:
+                self._unblock.update(keys)
+
+    def _flush_unblock(self) -> None:
+        keys = self._take_unblock()
+        if keys:
+            self.p._followups(set(keys), set())
 
     def _take_done(self) -> list[_Held]:
         with self._lock:
@@ -337,14 +368,22 @@ class Worker:
         done = self._take_done()
         if not done:
             return False
-        completed = self._retrying_write(lambda: self.p.mark_completed([h.record for h in done]), done)
+        self._write_completions(done)
+        return True
+
+    def _write_completions(self, done: list[_Held]) -> None:
+        unblock = self._take_unblock()
+        completed = self._retrying_write(
+            lambda: self.p.mark_completed([h.record for h in done], unblock=unblock), done
+        )
+        if completed is None:
+            self._return_unblock(unblock)
         if completed is None:  # gave up: the leases ran out, recovery takes them
             with self._lock:
                 for h in done:
                     self._held.pop(h.record.id, None)
-            return True
+            return
         self._completed(done, completed)
-        return True
 
     def _idle_wait(self, seconds: float) -> None:
         """Wait for a wake-up; a caller's stop_event cannot wake us, so look at it every 50 ms."""

@@ -22,7 +22,26 @@ WITH done AS (
      WHERE d.id = ANY(%(done_ids)s::bigint[])
        AND d.status = 'processing'
        AND d.lease_token = (%(done_tokens)s::uuid[])[array_position(%(done_ids)s::bigint[], d.id)]
+    RETURNING d.ordering_key
+),
+-- Keys whose earliest pending record must become claimable (the keys of records claimed by the caller's
+-- previous statement: this statement's snapshot sees every insert committed since).
+unblocked AS (
+    UPDATE {records} b
+       SET key_blocked = false
+     WHERE b.key_blocked
+       AND b.id IN (
+            SELECT (SELECT n.id FROM {records} n
+                     WHERE n.ordering_key = u.k AND n.status = 'pending'
+                     ORDER BY n.id LIMIT 1)
+              FROM unnest(%(unblock_keys)s::text[]) AS u(k))
     RETURNING 1
+),
+-- A keyed completion may free its key's next record: wake the idle workers of those queues.
+notified AS (
+    SELECT pg_notify(w.channel, w.queue)
+      FROM unnest(%(channels)s::text[], %(nqueues)s::text[]) AS w(channel, queue)
+     WHERE EXISTS (SELECT 1 FROM done WHERE done.ordering_key IS NOT NULL)
 ),
 picked AS (
     SELECT c.id
@@ -32,13 +51,19 @@ picked AS (
           FROM {records} r
          WHERE r.queue = qn.name
            AND r.status = 'pending'
+           AND NOT r.key_blocked
            AND r.run_at <= now()
            AND (r.ordering_key IS NULL OR (
                 NOT EXISTS (
                     SELECT 1 FROM {records} e
                      WHERE e.ordering_key = r.ordering_key AND e.status = 'pending' AND e.id < r.id)
-                AND (SELECT count(*) FROM {records} p
-                      WHERE p.ordering_key = r.ordering_key AND p.status = 'processing')
+                -- In flight of this key, read through the key index: the ORDER BY matches it, so the planner
+                -- never walks the lease index of every in-flight record instead.
+                AND (SELECT count(*) FROM (
+                        SELECT 1 FROM {records} p
+                         WHERE p.ordering_key = r.ordering_key AND p.status = 'processing'
+                         ORDER BY p.ordering_key, p.status, p.id
+                         LIMIT 1000) inflight)
                     < coalesce((SELECT k.max_concurrency FROM {key_limits} k
                                  WHERE r.ordering_key LIKE k.like_pattern
                                  ORDER BY k.is_exact DESC, length(k.pattern) DESC LIMIT 1),
@@ -80,7 +105,7 @@ claimed AS (
     RETURNING t.id, t.queue, t.payload, t.priority, t.attempts, t.max_attempts, t.claimed_at,
               t.lease_expires_at, t.run_at, t.created_at, t.ordering_key, t.dedupe_key, t.cancel_requested
 )
-SELECT claimed.*, (SELECT count(*) FROM done) AS completed
+SELECT claimed.*, (SELECT count(*) FROM done) + 0 * (SELECT count(*) FROM notified) AS completed
   FROM (SELECT 1) AS one
   LEFT JOIN claimed ON true
  ORDER BY claimed.priority DESC, claimed.run_at, claimed.id;
@@ -210,6 +235,49 @@ UPDATE {records} t
    AND t.status = 'processing'
 RETURNING t.id, t.status;
 
+-- name: key_heads
+-- Under the producers' key locks: which keys already have a pending record. The earliest one is locked
+-- FOR SHARE so that a claim of it in progress finishes first (then the next pending one is found instead).
+SELECT u.k, h.id IS NOT NULL
+  FROM unnest(%(keys)s::text[]) AS u(k)
+  LEFT JOIN LATERAL (
+        SELECT id FROM {records}
+         WHERE ordering_key = u.k AND status = 'pending'
+         ORDER BY id
+         LIMIT 1
+           FOR SHARE
+  ) h ON true;
+
+-- name: key_followups
+-- After a claim, a completion or a cancel touching ordering keys: make each key's earliest pending record
+-- claimable, and wake idle workers of those queues (a finished keyed record may free its key's next one).
+-- A separate statement on purpose: its snapshot sees inserts committed while the claim ran.
+WITH unblocked AS (
+    UPDATE {records}
+       SET key_blocked = false
+     WHERE key_blocked
+       AND id IN (
+            SELECT (SELECT n.id FROM {records} n
+                     WHERE n.ordering_key = u.k AND n.status = 'pending'
+                     ORDER BY n.id LIMIT 1)
+              FROM unnest(%(keys)s::text[]) AS u(k))
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM unblocked), count(pg_notify(w.channel, w.queue))
+  FROM unnest(%(channels)s::text[], %(queues)s::text[]) AS w(channel, queue);
+
+-- name: unblock_sweep
+-- Safety net for a crash between a claim and its unblock: every key's earliest pending record claimable.
+UPDATE {records}
+   SET key_blocked = false
+ WHERE id IN (
+        SELECT h.id FROM (
+            SELECT DISTINCT ON (ordering_key) id, key_blocked
+              FROM {records}
+             WHERE status = 'pending' AND ordering_key IS NOT NULL
+             ORDER BY ordering_key, id) h
+         WHERE h.key_blocked);
+
 -- name: lock_queue_limit
 SELECT max_pending FROM {queue_limits} WHERE queue = %(queue)s FOR UPDATE;
 
@@ -218,13 +286,20 @@ SELECT max_pending FROM {queue_limits} WHERE queue = %(queue)s FOR UPDATE;
 SELECT count(pg_advisory_xact_lock(7117, hashtext(k)))
   FROM (SELECT DISTINCT k FROM unnest(%(keys)s::text[]) AS u(k) ORDER BY k) s;
 
+-- name: lock_dedupe_keys
+-- Producers of one dedupe key serialise in sorted order: unique-index waits between batches that list the
+-- same keys in different orders would otherwise deadlock.
+SELECT count(pg_advisory_xact_lock(7118, hashtext(%(queue)s || chr(31) || k)))
+  FROM (SELECT DISTINCT k FROM unnest(%(keys)s::text[]) AS u(k) WHERE k IS NOT NULL ORDER BY k) s;
+
 -- name: insert_records
 -- One statement for the whole batch; ids follow input order. Duplicates of a held dedupe key are skipped.
 INSERT INTO {records} (queue, payload, priority, run_at, max_attempts, ordering_key, dedupe_key,
-                       dedupe_while, dedupe_held)
+                       dedupe_while, dedupe_held, key_blocked)
 SELECT %(queue)s, u.p, %(priority)s, coalesce(%(run_at)s::timestamptz, now()), %(max_attempts)s, u.k, u.d,
-       CASE WHEN u.d IS NULL THEN NULL ELSE %(dedupe_while)s END, u.d IS NOT NULL
-  FROM unnest(%(payloads)s::jsonb[], %(keys)s::text[], %(dedupes)s::text[]) WITH ORDINALITY AS u(p, k, d, ord)
+       CASE WHEN u.d IS NULL THEN NULL ELSE %(dedupe_while)s END, u.d IS NOT NULL, u.b
+  FROM unnest(%(payloads)s::jsonb[], %(keys)s::text[], %(dedupes)s::text[], %(blocked)s::bool[])
+       WITH ORDINALITY AS u(p, k, d, b, ord)
  ORDER BY u.ord
     ON CONFLICT DO NOTHING
 RETURNING id, dedupe_key;
@@ -241,7 +316,7 @@ SELECT pg_get_serial_sequence(%(table)s, 'id');
 SELECT nextval(%(seq)s::regclass) FROM generate_series(1, %(n)s) g ORDER BY g;
 
 -- name: copy_records
-COPY {records} (id, queue, priority, run_at, max_attempts, ordering_key, payload) FROM STDIN;
+COPY {records} (id, queue, priority, run_at, max_attempts, ordering_key, key_blocked, payload) FROM STDIN;
 
 -- name: pending_depth
 SELECT count(*) FROM (
@@ -283,7 +358,7 @@ UPDATE {records}
        updated_at = now()
  WHERE id = ANY(%(ids)s::bigint[])
    AND status IN ('pending', 'processing', 'failed')
-RETURNING id, status;
+RETURNING id, status, ordering_key, queue;
 
 -- name: retry_failed
 UPDATE {records}

@@ -97,7 +97,7 @@ def test_three_keys_interleave_and_keep_order_across_3_processes(dsn: str, db: A
     with DistributedProcessor(dsn) as p:
         for _i in range(50):
             for key in ("k1", "k2", "k3"):
-                d = rng.uniform(0.001, 0.02)
+                d = rng.uniform(0.01, 0.05)
                 serial_sum += d
                 expected.setdefault(key, []).extend(p.add_records([{"sleep": d}], ordering_key=key))
     started = time.monotonic()

@@ -52,7 +52,7 @@ def _fill(db: Any) -> None:
 def _plan(p: DistributedProcessor, db: Any, queues: list[str]) -> dict[str, Any]:
     params = {
         "queues": queues, "batch": 100, "instance_id": "explain", "lease_seconds": 30, "token": None,
-        "done_ids": [], "done_tokens": [],
+        "done_ids": "{}", "done_tokens": "{}", "unblock_keys": [], "channels": [], "nqueues": [],
         "default_key_concurrency": 1, "default_block_on_failure": False,
     }
     stmt = p.q.claim.as_string(db)
@@ -75,7 +75,7 @@ def test_claim_uses_the_partial_index_under_lockrows(
     nodes = _nodes(plan)
     text = json.dumps(plan)
     assert "Seq Scan" not in {n["Node Type"] for _, n in nodes if n.get("Relation Name") == "processing_queue"}, text
-    claim_scans = [(parent, n) for parent, n in nodes if n.get("Index Name") == "ix_processing_queue_claim"]
+    claim_scans = [(parent, n) for parent, n in nodes if n.get("Index Name") == "ix_processing_queue_pending"]
     assert claim_scans and all(parent == "LockRows" for parent, _ in claim_scans), text
     # the only sort is over the k*batch candidates, above the per-queue limits, never over the backlog
     for _parent, n in nodes:
