@@ -20,7 +20,7 @@ import psycopg
 
 CLAIM = {
     "raw": "UPDATE processing_queue SET status = 'processing' WHERE id IN ("
-           " SELECT id FROM processing_queue WHERE queue = 'default' AND status = 'pending'"
+           " SELECT id FROM processing_queue WHERE queue = 'default' AND status = 'pending' AND NOT key_blocked"
            " ORDER BY priority DESC, run_at, id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, payload",
     "bare": "UPDATE bench_raw SET status = 'processing' WHERE id IN ("
             " SELECT id FROM bench_raw WHERE status = 'pending' ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)"

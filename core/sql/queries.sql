@@ -27,14 +27,15 @@ WITH done AS (
 -- Keys whose earliest pending record must become claimable (the keys of records claimed by the caller's
 -- previous statement: this statement's snapshot sees every insert committed since).
 unblocked AS (
+    -- Driven by the keys (a primary-key lookup per head), so no plan ever scans the table for blocked rows.
     UPDATE {records} b
        SET key_blocked = false
-     WHERE b.key_blocked
-       AND b.id IN (
-            SELECT (SELECT n.id FROM {records} n
+      FROM (SELECT (SELECT n.id FROM {records} n
                      WHERE n.ordering_key = u.k AND n.status = 'pending'
-                     ORDER BY n.id LIMIT 1)
-              FROM unnest(%(unblock_keys)s::text[]) AS u(k))
+                     ORDER BY n.id LIMIT 1) AS id
+              FROM unnest(%(unblock_keys)s::text[]) AS u(k)) h
+     WHERE b.id = h.id
+       AND b.key_blocked
     RETURNING 1
 ),
 -- A keyed completion may free its key's next record: wake the idle workers of those queues.
@@ -253,14 +254,14 @@ SELECT u.k, h.id IS NOT NULL
 -- claimable, and wake idle workers of those queues (a finished keyed record may free its key's next one).
 -- A separate statement on purpose: its snapshot sees inserts committed while the claim ran.
 WITH unblocked AS (
-    UPDATE {records}
+    UPDATE {records} b
        SET key_blocked = false
-     WHERE key_blocked
-       AND id IN (
-            SELECT (SELECT n.id FROM {records} n
+      FROM (SELECT (SELECT n.id FROM {records} n
                      WHERE n.ordering_key = u.k AND n.status = 'pending'
-                     ORDER BY n.id LIMIT 1)
-              FROM unnest(%(keys)s::text[]) AS u(k))
+                     ORDER BY n.id LIMIT 1) AS id
+              FROM unnest(%(keys)s::text[]) AS u(k)) h
+     WHERE b.id = h.id
+       AND b.key_blocked
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM unblocked), count(pg_notify(w.channel, w.queue))
