@@ -579,18 +579,15 @@ class DistributedProcessor:
         if not defer_unblock:
             claimed_keys = {r.ordering_key for r in claimed if r.ordering_key is not None}
             if claimed_keys:
-                self._followups(claimed_keys, set())
+                self._followups(claimed_keys)
         return claimed, completed
 
-    def _followups(self, keys: set[str], queues: set[str]) -> None:
-        ordered = sorted(queues) if self.notify else []
-        params = {
-            "keys": sorted(keys),
-            "channels": [channel_for(self.schema, q) for q in ordered],
-            "queues": ordered,
-        }
+    def _followups(self, keys: set[str]) -> None:
+        """Make each key's earliest pending record claimable (after a claim or a cancel), through the claim
+        statement with nothing to claim. Best effort: the maintenance sweep repairs a miss."""
+        ordered = sorted(keys)
         try:
-            self._with_retry(lambda conn: conn.execute(self.q.key_followups, params))
+            self._with_retry(lambda conn: self._complete_and_claim_on(conn, [], 0, [], ordered))
         except DatabaseUnavailable as exc:
             log.warning("could not unblock key heads; the sweep will", extra={"error": str(exc)})
 
@@ -850,7 +847,7 @@ class DistributedProcessor:
         rows = self._with_retry(lambda conn: conn.execute(self.q.cancel, {"ids": id_list}).fetchall())
         keys = {str(r[2]) for r in rows if r[2] is not None and r[1] == "cancelled"}
         if keys:
-            self._followups(keys, {str(r[3]) for r in rows if r[2] is not None and r[1] == "cancelled"})
+            self._followups(keys)
         return {int(r[0]): str(r[1]) for r in rows}
 
     def retry_failed(

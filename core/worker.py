@@ -336,7 +336,7 @@ class Worker:
     def _flush_unblock(self) -> None:
         keys = self._take_unblock()
         if keys:
-            self.p._followups(set(keys), set())
+            self.p._followups(set(keys))
 
     def _take_done(self) -> list[_Held]:
         with self._lock:

@@ -249,24 +249,6 @@ SELECT u.k, h.id IS NOT NULL
            FOR SHARE
   ) h ON true;
 
--- name: key_followups
--- After a claim, a completion or a cancel touching ordering keys: make each key's earliest pending record
--- claimable, and wake idle workers of those queues (a finished keyed record may free its key's next one).
--- A separate statement on purpose: its snapshot sees inserts committed while the claim ran.
-WITH unblocked AS (
-    UPDATE {records} b
-       SET key_blocked = false
-      FROM (SELECT (SELECT n.id FROM {records} n
-                     WHERE n.ordering_key = u.k AND n.status = 'pending'
-                     ORDER BY n.id LIMIT 1) AS id
-              FROM unnest(%(keys)s::text[]) AS u(k)) h
-     WHERE b.id = h.id
-       AND b.key_blocked
-    RETURNING 1
-)
-SELECT (SELECT count(*) FROM unblocked), count(pg_notify(w.channel, w.queue))
-  FROM unnest(%(channels)s::text[], %(queues)s::text[]) AS w(channel, queue);
-
 -- name: unblock_sweep
 -- Safety net for a crash between a claim and its unblock: every key's earliest pending record claimable.
 UPDATE {records}
@@ -359,7 +341,7 @@ UPDATE {records}
        updated_at = now()
  WHERE id = ANY(%(ids)s::bigint[])
    AND status IN ('pending', 'processing', 'failed')
-RETURNING id, status, ordering_key, queue;
+RETURNING id, status, ordering_key;
 
 -- name: retry_failed
 UPDATE {records}

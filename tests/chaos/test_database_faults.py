@@ -201,16 +201,18 @@ def test_intermittent_database_failures(dsn: str, chaos_db: Any) -> None:
     p = FlakyProcessor(dsn, lease_seconds=2, heartbeat_interval=0.5, cleanup_interval=0.5, dead_after=2,
                        connect_timeout=5, batch_size=25)
     stop = threading.Event()
-    thread = threading.Thread(target=p.run, args=(handler,),
-                              kwargs={"stop_event": stop, "poll_interval": 0.1, "concurrency": 4}, daemon=True)
+    thread = threading.Thread(target=p.run, args=(handler,), daemon=True,
+                              kwargs={"stop_event": stop, "poll_interval": 0.1, "concurrency": 4, "grace_seconds": 5})
     thread.start()
     try:
         wait_until(lambda: unfinished(db) == 0, 80, interval=0.2, message="drained through flaky calls")
     finally:
         stop.set()
         thread.join(30)
+        w = p.worker
+        state = (w.held_count(), len(w._ready), w.summary) if w is not None else None
         p.close()
-    assert not thread.is_alive()
+    assert not thread.is_alive(), f"run() did not return after stop: held, ready, summary = {state}"
     assert p.calls > 150 and 0.25 < p.injected / p.calls < 0.42, (p.injected, p.calls)
     assert db.execute("SELECT status, count(*) FROM processing_queue GROUP BY 1").fetchall() == [("completed", total)]
     assert db.execute("SELECT sum(count) FROM queue_stats WHERE status = 'completed'").fetchone() == (total,)
