@@ -523,7 +523,9 @@ class Worker:
     def _completer(self) -> None:
         stopping = False
         while not stopping:
-            timeout = None
+            # Never block for good: records can come back to the buffer (a failed claim returns what it
+            # carried) without any new outcome arriving to wake this thread.
+            timeout = 0.1
             with self._lock:
                 if self._done:
                     timeout = max(0.0, self._done_since + COALESCE_SECONDS - time.monotonic())
@@ -705,6 +707,8 @@ class Worker:
         self._release(unstarted_only=True)
         while not self.aborted.is_set() and self.held_count() and time.monotonic() < deadline:
             self.last_tick = time.monotonic()
+            # No claim will carry finished records any more: write them here.
+            self._flush_done()
             self.wake.wait(0.05)
             self.wake.clear()
         self.aborted.set()
