@@ -692,15 +692,7 @@ class DistributedProcessor:
 
     def extend_leases(self, records: Iterable[Record]) -> tuple[set[int], set[int]]:
         """Push the leases of held records; returns (ids still held, ids whose cancel was requested)."""
-        ids, tokens = self._fence(records)
-        if not ids:
-            return set(), set()
-        rows = self._with_retry(
-            lambda conn: conn.execute(
-                self.q.extend_leases, {"ids": ids, "tokens": tokens, "lease_seconds": self.lease_seconds}
-            ).fetchall()
-        )
-        return {int(r[0]) for r in rows}, {int(r[0]) for r in rows if r[1]}
+        return self.heartbeat(records, registered=False)
 
     def heartbeat(self, records: Iterable[Record], *, registered: bool = True) -> tuple[set[int], set[int]]:
         """Beat the instance's registry row and extend held leases in one round trip.

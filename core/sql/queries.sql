@@ -154,19 +154,9 @@ UPDATE {records} t
    AND t.status = 'processing'
 RETURNING t.id;
 
--- name: extend_leases
--- Push the lease of every record this instance still holds. Rows not returned are lost.
-UPDATE {records} t
-   SET lease_expires_at = clock_timestamp() + %(lease_seconds)s * interval '1 second'
-  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS u(id, token)
- WHERE t.id = u.id
-   AND t.lease_token = u.token
-   AND t.status = 'processing'
-RETURNING t.id, t.cancel_requested;
-
 -- name: heartbeat
--- One round trip per heartbeat: the instance's own row (a wrongly declared dead instance revives) and the
--- leases of every record it holds. Rows not returned were lost to recovery.
+-- One round trip per heartbeat: the instance's own row (a wrongly declared dead instance revives; skipped
+-- when not registered) and the leases of every record it holds. Rows not returned were lost to recovery.
 WITH beat AS (
     UPDATE {instances}
        SET last_heartbeat_at = now(),
