@@ -144,7 +144,8 @@ class Bench:
             outs.append(json.loads(out.strip().splitlines()[-1]))
         elapsed = max(o["end"] for o in outs) - started
         done = sum(o["done"] for o in outs)
-        return {"rate": done / elapsed, "done": done, "elapsed": elapsed, "rss": [o["rss"] for o in outs]}
+        return {"rate": done / elapsed, "done": done, "elapsed": elapsed, "rss": [o["rss"] for o in outs],
+                "cpu": [o["cpu"] for o in outs]}
 
     # ------------------------------------------------------------------ suites
 

@@ -10,6 +10,7 @@ import re
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -192,6 +193,8 @@ class DistributedProcessor:
         self._sequence: str | None = None  # the id sequence, looked up on the first COPY
         self._pool: ConnectionPool[Conn] | None = None
         self._pool_lock = threading.Lock()
+        # Pooled connections currently set to generic plans (see connection()).
+        self._generic: weakref.WeakSet[Conn] = weakref.WeakSet()
         self._closed = False
 
     # ------------------------------------------------------------------ connections
@@ -252,11 +255,17 @@ class DistributedProcessor:
         return error
 
     @contextmanager
-    def connection(self, timeout: float | None = None) -> Iterator[Conn]:
-        """Borrow a pooled connection (autocommit). Connection failures become ``DatabaseUnavailable``."""
+    def connection(self, timeout: float | None = None, *, internal: bool = False) -> Iterator[Conn]:
+        """Borrow a pooled connection (autocommit). Connection failures become ``DatabaseUnavailable``.
+
+        ``internal`` is for the processor's own statements: they run with generic plans (see below); a
+        connection handed to other code runs with the server's default plan cache mode.
+        """
         pool = self._ensure_pool()
         try:
             with pool.connection(timeout=timeout or self.connect_timeout) as conn:
+                if internal != (conn in self._generic):
+                    self._set_plan_mode(conn, generic=internal)
                 yield conn
         except PoolTimeout as exc:
             raise self._unavailable(exc) from None
@@ -269,12 +278,26 @@ class DistributedProcessor:
                 raise
             raise self._unavailable(exc) from None
 
+    def _set_plan_mode(self, conn: Conn, *, generic: bool, local: bool = False) -> None:
+        # Every statement of ours is written so that its generic plan walks the same indexes as a custom one
+        # (tests/integration/test_explain.py holds them to it). PostgreSQL would otherwise plan the claim
+        # afresh on every call, because its custom plans look cheaper: about 1 ms of planning per batch,
+        # more than the statement's whole execution at batch 100. JIT goes off with it: a generic plan's
+        # cost estimate can pass jit_above_cost, and compiling takes hundreds of milliseconds per call.
+        conn.execute(self.q.set_plan_mode if generic else self.q.reset_plan_mode, {"local": local})
+        if local:
+            return
+        if generic:
+            self._generic.add(conn)
+        else:
+            self._generic.discard(conn)
+
     def _with_retry(self, op: Callable[[Conn], T], *, attempts: int = 3) -> T:
         """Run an idempotent operation, retrying on a broken connection with a short backoff."""
         delay = 0.05
         for attempt in range(1, attempts + 1):
             try:
-                with self.connection() as conn:
+                with self.connection(internal=True) as conn:
                     return op(conn)
             except DatabaseUnavailable as exc:
                 if attempt == attempts or not exc.retryable:
@@ -437,7 +460,7 @@ class DistributedProcessor:
         # deadlock or serialization failure rolled everything back, so that is retried.
         for attempt in range(3):
             try:
-                with self.connection() as conn:
+                with self.connection(internal=True) as conn:
                     return op(conn)
             except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure):
                 if attempt == 2:
@@ -1000,7 +1023,7 @@ class DistributedProcessor:
         try:
             pool = self._ensure_pool()
             report["pool"] = pool.get_stats()
-            with self.connection(timeout=timeout) as conn:
+            with self.connection(timeout=timeout, internal=True) as conn:
                 remaining = max(0.1, deadline - time.monotonic())
                 started = time.perf_counter()
                 with conn.transaction():

@@ -94,7 +94,8 @@ Index(
 Index(
     "ix_processing_queue_lease",
     processing_queue.c.lease_expires_at,
-    postgresql_where=text("status = 'processing'"),
+    # Not implied by a per-key query (status and ordering_key only): those must use the ordering index.
+    postgresql_where=text("status = 'processing' AND lease_expires_at IS NOT NULL"),
 )
 Index(
     "ix_processing_queue_ordering",

@@ -503,6 +503,9 @@ class Worker:
             with p.connection() as conn, conn.transaction():
                 self.handler(held.record, conn)
                 held.completing = True
+                # Our completion statement with its generic plan; the handler's own statements ran with the
+                # session's defaults (LOCAL: back to them at commit).
+                p._set_plan_mode(conn, generic=True, local=True)
                 updated = p.complete_on(conn, [held.record])
                 if updated == 0:
                     raise LeaseLost(f"record {held.record.id}: lease lost before commit; handler work rolled back")

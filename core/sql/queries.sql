@@ -19,9 +19,10 @@ WITH done AS (
            updated_at = now(),
            lease_expires_at = NULL,
            dedupe_held = false
-     WHERE d.id = ANY(%(done_ids)s::bigint[])
+      FROM unnest(%(done_ids)s::bigint[], %(done_tokens)s::uuid[]) AS u(id, token)
+     WHERE d.id = u.id
+       AND d.lease_token = u.token
        AND d.status = 'processing'
-       AND d.lease_token = (%(done_tokens)s::uuid[])[array_position(%(done_ids)s::bigint[], d.id)]
     RETURNING d.ordering_key
 ),
 -- Keys whose earliest pending record must become claimable (the keys of records claimed by the caller's
@@ -58,8 +59,8 @@ picked AS (
                 NOT EXISTS (
                     SELECT 1 FROM {records} e
                      WHERE e.ordering_key = r.ordering_key AND e.status = 'pending' AND e.id < r.id)
-                -- In flight of this key, read through the key index: the ORDER BY matches it, so the planner
-                -- never walks the lease index of every in-flight record instead.
+                -- In flight of this key, read through the key index (the lease index's predicate is not
+                -- implied here, so no plan walks every in-flight record instead).
                 AND (SELECT count(*) FROM (
                         SELECT 1 FROM {records} p
                          WHERE p.ordering_key = r.ordering_key AND p.status = 'processing'
@@ -100,8 +101,8 @@ claimed AS (
            attempts = t.attempts + 1,
            dedupe_held = t.dedupe_held AND t.dedupe_while = 'active',
            updated_at = now()
-      FROM picked
-     WHERE t.id = picked.id
+     -- An id list, not a join: the rows are fetched by primary key whatever the plan guesses of the batch.
+     WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
     -- Not the lease token: the caller chose it, so it need not travel back and be decoded per row.
     RETURNING t.id, t.queue, t.payload, t.priority, t.attempts, t.max_attempts, t.claimed_at,
               t.lease_expires_at, t.run_at, t.created_at, t.ordering_key, t.dedupe_key, t.cancel_requested
@@ -154,6 +155,14 @@ UPDATE {records} t
    AND t.status = 'processing'
 RETURNING t.id;
 
+-- name: set_plan_mode
+-- The session (or, with local, the transaction) our statements run in: generic plans, no JIT.
+SELECT set_config('plan_cache_mode', 'force_generic_plan', %(local)s), set_config('jit', 'off', %(local)s);
+
+-- name: reset_plan_mode
+-- Back to what the session started with, before a connection is handed to other code.
+SELECT set_config(name, reset_val, %(local)s) FROM pg_settings WHERE name IN ('plan_cache_mode', 'jit');
+
 -- name: heartbeat
 -- One round trip per heartbeat: the instance's own row (a wrongly declared dead instance revives; skipped
 -- when not registered) and the leases of every record it holds. Rows not returned were lost to recovery.
@@ -186,7 +195,9 @@ RETURNING instance_id;
 DELETE FROM {instances} i
  WHERE status IN ('stopped', 'dead')
    AND coalesce(stopped_at, last_heartbeat_at) < now() - %(retention)s * interval '1 second'
-   AND NOT EXISTS (SELECT 1 FROM {records} r WHERE r.status = 'processing' AND r.claimed_by = i.instance_id);
+   AND NOT EXISTS (SELECT 1 FROM {records} r
+                    WHERE r.status = 'processing' AND r.lease_expires_at IS NOT NULL
+                      AND r.claimed_by = i.instance_id);
 
 -- name: recover_orphans
 -- One bounded batch: processing rows whose lease expired or whose instance is dead. SKIP LOCKED so that
@@ -196,6 +207,7 @@ WITH orphan AS (
     SELECT id
       FROM {records}
      WHERE status = 'processing'
+       AND lease_expires_at IS NOT NULL  -- every processing row has one; it names the lease index
        AND (lease_expires_at < now()
             OR claimed_by IN (SELECT instance_id FROM {instances} WHERE status = 'dead'))
      ORDER BY lease_expires_at
@@ -312,6 +324,7 @@ UNION ALL
 SELECT queue, 'processing', count(*), NULL, 0
   FROM {records}
  WHERE status = 'processing'
+   AND lease_expires_at IS NOT NULL  -- read through the lease index (every processing row has a lease)
    AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
  GROUP BY queue;
 
@@ -400,7 +413,8 @@ UPDATE {instances}
 
 -- name: list_instances
 SELECT instance_id, hostname, pid, version, started_at, last_heartbeat_at, stopped_at, status, metadata,
-       (SELECT count(*) FROM {records} r WHERE r.status = 'processing' AND r.claimed_by = i.instance_id)
+       (SELECT count(*) FROM {records} r
+         WHERE r.status = 'processing' AND r.lease_expires_at IS NOT NULL AND r.claimed_by = i.instance_id)
            AS processing
   FROM {instances} i
  WHERE %(include_stopped)s OR status IN ('running', 'stopping')

@@ -164,8 +164,8 @@ class FlakyProcessor(DistributedProcessor):
         return None
 
     @contextmanager
-    def connection(self, timeout: float | None = None) -> Iterator[Any]:
-        with super().connection(timeout) as conn:
+    def connection(self, timeout: float | None = None, *, internal: bool = False) -> Iterator[Any]:
+        with super().connection(timeout, internal=internal) as conn:
             yield _FlakyConn(conn, self)
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from core import DistributedProcessor
 from tests.support import Server, unique_name
@@ -107,3 +109,68 @@ def test_recovery_reads_only_in_flight_rows(big_table: DistributedProcessor, db:
     nodes = _nodes(row[0][0]["Plan"])
     seq = [n for _, n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "processing_queue"]
     assert not seq, json.dumps(row[0][0]["Plan"])
+
+
+# The processor's own connections run with plan_cache_mode=force_generic_plan (core.processor): a prepared
+# statement is planned once, without its parameters' values. These plans must walk the same indexes.
+
+_STATEMENT_PARAMS: dict[str, dict[str, Any]] = {
+    "claim": {
+        "queues": ["default", "q2", "q3"], "batch": 100, "instance_id": "explain", "lease_seconds": 30,
+        "token": "00000000-0000-0000-0000-000000000001", "done_ids": "{1,2,3}",
+        "done_tokens": "{00000000-0000-0000-0000-000000000001,00000000-0000-0000-0000-000000000001,"
+                       "00000000-0000-0000-0000-000000000001}",
+        "unblock_keys": ["k1", "k2"], "channels": ["c"], "nqueues": ["default"],
+        "default_key_concurrency": 1, "default_block_on_failure": False,
+    },
+    "heartbeat": {"instance_id": "explain", "registered": True, "lease_seconds": 30, "ids": [1, 2],
+                  "tokens": ["00000000-0000-0000-0000-000000000001"] * 2},
+    "fail": {"ids": [1], "tokens": ["00000000-0000-0000-0000-000000000001"], "delays": [1.0], "retry": [True],
+             "error": "x"},
+    "release": {"ids": [1], "tokens": ["00000000-0000-0000-0000-000000000001"], "reason": "x"},
+    "recover_orphans": {"batch": 1000},
+    "prune_instances": {"retention": 86400},
+    "list_instances": {"include_stopped": True},
+    "queue_status_active": {"queue": None},
+}
+
+
+_LIVE_ROW_INDEXES = ("ix_processing_queue_pending", "ix_processing_queue_lease")
+
+
+def _generic_plan(db: Any, stmt: str, params: dict[str, Any]) -> dict[str, Any]:
+    names: list[str] = []
+
+    def placeholder(m: re.Match[str]) -> str:
+        if m.group(1) not in names:
+            names.append(m.group(1))
+        return f"${names.index(m.group(1)) + 1}"
+
+    text = re.sub(r"%\((\w+)\)s", placeholder, stmt).replace("%%", "%")
+    db.execute("DEALLOCATE ALL")
+    db.execute(f"PREPARE dp_explain AS {text}")
+    with db.transaction():
+        db.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        args = ", ".join(sql.Literal(params[n]).as_string(db) for n in names)
+        row = db.execute(f"EXPLAIN (FORMAT JSON) EXECUTE dp_explain({args})").fetchone()
+        db.execute("ROLLBACK")  # the EXPLAIN did not execute, but leave nothing behind either way
+    return row[0][0]["Plan"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("name", sorted(_STATEMENT_PARAMS))
+def test_generic_plans_use_the_indexes(big_table: DistributedProcessor, db: Any, name: str) -> None:
+    stmt = getattr(big_table.q, name).as_string(db)
+    plan = _generic_plan(db, stmt, _STATEMENT_PARAMS[name])
+    text = json.dumps(plan)
+    for _parent, n in _nodes(plan):
+        if n.get("Relation Name") != "processing_queue":
+            continue
+        assert n["Node Type"] != "Seq Scan", text
+        # An index over every row walked from one end to the other (a merge join's input) is a scan of the
+        # table too. The partial indexes of live rows (pending, in flight) may be walked whole: they hold
+        # the backlog and the records in flight, never the finished rows.
+        if n["Node Type"] in ("Index Scan", "Index Only Scan") and n.get("Index Name") not in _LIVE_ROW_INDEXES:
+            assert "Index Cond" in n, text
+    if name == "claim":
+        claim_scans = [(p, n) for p, n in _nodes(plan) if n.get("Index Name") == "ix_processing_queue_pending"]
+        assert claim_scans and all(p == "LockRows" for p, _ in claim_scans), text

@@ -47,7 +47,7 @@ def test_cli_migrate_and_alembic_upgrade_both_reach_head_twice(empty_dsn: str) -
             cwd=ROOT, env={**os.environ, "DATABASE_URL": empty_dsn}, capture_output=True, text=True, timeout=120,
         )
         assert result.returncode == 0, result.stderr
-    assert current_revision(empty_dsn) == "0003_key_blocked"
+    assert current_revision(empty_dsn) == "0004_lease_index_predicate"
 
 
 def test_migrated_database_matches_metadata(empty_dsn: str) -> None:
