@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -50,6 +51,24 @@ class Metrics:
 
     def observe_handler(self, seconds: float) -> None:
         self._handler.observe(seconds)
+
+    def observe_handlers(self, durations: list[float]) -> None:
+        """Observe a chunk of handler durations: one bucket update per bucket touched, not per record."""
+        h = self._handler
+        bounds = getattr(h, "_upper_bounds", None)
+        buckets = getattr(h, "_buckets", None)
+        total = getattr(h, "_sum", None)
+        if bounds is None or buckets is None or total is None:  # another prometheus_client layout
+            for d in durations:
+                h.observe(d)
+            return
+        counts: dict[int, int] = {}
+        for d in durations:
+            i = bisect_left(bounds, d)
+            counts[i] = counts.get(i, 0) + 1
+        for i, n in counts.items():
+            buckets[i].inc(n)
+        total.inc(sum(durations))
 
     def completed(self, n: int) -> None:
         if n:

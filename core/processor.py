@@ -94,6 +94,11 @@ def _loads(data: str | bytes) -> Any:
 _json_decode = json.JSONDecoder().decode
 
 
+def _token_text(tokens: list[Any]) -> dict[Any, str]:
+    # A claim's records share its token: format each distinct one once, not once per record.
+    return {t: str(t) for t in set(tokens)}
+
+
 def _configure_connection(conn: Conn) -> None:
     set_json_loads(_loads, conn)
 
@@ -628,7 +633,7 @@ class DistributedProcessor:
             # Array literals built here: psycopg would dump each element in Python (a UUID dumper call per
             # token); one join is much cheaper on this per-batch path.
             "done_ids": "{" + ",".join(map(str, done_ids)) + "}",
-            "done_tokens": "{" + ",".join(map(str, done_tokens)) + "}",
+            "done_tokens": "{" + ",".join(map(_token_text(done_tokens).__getitem__, done_tokens)) + "}",
             "queues": queues,
             "token": token,
             "batch": size,
@@ -642,10 +647,8 @@ class DistributedProcessor:
         completed = int(rows[0][-1]) if rows else 0
         if not rows or rows[0][0] is None:
             return [], completed
-        return [
-            Record(r[0], r[1], r[2], r[3], r[4], r[5], token, r[6], r[7], r[8], r[9], r[10], r[11], r[12])
-            for r in rows
-        ], completed
+        new, head = tuple.__new__, (token,)
+        return [new(Record, r[:6] + head + r[6:13]) for r in rows], completed
 
     # ------------------------------------------------------------------ completing
 

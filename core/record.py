@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """A record claimed by this instance. ``lease_token`` fences every later update of it."""
+class Record(NamedTuple):
+    """A record claimed by this instance. ``lease_token`` fences every later update of it.
+
+    Immutable (a named tuple: built once per claimed row, several times cheaper than a frozen dataclass).
+    """
 
     id: int
     queue: str
