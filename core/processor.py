@@ -94,6 +94,30 @@ def _loads(data: str | bytes) -> Any:
 _json_decode = json.JSONDecoder().decode
 
 
+# One encoder for every payload: json.dumps with options builds a new encoder per call.
+_json_encode = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
+
+
+def _check_payloads(payloads: Sequence[Any]) -> None:
+    for i, payload in enumerate(payloads):
+        if not isinstance(payload, dict):
+            raise InvalidPayload(i, f"expected a dict, got {type(payload).__name__}")
+
+
+def _encode_payload(i: int, payload: dict[str, Any]) -> str:
+    try:
+        text = _json_encode(payload)
+    except (TypeError, ValueError) as exc:
+        raise InvalidPayload(i, f"not JSON-serialisable ({exc})") from None
+    if "\\u0000" in text:
+        raise InvalidPayload(i, "contains a NUL character, which PostgreSQL JSONB cannot store")
+    return text
+
+
+# Records per COPY write: large enough to amortise the call, small enough to overlap with the server.
+COPY_CHUNK = 1000
+
+
 def _token_text(tokens: list[Any]) -> dict[Any, str]:
     # A claim's records share its token: format each distinct one once, not once per record.
     return {t: str(t) for t in set(tokens)}
@@ -349,18 +373,8 @@ class DistributedProcessor:
 
     @staticmethod
     def _serialise(payloads: Sequence[Any]) -> list[str]:
-        out = []
-        for i, payload in enumerate(payloads):
-            if not isinstance(payload, dict):
-                raise InvalidPayload(i, f"expected a dict, got {type(payload).__name__}")
-            try:
-                text = json.dumps(payload, allow_nan=False, separators=(",", ":"))
-            except (TypeError, ValueError) as exc:
-                raise InvalidPayload(i, f"not JSON-serialisable ({exc})") from None
-            if "\\u0000" in text:
-                raise InvalidPayload(i, "contains a NUL character, which PostgreSQL JSONB cannot store")
-            out.append(text)
-        return out
+        _check_payloads(payloads)
+        return [_encode_payload(i, p) for i, p in enumerate(payloads)]
 
     @staticmethod
     def _per_record(name: str, value: str | Sequence[str | None] | None, n: int) -> list[str | None]:
@@ -399,8 +413,8 @@ class DistributedProcessor:
         the existing record's.
         """
         items = list(payloads)
-        texts = self._serialise(items)
-        n = len(texts)
+        _check_payloads(items)
+        n = len(items)
         queue = self.queue if queue is None else queue
         if not isinstance(queue, str) or not queue or len(queue) > 200:
             raise InvalidArgument("queue must be a non-empty string of at most 200 characters")
@@ -425,6 +439,9 @@ class DistributedProcessor:
             return AddResult()
         has_dedupe = any(d is not None for d in dedupes)
         use_copy = n >= self.copy_threshold and not has_dedupe
+        # COPY encodes as it streams (the server parses one chunk while the next is encoded); an invalid
+        # payload then aborts the COPY and rolls the transaction back, so nothing is written either way.
+        texts = [] if use_copy else [_encode_payload(i, p) for i, p in enumerate(items)]
         key_set = sorted({k for k in keys if k is not None})
 
         def op(conn: Conn) -> AddResult:
@@ -443,7 +460,7 @@ class DistributedProcessor:
                             busy.add(k)
                 limit_row = conn.execute(self.q.lock_queue_limit, {"queue": queue}).fetchone()
                 if use_copy:
-                    result = self._insert_copy(conn, queue, texts, priority, run_at, attempts_cap, keys, blocked)
+                    result = self._insert_copy(conn, queue, items, priority, run_at, attempts_cap, keys, blocked)
                 else:
                     result = self._insert_statement(
                         conn, queue, texts, priority, run_at, attempts_cap, keys, dedupes, dedupe_while, blocked
@@ -535,30 +552,44 @@ class DistributedProcessor:
         self,
         conn: Conn,
         queue: str,
-        texts: list[str],
+        items: list[dict[str, Any]],
         priority: int,
         run_at: datetime | None,
         max_attempts: int,
         keys: list[str | None],
         blocked: list[bool],
     ) -> AddResult:
-        n = len(texts)
+        n = len(items)
         if self._sequence is None:
             row = conn.execute(self.q.records_sequence, {"table": self.q.records_table}).fetchone()
             self._sequence = str(row[0]) if row else None
-        rows = conn.execute(self.q.allocate_ids, {"seq": self._sequence, "n": n}).fetchall()
-        ids = [int(r[0]) for r in rows]
-        when = run_at or conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
-        # The rows are formatted here as COPY text in one string: much cheaper than a write_row per record.
-        # JSON from json.dumps has no raw control characters, so only backslashes need escaping.
-        constant = "\t".join(("", _copy_text(queue), str(priority), when.isoformat(), str(max_attempts), ""))
-        payloads = [t.replace("\\", "\\\\") for t in texts]
-        null = "\\N"
-        key_texts = [null + "\tf" if k is None else _copy_text(k) + ("\tt" if b else "\tf")
+        # Binary: the ids arrive as integers, no text to parse per id.
+        ids: list[int] = [r[0] for r in conn.execute(
+            self.q.allocate_ids, {"seq": self._sequence, "n": n}, binary=True).fetchall()]
+        # Rows are formatted here as COPY text, a chunk per write: much cheaper than a write_row per record,
+        # and the server parses one chunk while the next is encoded. JSON from the encoder has no raw control
+        # characters, so only backslashes need escaping. run_at left out takes the column default, now().
+        constant = "\t".join(("", _copy_text(queue), str(priority), str(max_attempts), ""))
+        if run_at is not None:
+            constant = f"{constant}{run_at.isoformat()}\t"
+        stmt = self.q.copy_records if run_at is None else self.q.copy_records_at
+        null = "\\N\tf"
+        key_texts = [null if k is None else _copy_text(k) + ("\tt" if b else "\tf")
                      for k, b in zip(keys, blocked, strict=True)]
-        lines = [f"{rid}{constant}{k}\t{t}\n" for rid, k, t in zip(ids, key_texts, payloads, strict=True)]
-        with conn.cursor().copy(self.q.copy_records) as copy:
-            copy.write("".join(lines))
+        encode = _json_encode
+        BACKSLASH, BACKSLASH2 = "\\", "\\\\"  # noqa: N806 (COPY text escapes a backslash by doubling it)
+        with conn.cursor().copy(stmt) as copy:
+            for start in range(0, n, COPY_CHUNK):
+                lines = []
+                for i in range(start, min(n, start + COPY_CHUNK)):
+                    try:
+                        text = encode(items[i])
+                    except (TypeError, ValueError):
+                        text = _encode_payload(i, items[i])  # raises InvalidPayload with the reason
+                    if "\\u0000" in text:
+                        _encode_payload(i, items[i])
+                    lines.append(f"{ids[i]}{constant}{key_texts[i]}\t{text.replace(BACKSLASH, BACKSLASH2)}\n")
+                copy.write("".join(lines))
         return AddResult(ids)
 
     # ------------------------------------------------------------------ claiming

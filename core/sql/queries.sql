@@ -301,7 +301,10 @@ SELECT pg_get_serial_sequence(%(table)s, 'id');
 SELECT nextval(%(seq)s::regclass) FROM generate_series(1, %(n)s) g ORDER BY g;
 
 -- name: copy_records
-COPY {records} (id, queue, priority, run_at, max_attempts, ordering_key, key_blocked, payload) FROM STDIN;
+COPY {records} (id, queue, priority, max_attempts, ordering_key, key_blocked, payload) FROM STDIN;
+
+-- name: copy_records_at
+COPY {records} (id, queue, priority, max_attempts, run_at, ordering_key, key_blocked, payload) FROM STDIN;
 
 -- name: pending_depth
 SELECT count(*) FROM (

@@ -283,3 +283,32 @@ def test_copy_path_round_trips_awkward_text(make_processor: Any, db: Any) -> Non
     assert [r[0] for r in rows] == tricky
     assert [r[1] for r in rows] == ["k\\1\t", None, "\\N"]
     assert {r[2] for r in rows} == {"q\tx"}
+
+
+@pytest.mark.parametrize("bad_at", [0, 1500])
+def test_bad_payload_in_a_copy_batch_writes_nothing(make_processor: Any, db: Any, bad_at: int) -> None:
+    # The COPY path encodes as it streams: a bad payload in a later chunk aborts the COPY and the transaction.
+    p = make_processor(copy_threshold=2)
+    items: list[Any] = [{"n": i} for i in range(2500)]
+    items[bad_at] = {"when": datetime.now()}
+    with pytest.raises(InvalidPayload) as info:
+        p.add_records(items)
+    assert info.value.index == bad_at
+    assert count(db) == 0
+    items[bad_at] = {"nul": "a\x00b"}
+    with pytest.raises(InvalidPayload, match="NUL"):
+        p.add_records(items)
+    assert count(db) == 0
+    assert len(p.add_records([{"n": 1}, {"n": 2}])) == 2  # the pooled connection came back usable
+
+
+def test_copy_path_keeps_run_at_priority_and_attempts(make_processor: Any, db: Any) -> None:
+    p = make_processor(copy_threshold=2)
+    when = (datetime.now(timezone.utc) + timedelta(hours=1)).replace(microsecond=123456)
+    later = list(p.add_records([{"a": 1}, {"a": 2}], run_at=when, priority=7, max_attempts=3))
+    now = list(p.add_records([{"a": 3}, {"a": 4}], ordering_key=["k", "k"]))
+    rows = db.execute("SELECT id, run_at, priority, max_attempts, ordering_key, key_blocked, run_at <= now()"
+                      " FROM processing_queue ORDER BY id").fetchall()
+    assert [r[0] for r in rows] == later + now
+    assert [r[1:4] for r in rows[:2]] == [(when, 7, 3)] * 2
+    assert [r[4:] for r in rows[2:]] == [("k", False, True), ("k", True, True)]
