@@ -41,6 +41,13 @@ class Listener:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        # Wake the listener out of its wait for notifications (up to 0.25 s) with one of its own.
+        if self.connected.is_set():
+            try:
+                with self.p.connection(timeout=1.0, internal=True) as conn:
+                    conn.execute(self.p.q.notify, {"channel": self.channels[0], "queue": ""})
+            except Exception:  # best effort: the wait ends on its own
+                pass
         self._thread.join(timeout)
 
     @property
@@ -85,6 +92,8 @@ class Listener:
         while not self._stop.is_set():
             # A short timeout so that stop() is noticed quickly; the loop itself costs nothing.
             for _ in conn.notifies(timeout=0.25, stop_after=64):
+                if self._stop.is_set():  # stop() wakes us with a notification of our own
+                    break
                 self.notifications += 1
                 self.wake.set()
             # An idle socket can hide a dead peer: probe it now and then (keepalives cover half-open links).

@@ -577,7 +577,7 @@ class DistributedProcessor:
         key_texts = [null if k is None else _copy_text(k) + ("\tt" if b else "\tf")
                      for k, b in zip(keys, blocked, strict=True)]
         encode = _json_encode
-        BACKSLASH, BACKSLASH2 = "\\", "\\\\"  # noqa: N806 (COPY text escapes a backslash by doubling it)
+        BACKSLASH, BACKSLASH2 = "\\", "\\\\"
         with conn.cursor().copy(stmt) as copy:
             for start in range(0, n, COPY_CHUNK):
                 lines = []
@@ -640,6 +640,11 @@ class DistributedProcessor:
             if claimed_keys:
                 self._followups(claimed_keys)
         return claimed, completed
+
+    def _any_due(self, queues: list[str]) -> bool:
+        """Whether any record of ``queues`` is pending and due (claimable or held back by its key)."""
+        row = self._with_retry(lambda conn: conn.execute(self.q.any_due, {"queues": queues}).fetchone())
+        return bool(row and row[0])
 
     def _followups(self, keys: set[str]) -> None:
         """Make each key's earliest pending record claimable (after a claim or a cancel), through the claim

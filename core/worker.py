@@ -402,10 +402,9 @@ class Worker:
 
     def _nothing_due(self) -> bool:
         try:
-            status = self.p.get_queue_status()
+            return not self.p._any_due(self.queues)
         except DatabaseUnavailable:
             return False
-        return not any(status["queues"].get(q, {}).get("due", 0) for q in self.queues)
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds

@@ -331,6 +331,11 @@ SELECT queue, 'processing', count(*), NULL, 0
    AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
  GROUP BY queue;
 
+-- name: any_due
+-- stop_when_empty: stops at the first due record instead of counting the backlog.
+SELECT EXISTS (SELECT 1 FROM {records}
+                WHERE status = 'pending' AND queue = ANY(%(queues)s::text[]) AND run_at <= now());
+
 -- name: queue_status_finished
 SELECT queue, status, count AS n
   FROM {stats}
