@@ -146,10 +146,11 @@ class Worker:
         self.grace_seconds = grace_seconds
         self.register = register
         self.metadata = metadata or {}
-        # Hold at most what is running plus a prefetch (default two batches: one being claimed while the
-        # previous one's outcomes are written). Every held record is heartbeated, so none expires while it
-        # waits, and each starts within two batches' worth of handler time.
-        self.capacity = concurrency + ((1 + max(1, claimers)) * processor.batch_size if prefetch is None else prefetch)
+        # Hold at most what is running plus a prefetch (default one batch per claimer in flight, one being
+        # handed to handlers and one whose outcomes are being written). Every held record is heartbeated, so
+        # none expires while it waits; and no new claim starts while a whole batch still waits for a handler,
+        # so slow handlers never hoard records that idle instances could take.
+        self.capacity = concurrency + ((2 + max(1, claimers)) * processor.batch_size if prefetch is None else prefetch)
         self.is_async = inspect.iscoroutinefunction(handler)
         self.summary = RunSummary()
         self.stopping = threading.Event()  # no new claims
@@ -280,10 +281,13 @@ class Worker:
         consecutive_errors = 0
         while not self._should_stop():
             self.last_tick = time.monotonic()
-            room = self.capacity - self.held_count()
+            # Finished records waiting for their completion do not take room: this claim carries them.
+            with self._lock:
+                room = self.capacity - len(self._held) + len(self._done)
             # Claim full batches: a trickle of small claims costs a round trip each. A partial batch is
             # claimed only when every handler has run dry.
-            if room <= 0 or (room < self.p.batch_size and self._ready):
+            waiting = len(self._ready)
+            if room <= 0 or waiting >= self.p.batch_size or (room < self.p.batch_size and waiting):
                 if not self._flush_done():  # no room: write finished records now rather than wait
                     self._flush_unblock()
                     self._idle_wait(0.5)
