@@ -155,15 +155,22 @@ class Bench:
         for workers in ((2,) if self.quick else (1, 2, 4)):
             self.fill_bare(n)
             bare = self.drain_procs("bare", workers, 100)
-            self.fill_pending(n)
-            raw = self.drain_procs("raw", workers, 100)
-            self.fill_pending(n)
-            ours = self.drain_procs("ours", workers, 100)
+            # The target case alternates raw and ours three times and compares medians: one pair of ~2 s
+            # drains on 2 shared cores moves by 10-20 % from run to run.
+            pairs = 3 if workers == 2 and not self.quick else 1
+            raws, ourss = [], []
+            for _ in range(pairs):
+                self.fill_pending(n)
+                raws.append(self.drain_procs("raw", workers, 100)["rate"])
+                self.fill_pending(n)
+                ourss.append(self.drain_procs("ours", workers, 100)["rate"])
+            raw_rate, ours_rate = statistics.median(raws), statistics.median(ourss)
             target = ">= 0.85x" if workers == 2 else ""
-            ratio = ours["rate"] / raw["rate"]
-            self.add(Row("drain", f"W={workers} run()", ours["rate"], "rec/s", raw["rate"], "raw loop, same table",
+            ratio = ours_rate / raw_rate
+            self.add(Row("drain", f"W={workers} run()", ours_rate, "rec/s", raw_rate, "raw loop, same table",
                          target=target, met=(ratio >= 0.85) if workers == 2 else None,
-                         extra={"bare_table_raw": bare["rate"], "workers": workers}))
+                         extra={"bare_table_raw": bare["rate"], "workers": workers, "raw_runs": raws,
+                                "ours_runs": ourss}))
             self.add(Row("drain", f"W={workers} raw loop, bare 3-column table (context)", bare["rate"], "rec/s"))
 
     def suite_enqueue(self) -> None:
