@@ -576,19 +576,12 @@ class DistributedProcessor:
         null = "\\N\tf"
         key_texts = [null if k is None else _copy_text(k) + ("\tt" if b else "\tf")
                      for k, b in zip(keys, blocked, strict=True)]
-        encode = _json_encode
-        BACKSLASH, BACKSLASH2 = "\\", "\\\\"
         with conn.cursor().copy(stmt) as copy:
             for start in range(0, n, COPY_CHUNK):
                 lines = []
                 for i in range(start, min(n, start + COPY_CHUNK)):
-                    try:
-                        text = encode(items[i])
-                    except (TypeError, ValueError):
-                        text = _encode_payload(i, items[i])  # raises InvalidPayload with the reason
-                    if "\\u0000" in text:
-                        _encode_payload(i, items[i])
-                    lines.append(f"{ids[i]}{constant}{key_texts[i]}\t{text.replace(BACKSLASH, BACKSLASH2)}\n")
+                    text = _encode_payload(i, items[i]).replace("\\", "\\\\")  # COPY text doubles a backslash
+                    lines.append(f"{ids[i]}{constant}{key_texts[i]}\t{text}\n")
                 copy.write("".join(lines))
         return AddResult(ids)
 

@@ -447,7 +447,7 @@ class Worker:
                 mine = [ready.popleft() for _ in range(take)]
             if self.transactional:
                 for held in mine:
-                    self._execute(held)
+                    self._execute_transactional(held)
             else:
                 self._execute_chunk(mine)
 
@@ -526,26 +526,17 @@ class Worker:
         with self._lock:
             self._running_handlers -= 1
 
-    def _execute(self, held: _Held) -> None:
+    def _execute_transactional(self, held: _Held) -> None:
         if not self._begin(held):
             return
         token = _current.set(held)
-        error: BaseException | None = None
         t0 = time.perf_counter()
         try:
-            if self.transactional:
-                self._run_transactional(held)
-                self.metrics.observe_handler(time.perf_counter() - t0)
-                return  # the transaction already wrote the outcome
-            self.handler(held.record)
-        except BaseException as exc:  # the handler's error is the record's outcome
-            error = exc
+            self._run_transactional(held)  # the transaction writes the outcome itself
         finally:
             _current.reset(token)
             self._end()
         self.metrics.observe_handler(time.perf_counter() - t0)
-        held.finished = True
-        self._outcomes.put(_Outcome(held, error))
 
     async def _execute_async(self, held: _Held) -> None:
         if self._async_slots is None:
@@ -621,17 +612,13 @@ class Worker:
                 self._flush_done()
 
     def _write_outcomes(self, outcomes: list[_Outcome]) -> None:
-        ok = [o.held for o in outcomes if o.error is None and not o.held.abandoned]
+        ok = [o.held for o in outcomes if o.error is None]
         bad = [o for o in outcomes if o.error is not None and not o.held.abandoned]
         for o in outcomes:
-            if o.held.abandoned:
+            if o.error is not None and o.held.abandoned:
                 self._forget(o.held)
         if ok:
-            with self._lock:
-                if not self._done:
-                    self._done_since = time.monotonic()
-                self._done.extend(ok)
-            self.wake.set()  # the claimer may carry them now
+            self._add_done(ok)  # forgets the abandoned ones itself
         for o in bad:
             o.held.completing = True
             err = o.error
