@@ -42,6 +42,10 @@ Handler = Callable[..., Any]
 COALESCE_SECONDS = 0.002
 # Handler time one thread runs back to back before other threads get the rest of what it took.
 CHUNK_SECONDS = 0.002
+# How long the keys of claimed records may wait for a statement of ours to carry their unblock before it is
+# written on its own. The next record of a key with limit 1 cannot run before this instance completes the
+# current one anyway (the completion carries the unblock); with higher limits this bounds the delay.
+UNBLOCK_SECONDS = 0.05
 
 
 class HandlerTimeout(ProcessorError, TimeoutError):
@@ -167,6 +171,7 @@ class Worker:
         # Ordering keys of records claimed by the last statement: the next statement makes each key's next
         # record claimable (it must run in a snapshot taken after that claim committed).
         self._unblock: set[str] = set()
+        self._unblock_since = 0.0
         self._threads: list[threading.Thread] = []
         # Records claimed and waiting for a handler thread, in claim order.
         self._ready: deque[_Held] = deque()
@@ -289,16 +294,15 @@ class Worker:
             waiting = len(self._ready)
             if room <= 0 or waiting >= self.p.batch_size or (room < self.p.batch_size and waiting):
                 if not self._flush_done():  # no room: write finished records now rather than wait
-                    self._flush_unblock()
-                    self._idle_wait(0.5)
+                    # Unblocks ride on our next statement (a claim or a completion comes within moments
+                    # while handlers run); only when none has come for UNBLOCK_SECONDS do they go alone.
+                    age = self._unblock_age()
+                    if age is not None and age >= UNBLOCK_SECONDS:
+                        self._flush_unblock()
+                        age = None
+                    self._idle_wait(0.5 if age is None else UNBLOCK_SECONDS - age)
                 continue
             done = self._take_done()
-            keyed = [h for h in done if h.record.ordering_key is not None]
-            if keyed:
-                # A keyed completion frees its key's next record: write it first, so that this very claim
-                # can take that record (a completion carried by the claim is invisible to its own snapshot).
-                done = [h for h in done if h.record.ordering_key is None]
-                self._write_completions(keyed)
             unblock = self._take_unblock()
             try:
                 t0 = time.perf_counter()
@@ -322,6 +326,10 @@ class Worker:
                 self._return_unblock({r.ordering_key for r in records if r.ordering_key is not None})
                 self._dispatch(records)
                 continue
+            if unblock or any(h.record.ordering_key is not None for h in done):
+                # This statement freed the next record of those keys (an unblock or a keyed completion) but
+                # its own snapshot could not see that: one more claim at once, not a poll interval later.
+                continue
             self._flush_unblock()
             if self.stop_when_empty and self.held_count() == 0 and self._nothing_due():
                 self.stop(0)
@@ -339,7 +347,14 @@ class Worker:
     def _return_unblock(self, keys: Iterable[str]) -> None:
         if keys:
             with self._lock:
+                if not self._unblock:
+                    self._unblock_since = time.monotonic()
                 self._unblock.update(keys)
+
+    def _unblock_age(self) -> float | None:
+        """Seconds the oldest key waiting for its unblock has waited; None when none waits."""
+        with self._lock:
+            return time.monotonic() - self._unblock_since if self._unblock else None
 
     def _flush_unblock(self) -> None:
         keys = self._take_unblock()

@@ -60,20 +60,26 @@ picked AS (
                     SELECT 1 FROM {records} e
                      WHERE e.ordering_key = r.ordering_key AND e.status = 'pending' AND e.id < r.id)
                 -- In flight of this key, read through the key index (the lease index's predicate is not
-                -- implied here, so no plan walks every in-flight record instead).
+                -- implied here, so no plan walks every in-flight record instead). Records this statement
+                -- completes still count: their keys' next records are claimable from the next statement on,
+                -- by any instance (taking them here would hand a key to whoever holds it, slow or not).
                 AND (SELECT count(*) FROM (
                         SELECT 1 FROM {records} p
                          WHERE p.ordering_key = r.ordering_key AND p.status = 'processing'
                          ORDER BY p.ordering_key, p.status, p.id
                          LIMIT 1000) inflight)
-                    < coalesce((SELECT k.max_concurrency FROM {key_limits} k
-                                 WHERE r.ordering_key LIKE k.like_pattern
-                                 ORDER BY k.is_exact DESC, length(k.pattern) DESC LIMIT 1),
+                    -- The limits table is read per candidate only when it has rows at all (an InitPlan,
+                    -- evaluated once per statement, says so): most deployments set none.
+                    < coalesce(CASE WHEN (SELECT EXISTS (SELECT 1 FROM {key_limits})) THEN
+                                   (SELECT k.max_concurrency FROM {key_limits} k
+                                     WHERE r.ordering_key LIKE k.like_pattern
+                                     ORDER BY k.is_exact DESC, length(k.pattern) DESC LIMIT 1) END,
                                %(default_key_concurrency)s)
                 AND NOT (
-                    coalesce((SELECT k.block_on_failure FROM {key_limits} k
-                               WHERE r.ordering_key LIKE k.like_pattern
-                               ORDER BY k.is_exact DESC, length(k.pattern) DESC LIMIT 1),
+                    coalesce(CASE WHEN (SELECT EXISTS (SELECT 1 FROM {key_limits})) THEN
+                                 (SELECT k.block_on_failure FROM {key_limits} k
+                                   WHERE r.ordering_key LIKE k.like_pattern
+                                   ORDER BY k.is_exact DESC, length(k.pattern) DESC LIMIT 1) END,
                              %(default_block_on_failure)s)
                     AND EXISTS (
                         SELECT 1 FROM {records} f
