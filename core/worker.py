@@ -178,7 +178,6 @@ class Worker:
         self._ready_cv = threading.Condition(threading.Lock())
         self._loop: asyncio.AbstractEventLoop | None = None
         self._async_slots: asyncio.Semaphore | None = None
-        self._running_handlers = 0
         # Moving average of handler time (seconds), for chunk sizes; starts pessimistic: one record at a time.
         self._handler_avg = CHUNK_SECONDS
         self._grace_deadline: float | None = None
@@ -480,12 +479,18 @@ class Worker:
         ok: list[_Held] = []
         durations: list[float] = []
         handler = self.handler
-        chunk_start = time.perf_counter()
+        aborted, lock, held_map, clock = self.aborted, self._lock, self._held, time.monotonic
+        chunk_start = t0 = clock()
         for i, held in enumerate(chunk):
-            if not self._begin(held):
-                continue
+            # Started under the lock, one record at a time: a release at shutdown takes only records not
+            # started, and a record waiting in this chunk must not count as running for handler_timeout.
+            if aborted.is_set():
+                break
+            with lock:
+                if held_map.get(held.record.id) is not held or held.abandoned:
+                    continue
+                held.started = t0
             token = _current.set(held)
-            t0 = time.perf_counter()
             try:
                 handler(held.record)
             except BaseException as exc:  # the handler's error is the record's outcome
@@ -496,9 +501,9 @@ class Worker:
                 ok.append(held)
             finally:
                 _current.reset(token)
-                self._end()
-            t1 = time.perf_counter()
+            t1 = clock()
             durations.append(t1 - t0)
+            t0 = t1
             if t1 - chunk_start > CHUNK_SECONDS and i + 1 < len(chunk):
                 self._give_back(chunk[i + 1:])
                 break
@@ -534,12 +539,7 @@ class Worker:
             if self._held.get(held.record.id) is not held or held.abandoned:
                 return False
             held.started = time.monotonic()
-            self._running_handlers += 1
         return True
-
-    def _end(self) -> None:
-        with self._lock:
-            self._running_handlers -= 1
 
     def _execute_transactional(self, held: _Held) -> None:
         if not self._begin(held):
@@ -550,7 +550,6 @@ class Worker:
             self._run_transactional(held)  # the transaction writes the outcome itself
         finally:
             _current.reset(token)
-            self._end()
         self.metrics.observe_handler(time.perf_counter() - t0)
 
     async def _execute_async(self, held: _Held) -> None:
@@ -566,8 +565,6 @@ class Worker:
                 await self.handler(held.record)
             except BaseException as exc:
                 error = exc
-            finally:
-                self._end()
             self.metrics.observe_handler(time.perf_counter() - t0)
         held.finished = True
         self._outcomes.put(_Outcome(held, error))

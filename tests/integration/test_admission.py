@@ -283,7 +283,7 @@ def test_claim_with_every_key_busy_reads_only_key_heads(processor: DistributedPr
         "default_key_concurrency": 1, "default_block_on_failure": False,
     }
     with db.transaction(force_rollback=True):  # EXPLAIN ANALYZE really claims: roll it back
-        plan = db.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + processor.q.claim.as_string(db), params).fetchone()
+        plan = db.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + processor.q.claim, params).fetchone()
 
     def scans(node: dict[str, Any]) -> list[dict[str, Any]]:
         found = [node] if node.get("Index Name") == "ix_processing_queue_pending" else []

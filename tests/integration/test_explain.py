@@ -57,7 +57,7 @@ def _plan(p: DistributedProcessor, db: Any, queues: list[str]) -> dict[str, Any]
         "done_ids": "{}", "done_tokens": "{}", "unblock_keys": [], "channels": [], "nqueues": [],
         "default_key_concurrency": 1, "default_block_on_failure": False,
     }
-    stmt = p.q.claim.as_string(db)
+    stmt = p.q.claim
     row = db.execute("EXPLAIN (FORMAT JSON) " + stmt, params).fetchone()
     return row[0][0]["Plan"]  # type: ignore[no-any-return]
 
@@ -93,7 +93,7 @@ def test_claim_is_fast_and_correct_with_a_million_finished_rows(big_table: Distr
 
 
 def test_status_queries_avoid_the_finished_rows(big_table: DistributedProcessor, db: Any) -> None:
-    stmt = big_table.q.queue_status_active.as_string(db)
+    stmt = big_table.q.queue_status_active
     row = db.execute("EXPLAIN (FORMAT JSON) " + stmt, {"queue": None}).fetchone()
     nodes = _nodes(row[0][0]["Plan"])
     assert not [n for _, n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "processing_queue"]
@@ -103,7 +103,7 @@ def test_status_queries_avoid_the_finished_rows(big_table: DistributedProcessor,
 
 
 def test_recovery_reads_only_in_flight_rows(big_table: DistributedProcessor, db: Any) -> None:
-    stmt = big_table.q.recover_orphans.as_string(db)
+    stmt = big_table.q.recover_orphans
     with db.transaction():
         row = db.execute("EXPLAIN (FORMAT JSON) " + stmt, {"batch": 1000}).fetchone()
     nodes = _nodes(row[0][0]["Plan"])
@@ -159,7 +159,7 @@ def _generic_plan(db: Any, stmt: str, params: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.parametrize("name", sorted(_STATEMENT_PARAMS))
 def test_generic_plans_use_the_indexes(big_table: DistributedProcessor, db: Any, name: str) -> None:
-    stmt = getattr(big_table.q, name).as_string(db)
+    stmt = getattr(big_table.q, name)
     plan = _generic_plan(db, stmt, _STATEMENT_PARAMS[name])
     text = json.dumps(plan)
     for _parent, n in _nodes(plan):

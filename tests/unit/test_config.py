@@ -85,9 +85,9 @@ def test_every_named_statement_composes_for_a_custom_schema() -> None:
     assert {"claim", "fail", "recover_orphans", "insert_records", "heartbeat"} <= set(names)
     q = Queries("tenant_a")
     for name in q.names():
-        text = getattr(q, name).as_string(None)
+        text = getattr(q, name)
         assert "{" not in text.replace("'{}'", "") or name == "register_instance", name
-    assert '"tenant_a"."processing_queue"' in q.claim.as_string(None)
+    assert '"tenant_a"."processing_queue"' in q.claim
 
 
 def test_invalid_queue_filter_and_batch_size_raise_invalid_argument() -> None:
