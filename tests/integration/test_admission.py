@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from typing import Any
 
@@ -302,3 +303,18 @@ def test_sweep_repairs_a_key_left_blocked(processor: DistributedProcessor, db: A
     assert processor.claim_records(10) == []
     processor.cleanup_orphaned_records()
     assert [r.id for r in processor.claim_records(10)] == ids[:1]
+
+
+def test_serial_key_advances_without_waiting_for_a_poll(processor: DistributedProcessor) -> None:
+    # No listener and a 5 s poll (jittered to 2.5-5 s): each record of a limit-1 key must start as soon as
+    # the previous one's completion commits (the claimer claims again at once after a statement that freed a
+    # key), not a poll interval later. A single wait for the poll takes at least 2.5 s.
+    ids = processor.add_records([{"n": i} for i in range(20)], ordering_key="serial")
+    seen: list[int] = []
+    started = time.monotonic()
+    summary = processor.run(lambda r: seen.append(r.id), stop_when_empty=True, listen=False, poll_interval=5.0,
+                            handle_signals=False, register=False)
+    elapsed = time.monotonic() - started
+    assert seen == ids
+    assert summary.processed == 20
+    assert elapsed < 2.5, f"a serial key took {elapsed:.1f}s for 20 records"
