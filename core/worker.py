@@ -479,17 +479,13 @@ class Worker:
         ok: list[_Held] = []
         durations: list[float] = []
         handler = self.handler
-        aborted, lock, held_map, clock = self.aborted, self._lock, self._held, time.monotonic
+        begin, clock = self._begin, time.monotonic
         chunk_start = t0 = clock()
         for i, held in enumerate(chunk):
-            # Started under the lock, one record at a time: a release at shutdown takes only records not
-            # started, and a record waiting in this chunk must not count as running for handler_timeout.
-            if aborted.is_set():
-                break
-            with lock:
-                if held_map.get(held.record.id) is not held or held.abandoned:
-                    continue
-                held.started = t0
+            # Started one record at a time: a release at shutdown takes only records not started, and a
+            # record waiting in this chunk must not count as running for handler_timeout.
+            if not begin(held, t0):
+                continue
             token = _current.set(held)
             try:
                 handler(held.record)
@@ -531,14 +527,14 @@ class Worker:
             self._done.extend(live)
         self.wake.set()  # the claimer carries them with its next claim
 
-    def _begin(self, held: _Held) -> bool:
-        """Mark a record started unless it was released meanwhile (shutdown)."""
+    def _begin(self, held: _Held, now: float | None = None) -> bool:
+        """Mark a record started (at ``now``, a monotonic time) unless it was released meanwhile."""
         if self.aborted.is_set():
             return False
         with self._lock:
             if self._held.get(held.record.id) is not held or held.abandoned:
                 return False
-            held.started = time.monotonic()
+            held.started = time.monotonic() if now is None else now
         return True
 
     def _execute_transactional(self, held: _Held) -> None:

@@ -68,18 +68,14 @@ picked AS (
                          WHERE p.ordering_key = r.ordering_key AND p.status = 'processing'
                          ORDER BY p.ordering_key, p.status, p.id
                          LIMIT 1000) inflight)
-                    -- The limits table is read per candidate only when it has rows at all (an InitPlan,
-                    -- evaluated once per statement, says so): most deployments set none.
-                    < coalesce(CASE WHEN (SELECT EXISTS (SELECT 1 FROM {key_limits})) THEN
-                                   (SELECT k.max_concurrency FROM {key_limits} k
-                                     WHERE r.ordering_key LIKE k.like_pattern
-                                     ORDER BY k.is_exact DESC, length(k.pattern) DESC LIMIT 1) END,
+                    < coalesce((SELECT k.max_concurrency FROM {key_limits} k
+                                 WHERE r.ordering_key LIKE k.like_pattern
+                                 ORDER BY k.is_exact DESC, length(k.pattern) DESC LIMIT 1),
                                %(default_key_concurrency)s)
                 AND NOT (
-                    coalesce(CASE WHEN (SELECT EXISTS (SELECT 1 FROM {key_limits})) THEN
-                                 (SELECT k.block_on_failure FROM {key_limits} k
-                                   WHERE r.ordering_key LIKE k.like_pattern
-                                   ORDER BY k.is_exact DESC, length(k.pattern) DESC LIMIT 1) END,
+                    coalesce((SELECT k.block_on_failure FROM {key_limits} k
+                               WHERE r.ordering_key LIKE k.like_pattern
+                               ORDER BY k.is_exact DESC, length(k.pattern) DESC LIMIT 1),
                              %(default_block_on_failure)s)
                     AND EXISTS (
                         SELECT 1 FROM {records} f
