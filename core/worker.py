@@ -172,6 +172,7 @@ class Worker:
         # record claimable (it must run in a snapshot taken after that claim committed).
         self._unblock: set[str] = set()
         self._unblock_since = 0.0
+        self._claiming = 0  # claim statements under way whose records are not dispatched yet
         self._threads: list[threading.Thread] = []
         # Records claimed and waiting for a handler thread, in claim order.
         self._ready: deque[_Held] = deque()
@@ -303,6 +304,8 @@ class Worker:
                 continue
             done = self._take_done()
             unblock = self._take_unblock()
+            with self._lock:  # stop_when_empty must not stop while another claimer's records are on the way
+                self._claiming += 1
             try:
                 t0 = time.perf_counter()
                 records, completed = self.p.complete_and_claim(
@@ -312,6 +315,7 @@ class Worker:
                 self.metrics.observe_claim(time.perf_counter() - t0, len(records))
                 consecutive_errors = 0
             except DatabaseUnavailable as exc:
+                self._claim_ended()
                 self._return_unblock(unblock)
                 self._return_done(done)
                 consecutive_errors += 1
@@ -324,13 +328,15 @@ class Worker:
             if records:
                 self._return_unblock({r.ordering_key for r in records if r.ordering_key is not None})
                 self._dispatch(records)
+                self._claim_ended()
                 continue
+            self._claim_ended()
             if unblock or any(h.record.ordering_key is not None for h in done):
                 # This statement freed the next record of those keys (an unblock or a keyed completion) but
                 # its own snapshot could not see that: one more claim at once, not a poll interval later.
                 continue
             self._flush_unblock()
-            if self.stop_when_empty and self.held_count() == 0 and self._nothing_due():
+            if self.stop_when_empty and self._quiet() and self._nothing_due():
                 self.stop(0)
                 break
             # Idle: sleep until NOTIFY, a freed slot, a stop, or the jittered poll.
@@ -349,6 +355,15 @@ class Worker:
                 if not self._unblock:
                     self._unblock_since = time.monotonic()
                 self._unblock.update(keys)
+
+    def _claim_ended(self) -> None:
+        with self._lock:
+            self._claiming -= 1
+
+    def _quiet(self) -> bool:
+        """No record held and no claim statement of another claimer under way."""
+        with self._lock:
+            return not self._held and self._claiming == 0
 
     def _unblock_age(self) -> float | None:
         """Seconds the oldest key waiting for its unblock has waited; None when none waits."""
