@@ -16,6 +16,8 @@ import threading
 import time
 from typing import Any
 
+import os
+
 import psycopg
 
 CLAIM = {
@@ -48,12 +50,10 @@ def raw_loop(mode: str, dsn: str, batch: int) -> int:
 def ours(dsn: str, batch: int) -> int:
     from core import DistributedProcessor
 
-    with DistributedProcessor(dsn, batch_size=batch) as p:
+    with DistributedProcessor(dsn, batch_size=batch, cleanup_interval=float(os.environ.get("DPB_CLEANUP", "0")) or None) as p:
         p.get_queue_status()  # connected before the gun
         print("ready", flush=True)
         sys.stdin.readline()
-        import os
-
         summary = p.run(lambda record: None, stop_when_empty=True, poll_interval=0.2, handle_signals=False,
                         claimers=int(os.environ.get("DPB_CLAIMERS", "2")),
                         concurrency=int(os.environ.get("DPB_CONC", "10")))

@@ -49,41 +49,45 @@ picked AS (
     SELECT c.id
       FROM unnest(%(queues)s::text[]) AS qn(name)
      CROSS JOIN LATERAL (
-        SELECT r.id, r.priority, r.run_at
-          FROM {records} r
-         WHERE r.queue = qn.name
-           AND r.status = 'pending'
-           AND NOT r.key_blocked
-           AND r.run_at <= now()
-           AND (r.ordering_key IS NULL OR (
+        SELECT l.id, l.priority, l.run_at
+          -- Lock first, then test the key: a row another claim holds or has just taken is skipped by its
+          -- lock alone, before the per-key probes (index lookups) run on it. Rows are locked as the LIMIT
+          -- pulls them, so the scan stops at the batch; an ineligible row stays locked until our commit.
+          FROM (SELECT r.id, r.priority, r.run_at, r.ordering_key
+                  FROM {records} r
+                 WHERE r.queue = qn.name
+                   AND r.status = 'pending'
+                   AND NOT r.key_blocked
+                   AND r.run_at <= now()
+                 ORDER BY r.priority DESC, r.run_at, r.id
+                   FOR UPDATE OF r SKIP LOCKED) l
+         WHERE l.ordering_key IS NULL OR (
                 NOT EXISTS (
                     SELECT 1 FROM {records} e
-                     WHERE e.ordering_key = r.ordering_key AND e.status = 'pending' AND e.id < r.id)
+                     WHERE e.ordering_key = l.ordering_key AND e.status = 'pending' AND e.id < l.id)
                 -- In flight of this key, read through the key index (the lease index's predicate is not
                 -- implied here, so no plan walks every in-flight record instead). Records this statement
                 -- completes still count: their keys' next records are claimable from the next statement on,
                 -- by any instance (taking them here would hand a key to whoever holds it, slow or not).
                 AND (SELECT count(*) FROM (
                         SELECT 1 FROM {records} p
-                         WHERE p.ordering_key = r.ordering_key AND p.status = 'processing'
+                         WHERE p.ordering_key = l.ordering_key AND p.status = 'processing'
                          ORDER BY p.ordering_key, p.status, p.id
                          LIMIT 1000) inflight)
                     < coalesce((SELECT k.max_concurrency FROM {key_limits} k
-                                 WHERE r.ordering_key LIKE k.like_pattern
+                                 WHERE l.ordering_key LIKE k.like_pattern
                                  ORDER BY k.is_exact DESC, length(k.pattern) DESC LIMIT 1),
                                %(default_key_concurrency)s)
                 AND NOT (
                     coalesce((SELECT k.block_on_failure FROM {key_limits} k
-                               WHERE r.ordering_key LIKE k.like_pattern
+                               WHERE l.ordering_key LIKE k.like_pattern
                                ORDER BY k.is_exact DESC, length(k.pattern) DESC LIMIT 1),
                              %(default_block_on_failure)s)
                     AND EXISTS (
                         SELECT 1 FROM {records} f
-                         WHERE f.ordering_key = r.ordering_key AND f.status = 'failed' AND f.id < r.id))
-           ))
-         ORDER BY r.priority DESC, r.run_at, r.id
+                         WHERE f.ordering_key = l.ordering_key AND f.status = 'failed' AND f.id < l.id))
+           )
          LIMIT %(batch)s
-           FOR UPDATE OF r SKIP LOCKED
      ) c
      ORDER BY c.priority DESC, c.run_at, c.id
      LIMIT %(batch)s
