@@ -11,12 +11,11 @@ line on stdin (the start gun; ``latency`` instead runs until it reads ``stop``),
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
 from typing import Any
-
-import os
 
 import psycopg
 
@@ -50,7 +49,8 @@ def raw_loop(mode: str, dsn: str, batch: int) -> int:
 def ours(dsn: str, batch: int) -> int:
     from core import DistributedProcessor
 
-    with DistributedProcessor(dsn, batch_size=batch, cleanup_interval=float(os.environ.get("DPB_CLEANUP", "0")) or None) as p:
+    cleanup = float(os.environ.get("DPB_CLEANUP", "0")) or None  # profiling: a run without the cleaner
+    with DistributedProcessor(dsn, batch_size=batch, cleanup_interval=cleanup) as p:
         p.get_queue_status()  # connected before the gun
         print("ready", flush=True)
         sys.stdin.readline()

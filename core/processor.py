@@ -116,6 +116,8 @@ def _encode_payload(i: int, payload: dict[str, Any]) -> str:
 
 # Records per COPY write: large enough to amortise the call, small enough to overlap with the server.
 COPY_CHUNK = 1000
+# Keys the maintenance sweep looks at per cleanup (a loose index scan: ~15 ms per 1,000 keys at 1M pending).
+SWEEP_KEYS = 1000
 
 
 def _token_text(tokens: list[Any]) -> dict[Any, str]:
@@ -220,6 +222,7 @@ class DistributedProcessor:
         self.metrics = Metrics(self.instance_id)
         self.worker: Worker | None = None
         self._sequence: str | None = None  # the id sequence, looked up on the first COPY
+        self._sweep_after = ""  # where the next maintenance sweep of blocked keys starts ('' = first key)
         self._pool: ConnectionPool[Conn] | None = None
         self._pool_lock = threading.Lock()
         # Pooled connections currently set to generic plans (see connection()).
@@ -868,16 +871,26 @@ class DistributedProcessor:
             conn.execute(self.q.prune_instances, {"retention": self.instance_retention})
             if dead:
                 log.warning("instances declared dead", extra={"instances": [r[0] for r in dead]})
-            conn.execute(self.q.unblock_sweep)
+            row = conn.execute(self.q.unblock_sweep, {"after": self._sweep_after, "keys": SWEEP_KEYS}).fetchone()
+            if row is not None:
+                self._sweep_after = "" if row[0] is None else str(row[0])
+                if row[1]:
+                    log.info("sweep made key heads claimable", extra={"keys": int(row[1])})
             total = 0
             while True:
-                n = conn.execute(self.q.recover_orphans, {"batch": self.cleanup_batch}).rowcount
-                total += n
-                if n < self.cleanup_batch:
+                rows = conn.execute(self.q.recover_orphans, {"batch": self.cleanup_batch}).fetchall()
+                total += len(rows)
+                # A keyed record recovered to failed or cancelled may have been its claimer's last: nobody else
+                # would make its key's next record claimable.
+                ended.update(str(r[2]) for r in rows if r[2] is not None and r[1] in ("failed", "cancelled"))
+                if len(rows) < self.cleanup_batch:
                     break
             return total
 
+        ended: set[str] = set()
         recovered = self._with_retry(op)
+        if ended:
+            self._followups(ended)
         if recovered:
             log.info("recovered orphaned records", extra={"recovered": recovered})
         return recovered

@@ -74,14 +74,17 @@ picked AS (
                          WHERE p.ordering_key = l.ordering_key AND p.status = 'processing'
                          ORDER BY p.ordering_key, p.status, p.id
                          LIMIT 1000) inflight)
-                    < coalesce((SELECT k.max_concurrency FROM {key_limits} k
+                    -- The limit lookups (a sort each) only when some limit is set: one InitPlan per statement.
+                    < coalesce(CASE WHEN (SELECT EXISTS (SELECT 1 FROM {key_limits})) THEN
+                               (SELECT k.max_concurrency FROM {key_limits} k
                                  WHERE l.ordering_key LIKE k.like_pattern
-                                 ORDER BY k.is_exact DESC, length(k.pattern) DESC LIMIT 1),
+                                 ORDER BY k.is_exact DESC, length(k.pattern) DESC LIMIT 1) END,
                                %(default_key_concurrency)s)
                 AND NOT (
-                    coalesce((SELECT k.block_on_failure FROM {key_limits} k
+                    coalesce(CASE WHEN (SELECT EXISTS (SELECT 1 FROM {key_limits})) THEN
+                             (SELECT k.block_on_failure FROM {key_limits} k
                                WHERE l.ordering_key LIKE k.like_pattern
-                               ORDER BY k.is_exact DESC, length(k.pattern) DESC LIMIT 1),
+                               ORDER BY k.is_exact DESC, length(k.pattern) DESC LIMIT 1) END,
                              %(default_block_on_failure)s)
                     AND EXISTS (
                         SELECT 1 FROM {records} f
@@ -242,7 +245,7 @@ UPDATE {records} t
   FROM orphan
  WHERE t.id = orphan.id
    AND t.status = 'processing'
-RETURNING t.id, t.status;
+RETURNING t.id, t.status, t.ordering_key;
 
 -- name: key_heads
 -- Under the producers' key locks: which keys already have a pending record. The earliest one is locked
@@ -258,16 +261,45 @@ SELECT u.k, h.id IS NOT NULL
   ) h ON true;
 
 -- name: unblock_sweep
--- Safety net for a crash between a claim and its unblock: every key's earliest pending record claimable.
-UPDATE {records}
-   SET key_blocked = false
- WHERE id IN (
-        SELECT h.id FROM (
-            SELECT DISTINCT ON (ordering_key) id, key_blocked
-              FROM {records}
-             WHERE status = 'pending' AND ordering_key IS NOT NULL
-             ORDER BY ordering_key, id) h
-         WHERE h.key_blocked);
+-- Safety net for a key left blocked (a claimer gone between a claim and its unblock, a record recovered to
+-- failed): every key's earliest pending record claimable. A bounded slice of keys per call, after the key
+-- %(after)s (keys are never empty: '' starts from the first), found by a loose index scan of the key index,
+-- so a sweep costs the same at 10 million pending records. SKIP LOCKED: a head someone holds is theirs to
+-- move (the sweep never waits, so it cannot deadlock with a claim's unblock). Returns the slice's last key
+-- (NULL when the slice reached the end) and how many heads it unblocked.
+WITH RECURSIVE keys AS (
+    (SELECT ordering_key AS k FROM {records}
+      WHERE ordering_key > %(after)s AND status = 'pending' AND ordering_key IS NOT NULL
+      ORDER BY ordering_key LIMIT 1)
+    UNION ALL
+    SELECT (SELECT r.ordering_key FROM {records} r
+             WHERE r.ordering_key > keys.k AND r.status = 'pending' AND r.ordering_key IS NOT NULL
+             ORDER BY r.ordering_key LIMIT 1)
+      FROM keys
+     WHERE keys.k IS NOT NULL
+),
+slice AS (
+    SELECT k FROM keys WHERE k IS NOT NULL LIMIT %(keys)s
+),
+stuck AS (
+    SELECT r.id
+      FROM {records} r
+     WHERE r.id IN (SELECT h.id
+                      FROM slice
+                     CROSS JOIN LATERAL (
+                        SELECT n.id, n.key_blocked FROM {records} n
+                         WHERE n.ordering_key = slice.k AND n.status = 'pending'
+                         ORDER BY n.id LIMIT 1) h
+                     WHERE h.key_blocked)
+       AND r.key_blocked
+       AND r.status = 'pending'
+       FOR UPDATE SKIP LOCKED
+),
+unblocked AS (
+    UPDATE {records} t SET key_blocked = false FROM stuck WHERE t.id = stuck.id RETURNING 1
+)
+SELECT CASE WHEN (SELECT count(*) FROM slice) < %(keys)s THEN NULL ELSE (SELECT max(k) FROM slice) END,
+       (SELECT count(*) FROM unblocked);
 
 -- name: lock_queue_limit
 SELECT max_pending FROM {queue_limits} WHERE queue = %(queue)s FOR UPDATE;

@@ -129,6 +129,7 @@ _STATEMENT_PARAMS: dict[str, dict[str, Any]] = {
              "error": "x"},
     "release": {"ids": [1], "tokens": ["00000000-0000-0000-0000-000000000001"], "reason": "x"},
     "recover_orphans": {"batch": 1000},
+    "unblock_sweep": {"after": "", "keys": 1000},
     "prune_instances": {"retention": 86400},
     "list_instances": {"include_stopped": True},
     "queue_status_active": {"queue": None},
