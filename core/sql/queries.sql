@@ -62,9 +62,11 @@ picked AS (
                  ORDER BY r.priority DESC, r.run_at, r.id
                    FOR UPDATE OF r SKIP LOCKED) l
          WHERE l.ordering_key IS NULL OR (
-                NOT EXISTS (
-                    SELECT 1 FROM {records} e
-                     WHERE e.ordering_key = l.ordering_key AND e.status = 'pending' AND e.id < l.id)
+                -- Not EXISTS: PostgreSQL drops an EXISTS subquery's ORDER BY, and the ORDER BY is what keeps
+                -- every plan on the key index (a plan made on an empty table would walk the pending index).
+                (SELECT e.id FROM {records} e
+                  WHERE e.ordering_key = l.ordering_key AND e.status = 'pending' AND e.id < l.id
+                  ORDER BY e.ordering_key, e.status, e.id LIMIT 1) IS NULL
                 -- In flight of this key, read through the key index (the lease index's predicate is not
                 -- implied here, so no plan walks every in-flight record instead). Records this statement
                 -- completes still count: their keys' next records are claimable from the next statement on,
@@ -86,9 +88,9 @@ picked AS (
                                WHERE l.ordering_key LIKE k.like_pattern
                                ORDER BY k.is_exact DESC, length(k.pattern) DESC LIMIT 1) END,
                              %(default_block_on_failure)s)
-                    AND EXISTS (
-                        SELECT 1 FROM {records} f
-                         WHERE f.ordering_key = l.ordering_key AND f.status = 'failed' AND f.id < l.id))
+                    AND (SELECT f.id FROM {records} f
+                          WHERE f.ordering_key = l.ordering_key AND f.status = 'failed' AND f.id < l.id
+                          ORDER BY f.ordering_key, f.status, f.id LIMIT 1) IS NOT NULL)
            )
          LIMIT %(batch)s
      ) c
@@ -165,12 +167,18 @@ UPDATE {records} t
 RETURNING t.id;
 
 -- name: set_plan_mode
--- The session (or, with local, the transaction) our statements run in: generic plans, no JIT.
-SELECT set_config('plan_cache_mode', 'force_generic_plan', %(local)s), set_config('jit', 'off', %(local)s);
+-- The session (or, with local, the transaction) our statements run in: generic plans, no JIT, and no
+-- sequential scans. Every statement of ours reads processing_queue through an index (test_explain checks
+-- each); but a plan is cached per connection, and one built while the table was empty (a worker started
+-- before the first record) costs a sequential scan and a sort at nothing, so it would sort the whole
+-- backlog on every claim until an ANALYZE replaced it. Disabled, a seq scan is only the last resort.
+SELECT set_config('plan_cache_mode', 'force_generic_plan', %(local)s), set_config('jit', 'off', %(local)s),
+       set_config('enable_seqscan', 'off', %(local)s);
 
 -- name: reset_plan_mode
 -- Back to what the session started with, before a connection is handed to other code.
-SELECT set_config(name, reset_val, %(local)s) FROM pg_settings WHERE name IN ('plan_cache_mode', 'jit');
+SELECT set_config(name, reset_val, %(local)s) FROM pg_settings
+ WHERE name IN ('plan_cache_mode', 'jit', 'enable_seqscan');
 
 -- name: heartbeat
 -- One round trip per heartbeat: the instance's own row (a wrongly declared dead instance revives; skipped
