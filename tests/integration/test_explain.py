@@ -139,7 +139,8 @@ _STATEMENT_PARAMS: dict[str, dict[str, Any]] = {
 _LIVE_ROW_INDEXES = ("ix_processing_queue_pending", "ix_processing_queue_lease")
 
 
-def _generic_plan(db: Any, stmt: str, params: dict[str, Any]) -> dict[str, Any]:
+def _prepare(db: Any, name: str, stmt: str, params: dict[str, Any]) -> str:
+    """PREPARE ``stmt`` as ``name`` (its %(x)s placeholders numbered); return its EXECUTE argument list."""
     names: list[str] = []
 
     def placeholder(m: re.Match[str]) -> str:
@@ -148,11 +149,15 @@ def _generic_plan(db: Any, stmt: str, params: dict[str, Any]) -> dict[str, Any]:
         return f"${names.index(m.group(1)) + 1}"
 
     text = re.sub(r"%\((\w+)\)s", placeholder, stmt).replace("%%", "%")
+    db.execute(f"PREPARE {name} AS {text}")
+    return ", ".join(sql.Literal(params[n]).as_string(db) for n in names)
+
+
+def _generic_plan(db: Any, stmt: str, params: dict[str, Any]) -> dict[str, Any]:
     db.execute("DEALLOCATE ALL")
-    db.execute(f"PREPARE dp_explain AS {text}")
+    args = _prepare(db, "dp_explain", stmt, params)
     with db.transaction():
         db.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-        args = ", ".join(sql.Literal(params[n]).as_string(db) for n in names)
         row = db.execute(f"EXPLAIN (FORMAT JSON) EXECUTE dp_explain({args})").fetchone()
         db.execute("ROLLBACK")  # the EXPLAIN did not execute, but leave nothing behind either way
     return row[0][0]["Plan"]  # type: ignore[no-any-return]
@@ -182,18 +187,7 @@ def test_a_claim_plan_cached_on_an_empty_table_still_walks_the_index(dsn: str) -
     # sequential scan and a sort cost nothing; the cached plan then sorted the whole backlog on every claim
     # (200 ms per claim at 200,000 pending) until an ANALYZE replaced it. Our sessions disable seq scans.
     with DistributedProcessor(dsn) as p, p.connection(internal=True) as conn:
-        stmt = p.q.claim
-        params = dict(_STATEMENT_PARAMS["claim"], queues=["default"])
-        names: list[str] = []
-
-        def placeholder(m: re.Match[str]) -> str:
-            if m.group(1) not in names:
-                names.append(m.group(1))
-            return f"${names.index(m.group(1)) + 1}"
-
-        text = re.sub(r"%\((\w+)\)s", placeholder, stmt).replace("%%", "%")
-        conn.execute(f"PREPARE dp_empty AS {text}")
-        args = ", ".join(sql.Literal(params[n]).as_string(conn) for n in names)
+        args = _prepare(conn, "dp_empty", p.q.claim, dict(_STATEMENT_PARAMS["claim"], queues=["default"]))
         conn.execute(f"EXPLAIN (FORMAT JSON) EXECUTE dp_empty({args})")  # the generic plan, made and cached now
         conn.execute("INSERT INTO processing_queue (queue, payload) SELECT 'default', '{}'"
                      " FROM generate_series(1, 20000)")
