@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import math
+import operator
 import re
 import threading
 import time
@@ -118,6 +119,10 @@ def _encode_payload(i: int, payload: dict[str, Any]) -> str:
 COPY_CHUNK = 1000
 # Keys the maintenance sweep looks at per cleanup (a loose index scan: ~15 ms per 1,000 keys at 1M pending).
 SWEEP_KEYS = 1000
+
+
+# Sort key of the fenced statements' id arrays (field 0 of the named tuple: faster than attrgetter).
+_record_id = operator.itemgetter(0)
 
 
 def _token_text(tokens: list[Any]) -> dict[Any, str]:
@@ -685,14 +690,21 @@ class DistributedProcessor:
     # ------------------------------------------------------------------ completing
 
     @staticmethod
-    def _fence(records: Iterable[Record]) -> tuple[list[int], list[Any]]:
-        ids, tokens = [], []
-        for r in records:
+    def _sorted(records: Iterable[Record]) -> list[Record]:
+        """``records`` type-checked and sorted by id: the fenced statements find each row's own token (and
+        delay) in the arrays by a binary search (width_bucket) over the ids."""
+        batch = list(records)
+        for r in batch:
             if not isinstance(r, Record):
                 raise InvalidArgument(f"expected Record objects, got {type(r).__name__}")
-            ids.append(r.id)
-            tokens.append(r.lease_token)
-        return ids, tokens
+        batch.sort(key=_record_id)
+        return batch
+
+    @classmethod
+    def _fence(cls, records: Iterable[Record]) -> tuple[list[int], list[Any]]:
+        """The (ids, tokens) arrays of a fenced statement, in id order."""
+        batch = cls._sorted(records)
+        return [r.id for r in batch], [r.lease_token for r in batch]
 
     def mark_completed(self, records: Iterable[Record], *, unblock: Iterable[str] = ()) -> int:
         """Complete records still held under their claim's lease token; returns how many were updated.
@@ -725,17 +737,15 @@ class DistributedProcessor:
         With ``retry`` and the error retryable under the policy, a record with attempts left returns to
         ``pending`` after its backoff; otherwise it ends ``failed``. The error lands in ``last_error``.
         """
-        batch = list(records)
-        ids, tokens = self._fence(batch)
-        if not ids:
+        batch = self._sorted(records)
+        if not batch:
             return 0
         retryable = bool(retry) and self.retry.should_retry(error if isinstance(error, BaseException) else None)
-        delays = [self.retry.delay_for(r.attempts) for r in batch]
         params = {
-            "ids": ids,
-            "tokens": tokens,
-            "delays": delays,
-            "retry": [retryable] * len(ids),
+            "ids": [r.id for r in batch],
+            "tokens": [r.lease_token for r in batch],
+            "delays": [self.retry.delay_for(r.attempts) for r in batch],
+            "retry": retryable,
             "error": format_error(error, ERROR_TEXT_LIMIT),
         }
         return self._with_retry(lambda conn: conn.execute(self.q.fail, params).rowcount)

@@ -680,7 +680,7 @@ class Worker:
             "ids": [record.id],
             "tokens": [record.lease_token],
             "delays": [p.retry.delay_for(record.attempts)],
-            "retry": [retryable],
+            "retry": retryable,
             "error": format_error(err),
         }
         rows = p._with_retry(lambda conn: conn.execute(p.q.fail, params).fetchall())

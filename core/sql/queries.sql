@@ -19,23 +19,27 @@ WITH done AS (
            updated_at = now(),
            lease_expires_at = NULL,
            dedupe_held = false
-      FROM unnest(%(done_ids)s::bigint[], %(done_tokens)s::uuid[]) AS u(id, token)
-     WHERE d.id = u.id
-       AND d.lease_token = u.token
+     -- An id list, not a join: a join's order comes from statistics, and one planned while the table was
+     -- empty (a worker started before the first record; plans are cached per connection) walked the whole
+     -- primary key on every statement. The ids come sorted, so width_bucket (a binary search) finds each
+     -- row's own token: the pairing is exact, and rechecked on a row updated since our snapshot.
+     WHERE d.id = ANY(%(done_ids)s::bigint[])
+       AND d.lease_token = (%(done_tokens)s::uuid[])[width_bucket(d.id, %(done_ids)s::bigint[])]
        AND d.status = 'processing'
     RETURNING d.ordering_key
 ),
 -- Keys whose earliest pending record must become claimable (the keys of records claimed by the caller's
 -- previous statement: this statement's snapshot sees every insert committed since).
 unblocked AS (
-    -- Driven by the keys (a primary-key lookup per head), so no plan ever scans the table for blocked rows.
+    -- Driven by the keys (a key-index lookup per head, then the heads by primary key), never a join the
+    -- statistics could turn into a scan of the table for blocked rows.
     UPDATE {records} b
        SET key_blocked = false
-      FROM (SELECT (SELECT n.id FROM {records} n
-                     WHERE n.ordering_key = u.k AND n.status = 'pending'
-                     ORDER BY n.id LIMIT 1) AS id
-              FROM unnest(%(unblock_keys)s::text[]) AS u(k)) h
-     WHERE b.id = h.id
+     WHERE b.id = ANY(ARRAY(
+               SELECT (SELECT n.id FROM {records} n
+                        WHERE n.ordering_key = u.k AND n.status = 'pending'
+                        ORDER BY n.ordering_key, n.status, n.id LIMIT 1)
+                 FROM unnest(%(unblock_keys)s::text[]) AS u(k)))
        AND b.key_blocked
     RETURNING 1
 ),
@@ -124,29 +128,28 @@ SELECT claimed.*, (SELECT count(*) FROM done) + 0 * (SELECT count(*) FROM notifi
  ORDER BY claimed.priority DESC, claimed.run_at, claimed.id;
 
 -- name: fail
--- Fenced like complete. A retryable failure with attempts left goes back to pending after its backoff.
+-- Fenced like complete (ids sorted; width_bucket finds each row's own entries in the arrays). A retryable
+-- failure with attempts left goes back to pending after its own backoff delay.
 UPDATE {records} t
    SET status = CASE
-           WHEN u.retry AND t.attempts < t.max_attempts AND NOT t.cancel_requested THEN 'pending'
+           WHEN %(retry)s::bool AND t.attempts < t.max_attempts AND NOT t.cancel_requested THEN 'pending'
            WHEN t.cancel_requested THEN 'cancelled'
            ELSE 'failed' END,
        run_at = CASE
-           WHEN u.retry AND t.attempts < t.max_attempts AND NOT t.cancel_requested
-           THEN now() + u.delay * interval '1 second'
+           WHEN %(retry)s::bool AND t.attempts < t.max_attempts AND NOT t.cancel_requested
+           THEN now() + (%(delays)s::float8[])[width_bucket(t.id, %(ids)s::bigint[])] * interval '1 second'
            ELSE t.run_at END,
        finished_at = CASE
-           WHEN u.retry AND t.attempts < t.max_attempts AND NOT t.cancel_requested THEN NULL
+           WHEN %(retry)s::bool AND t.attempts < t.max_attempts AND NOT t.cancel_requested THEN NULL
            ELSE now() END,
        dedupe_held = t.dedupe_held
-           AND u.retry AND t.attempts < t.max_attempts AND NOT t.cancel_requested,
+           AND %(retry)s::bool AND t.attempts < t.max_attempts AND NOT t.cancel_requested,
        last_error = %(error)s,
        lease_token = NULL,
        lease_expires_at = NULL,
        updated_at = now()
-  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(delays)s::float8[], %(retry)s::bool[])
-       AS u(id, token, delay, retry)
- WHERE t.id = u.id
-   AND t.lease_token = u.token
+ WHERE t.id = ANY(%(ids)s::bigint[])
+   AND t.lease_token = (%(tokens)s::uuid[])[width_bucket(t.id, %(ids)s::bigint[])]
    AND t.status = 'processing'
 RETURNING t.id, t.status;
 
@@ -160,9 +163,9 @@ UPDATE {records} t
        lease_expires_at = NULL,
        last_error = %(reason)s,
        updated_at = now()
-  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS u(id, token)
- WHERE t.id = u.id
-   AND t.lease_token = u.token
+ -- Fenced as the completion in claim: ids sorted, each row's own token found by width_bucket, no join.
+ WHERE t.id = ANY(%(ids)s::bigint[])
+   AND t.lease_token = (%(tokens)s::uuid[])[width_bucket(t.id, %(ids)s::bigint[])]
    AND t.status = 'processing'
 RETURNING t.id;
 
@@ -193,9 +196,9 @@ WITH beat AS (
 )
 UPDATE {records} t
    SET lease_expires_at = clock_timestamp() + %(lease_seconds)s * interval '1 second'
-  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS u(id, token)
- WHERE t.id = u.id
-   AND t.lease_token = u.token
+ -- Fenced as the completion in claim: ids sorted, each row's own token found by width_bucket, no join.
+ WHERE t.id = ANY(%(ids)s::bigint[])
+   AND t.lease_token = (%(tokens)s::uuid[])[width_bucket(t.id, %(ids)s::bigint[])]
    AND t.status = 'processing'
 RETURNING t.id, t.cancel_requested;
 
@@ -250,8 +253,8 @@ UPDATE {records} t
        lease_token = NULL,
        lease_expires_at = NULL,
        updated_at = now()
-  FROM orphan
- WHERE t.id = orphan.id
+  -- An id list, not a join with the table (a join planned on an empty table walks the primary key).
+ WHERE t.id = ANY(ARRAY(SELECT id FROM orphan))
    AND t.status = 'processing'
 RETURNING t.id, t.status, t.ordering_key;
 
@@ -290,21 +293,22 @@ slice AS (
     SELECT k FROM keys WHERE k IS NOT NULL LIMIT %(keys)s
 ),
 stuck AS (
+    -- Heads by primary key from an id list: never a join with the table (see claim's completion).
     SELECT r.id
       FROM {records} r
-     WHERE r.id IN (SELECT h.id
+     WHERE r.id = ANY(ARRAY(SELECT h.id
                       FROM slice
                      CROSS JOIN LATERAL (
                         SELECT n.id, n.key_blocked FROM {records} n
                          WHERE n.ordering_key = slice.k AND n.status = 'pending'
                          ORDER BY n.id LIMIT 1) h
-                     WHERE h.key_blocked)
+                     WHERE h.key_blocked))
        AND r.key_blocked
        AND r.status = 'pending'
        FOR UPDATE SKIP LOCKED
 ),
 unblocked AS (
-    UPDATE {records} t SET key_blocked = false FROM stuck WHERE t.id = stuck.id RETURNING 1
+    UPDATE {records} t SET key_blocked = false WHERE t.id = ANY(ARRAY(SELECT id FROM stuck)) RETURNING 1
 )
 SELECT CASE WHEN (SELECT count(*) FROM slice) < %(keys)s THEN NULL ELSE (SELECT max(k) FROM slice) END,
        (SELECT count(*) FROM unblocked);

@@ -111,6 +111,41 @@ def test_fencing_stale_instance_cannot_complete(make_processor: Any, db: Any) ->
     assert (status, attempts, claimed_by) == ("completed", 2, "b")
 
 
+def test_fencing_pairs_each_id_with_its_own_token_in_any_order(processor: DistributedProcessor, db: Any) -> None:
+    # Two claims, two tokens. A record offered with the other claim's token (a token the batch does hold)
+    # is fenced out; the statements find each id's own token whatever order the records come in.
+    processor.add_records([{"n": i} for i in range(6)])
+    first, second = processor.claim_records(3), processor.claim_records(3)
+    assert first[0].lease_token != second[0].lease_token
+    forged = [first[1]._replace(lease_token=second[0].lease_token),
+              second[1]._replace(lease_token=first[0].lease_token)]
+    mixed = [second[2], forged[0], first[0], forged[1], first[2], second[0]]
+    kept, _ = processor.extend_leases(mixed)
+    assert kept == {first[0].id, first[2].id, second[0].id, second[2].id}
+    assert processor.mark_completed(mixed) == 4
+    statuses = dict(db.execute("SELECT id, status FROM processing_queue").fetchall())
+    assert statuses == {r.id: ("processing" if r.id in (first[1].id, second[1].id) else "completed")
+                        for r in first + second}
+    assert processor.release_records(forged) == 0
+    assert processor.mark_failed(forged, RuntimeError("forged")) == 0
+    assert processor.release_records([second[1], first[1]]) == 2
+
+
+def test_failures_of_one_batch_get_each_record_its_own_backoff(make_processor: Any, db: Any) -> None:
+    quick = make_processor(retry=RetryPolicy(base_delay=0, jitter=0))
+    slow = make_processor(retry=RetryPolicy(base_delay=100, multiplier=2, jitter=0))
+    low, high = quick.add_records([{"n": 1}, {"n": 2}])
+    first = {r.id: r for r in quick.claim_records(2)}
+    assert quick.mark_failed([first[high]], RuntimeError("once")) == 1  # pending again, attempt 1 charged
+    assert quick.release_records([first[low]]) == 1  # pending again, the attempt not charged
+    held = {r.id: r for r in slow.claim_records(2)}
+    assert (held[low].attempts, held[high].attempts) == (1, 2)
+    before = datetime.now(timezone.utc)
+    assert slow.mark_failed([held[high], held[low]], RuntimeError("again")) == 2  # not in id order
+    waits = {rid: (status_of(db, rid)[4] - before).total_seconds() for rid in (low, high)}
+    assert 99 < waits[low] < 101 and 199 < waits[high] < 201, waits
+
+
 def test_completed_record_is_not_completed_twice(processor: DistributedProcessor) -> None:
     processor.add_records([{"x": 1}, {"x": 2}])
     recs = processor.claim_records()
