@@ -189,27 +189,47 @@ class Bench:
                  (10_000, 20_000 if self.quick else 100_000)]
         print("enqueue: add_records in batches vs a raw COPY of the same rows")
         payloads = [{"n": i, "kind": "bench"} for i in range(max(n for _, n in sizes))]
-        for batch, n in sizes:
+
+        def ours(batch: int, n: int) -> float:
             with self.db() as conn:
                 conn.execute("TRUNCATE processing_queue")
+            self.settle()
             with DistributedProcessor(self.dsn, copy_threshold=2000) as p:
                 p.get_queue_status()
                 t0 = time.perf_counter()
                 for start in range(0, n, batch):
                     p.add_records(payloads[start:start + batch])
-                ours = n / (time.perf_counter() - t0)
+                return n / (time.perf_counter() - t0)
+
+        def raw(batch: int, n: int) -> float:
             with self.db() as conn:
                 conn.execute("TRUNCATE processing_queue")
+                self.settle()
                 t0 = time.perf_counter()
                 for start in range(0, n, batch):
                     with conn.transaction(), conn.cursor().copy(
                             "COPY processing_queue (queue, payload) FROM STDIN") as copy:
                         for item in payloads[start:start + batch]:
                             copy.write_row(("default", json.dumps(item)))
-                raw = n / (time.perf_counter() - t0)
+                return n / (time.perf_counter() - t0)
+
+        for batch, n in sizes:
+            # The target case alternates the two (which goes first alternating too) and compares medians:
+            # one ~1 s pair on two shared cores read anywhere from 0.75 to 1.2 here.
+            pairs = 5 if batch == 10_000 and not self.quick else 1
+            ourss, raws = [], []
+            for i in range(pairs):
+                if i % 2:
+                    raws.append(raw(batch, n))
+                    ourss.append(ours(batch, n))
+                else:
+                    ourss.append(ours(batch, n))
+                    raws.append(raw(batch, n))
+            ours_rate, raw_rate = statistics.median(ourss), statistics.median(raws)
             target = ">= 0.8x" if batch == 10_000 else ""
-            self.add(Row("enqueue", f"batches of {batch:,}", ours, "rec/s", raw, "raw COPY, same batches",
-                         target=target, met=(ours / raw >= 0.8) if batch == 10_000 else None))
+            self.add(Row("enqueue", f"batches of {batch:,}", ours_rate, "rec/s", raw_rate, "raw COPY, same batches",
+                         target=target, met=(ours_rate / raw_rate >= 0.8) if batch == 10_000 else None,
+                         extra={"ours_runs": ourss, "raw_runs": raws}))
 
     def suite_latency(self) -> None:
         samples = 100 if self.quick else 300
@@ -321,15 +341,22 @@ class Bench:
     def suite_keys(self) -> None:
         n = 20_000 if self.quick else 60_000
         print(f"per-key ordering: {n:,} records drained by run() with W=2, keys limit 1")
-        self.fill_pending(n)
-        keyless = self.drain_procs("ours", 2, 100)["rate"]
-        self.add(Row("keys", "no ordering keys", keyless, "rec/s"))
-        for keys in (100, 10_000):
-            self.fill_pending(n, keys=keys)
-            rate = self.drain_procs("ours", 2, 100)["rate"]
-            big = keys == 10_000
-            self.add(Row("keys", f"{keys:,} ordering keys", rate, "rec/s", keyless, "keyless drain",
-                         target=">= 0.7x" if big else "", met=(rate / keyless >= 0.7) if big else None))
+        # The target case alternates keyless and keyed drains and compares medians, as the drain suite does.
+        pairs = 1 if self.quick else 3
+        keyless_runs, keyed_runs = [], []
+        for _ in range(pairs):
+            self.fill_pending(n)
+            keyless_runs.append(self.drain_procs("ours", 2, 100)["rate"])
+            self.fill_pending(n, keys=10_000)
+            keyed_runs.append(self.drain_procs("ours", 2, 100)["rate"])
+        keyless = statistics.median(keyless_runs)
+        self.add(Row("keys", "no ordering keys", keyless, "rec/s", extra={"runs": keyless_runs}))
+        self.fill_pending(n, keys=100)
+        few = self.drain_procs("ours", 2, 100)["rate"]
+        self.add(Row("keys", "100 ordering keys", few, "rec/s", keyless, "keyless drain"))
+        rate = statistics.median(keyed_runs)
+        self.add(Row("keys", "10,000 ordering keys", rate, "rec/s", keyless, "keyless drain",
+                     target=">= 0.7x", met=rate / keyless >= 0.7, extra={"runs": keyed_runs}))
 
     def suite_memory(self) -> None:
         n = 50_000 if self.quick else 1_000_000

@@ -75,7 +75,12 @@ def latency(dsn: str, batch: int) -> int:
     with DistributedProcessor(dsn, batch_size=batch, queue="probe") as p:
         p.get_queue_status()
         stop = threading.Event()
-        threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+
+        def stop_on_input() -> None:
+            sys.stdin.readline()
+            stop.set()
+
+        threading.Thread(target=stop_on_input, daemon=True).start()
         print("ready", flush=True)
         summary = p.run(handler, stop_event=stop, poll_interval=1.0, handle_signals=False)
         return summary.processed
