@@ -11,6 +11,7 @@ import pytest
 
 from core import DistributedProcessor, InvalidPayload, RetryPolicy
 from core.errors import DatabaseUnavailable, InvalidArgument
+from tests.support import wait_until
 
 
 def status_of(db: psycopg.Connection[Any], rid: int) -> tuple[Any, ...]:
@@ -129,6 +130,17 @@ def test_fencing_pairs_each_id_with_its_own_token_in_any_order(processor: Distri
     assert processor.release_records(forged) == 0
     assert processor.mark_failed(forged, RuntimeError("forged")) == 0
     assert processor.release_records([second[1], first[1]]) == 2
+
+
+def test_a_stale_copy_of_a_reclaimed_record_does_not_hide_the_current_one(make_processor: Any) -> None:
+    # The same id offered twice in one call, its old claim after its re-claim: the re-claim's token wins.
+    p = make_processor(lease_seconds=0.2, heartbeat_interval=0.05)
+    p.add_records([{"x": 1}])
+    (old,) = p.claim_records()
+    wait_until(lambda: p.cleanup_orphaned_records() == 1, timeout=5)
+    (new,) = p.claim_records()
+    assert new.id == old.id and new.lease_token != old.lease_token
+    assert p.mark_completed([new, old]) == 1
 
 
 def test_failures_of_one_batch_get_each_record_its_own_backoff(make_processor: Any, db: Any) -> None:
