@@ -27,7 +27,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +162,27 @@ class Bench:
         return {"rate": done / elapsed, "done": done, "elapsed": elapsed, "rss": [o["rss"] for o in outs],
                 "cpu": [o["cpu"] for o in outs]}
 
+    @staticmethod
+    def _alternate(pairs: int, first: Callable[[], float], second: Callable[[], float], *,
+                   swap: bool = False) -> tuple[list[float], list[float]]:
+        """Run ``first`` and ``second`` alternately ``pairs`` times (with ``swap``, every other pair in the
+        other order); the caller compares medians: single pairs on two shared cores are too noisy."""
+        a: list[float] = []
+        b: list[float] = []
+        for i in range(pairs):
+            if swap and i % 2:
+                b.append(second())
+                a.append(first())
+            else:
+                a.append(first())
+                b.append(second())
+        return a, b
+
+    def _fill_and_drain(self, mode: str, workers: int, n: int, *, keys: int = 0) -> float:
+        """Fill ``n`` pending records and drain them with ``workers`` processes; records/s."""
+        self.fill_pending(n, keys=keys)
+        return float(self.drain_procs(mode, workers, 100)["rate"])
+
     # ------------------------------------------------------------------ suites
 
     def suite_drain(self) -> None:
@@ -171,12 +194,8 @@ class Bench:
             # The target case alternates raw and ours three times and compares medians: one pair of ~2 s
             # drains on 2 shared cores moves by 10-20 % from run to run.
             pairs = 3 if workers == 2 and not self.quick else 1
-            raws, ourss = [], []
-            for _ in range(pairs):
-                self.fill_pending(n)
-                raws.append(self.drain_procs("raw", workers, 100)["rate"])
-                self.fill_pending(n)
-                ourss.append(self.drain_procs("ours", workers, 100)["rate"])
+            raws, ourss = self._alternate(pairs, partial(self._fill_and_drain, "raw", workers, n),
+                                          partial(self._fill_and_drain, "ours", workers, n))
             raw_rate, ours_rate = statistics.median(raws), statistics.median(ourss)
             target = ">= 0.85x" if workers == 2 else ""
             ratio = ours_rate / raw_rate
@@ -219,14 +238,7 @@ class Bench:
             # The target case alternates the two (which goes first alternating too) and compares medians:
             # one ~1 s pair on two shared cores read anywhere from 0.75 to 1.2 here.
             pairs = 5 if batch == 10_000 and not self.quick else 1
-            ourss, raws = [], []
-            for i in range(pairs):
-                if i % 2:
-                    raws.append(raw(batch, n))
-                    ourss.append(ours(batch, n))
-                else:
-                    ourss.append(ours(batch, n))
-                    raws.append(raw(batch, n))
+            ourss, raws = self._alternate(pairs, partial(ours, batch, n), partial(raw, batch, n), swap=True)
             ours_rate, raw_rate = statistics.median(ourss), statistics.median(raws)
             target = ">= 0.8x" if batch == 10_000 else ""
             self.add(Row("enqueue", f"batches of {batch:,}", ours_rate, "rec/s", raw_rate, "raw COPY, same batches",
@@ -378,12 +390,8 @@ class Bench:
         print(f"per-key ordering: {n:,} records drained by run() with W=2, keys limit 1")
         # The target case alternates keyless and keyed drains and compares medians, as the drain suite does.
         pairs = 1 if self.quick else 3
-        keyless_runs, keyed_runs = [], []
-        for _ in range(pairs):
-            self.fill_pending(n)
-            keyless_runs.append(self.drain_procs("ours", 2, 100)["rate"])
-            self.fill_pending(n, keys=10_000)
-            keyed_runs.append(self.drain_procs("ours", 2, 100)["rate"])
+        keyless_runs, keyed_runs = self._alternate(pairs, partial(self._fill_and_drain, "ours", 2, n),
+                                                   partial(self._fill_and_drain, "ours", 2, n, keys=10_000))
         keyless = statistics.median(keyless_runs)
         self.add(Row("keys", "no ordering keys", keyless, "rec/s", extra={"runs": keyless_runs}))
         self.fill_pending(n, keys=100)

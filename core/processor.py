@@ -739,18 +739,23 @@ class DistributedProcessor:
         With ``retry`` and the error retryable under the policy, a record with attempts left returns to
         ``pending`` after its backoff; otherwise it ends ``failed``. The error lands in ``last_error``.
         """
-        batch = self._sorted(records)
+        batch = list(records)
         if not batch:
             return 0
         retryable = bool(retry) and self.retry.should_retry(error if isinstance(error, BaseException) else None)
-        params = {
+        params = self._fail_params(batch, error, retryable)
+        return self._with_retry(lambda conn: conn.execute(self.q.fail, params).rowcount)
+
+    def _fail_params(self, records: Iterable[Record], error: BaseException | str, retryable: bool) -> dict[str, Any]:
+        """Parameters of the fail statement: the arrays in id order, each record with its own backoff."""
+        batch = self._sorted(records)
+        return {
             "ids": [r.id for r in batch],
             "tokens": [r.lease_token for r in batch],
             "delays": [self.retry.delay_for(r.attempts) for r in batch],
             "retry": retryable,
             "error": format_error(error, ERROR_TEXT_LIMIT),
         }
-        return self._with_retry(lambda conn: conn.execute(self.q.fail, params).rowcount)
 
     def release_records(self, records: Iterable[Record], reason: str = "released by its instance") -> int:
         """Hand held records back to ``pending`` at once, the attempt not charged (graceful shutdown)."""

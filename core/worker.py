@@ -28,7 +28,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from core.errors import DatabaseUnavailable, ProcessorError
-from core.record import Record, format_error
+from core.record import Record
 
 if TYPE_CHECKING:
     from core.processor import DistributedProcessor
@@ -676,13 +676,7 @@ class Worker:
     def _mark_failed_status(self, record: Record, err: BaseException) -> list[str]:
         p = self.p
         retryable = p.retry.should_retry(err) and not isinstance(err, RecordCancelled)
-        params = {
-            "ids": [record.id],
-            "tokens": [record.lease_token],
-            "delays": [p.retry.delay_for(record.attempts)],
-            "retry": retryable,
-            "error": format_error(err),
-        }
+        params = p._fail_params([record], err, retryable)
         rows = p._with_retry(lambda conn: conn.execute(p.q.fail, params).fetchall())
         return [str(r[1]) for r in rows]
 
