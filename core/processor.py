@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
@@ -113,6 +113,41 @@ def _encode_payload(i: int, payload: dict[str, Any]) -> str:
     if "\\u0000" in text:
         raise InvalidPayload(i, "contains a NUL character, which PostgreSQL JSONB cannot store")
     return text
+
+
+# How far apart (in ids) two records of a key must be for the later one to be inserted claimable rather than
+# blocked. A blocked record costs one more write when its key's head moves on (the unblock), which is most of
+# what per-key ordering costs. Records of one batch share their priority and run_at, so claims reach them in
+# id order; a record of an earlier batch counts when claims reach it first too (key_heads). By the time a
+# claim reaches a record this far behind the previous one of its key, that one has been claimed and, unless
+# its handler is slower than this many records, finished. If not, the claim rejects the record (it is never
+# started out of order) and reads it again on its next statement, as it reads any key head's successor
+# while the head runs. A failure that makes the key wait blocks its later records again (fail statement).
+KEY_GAP = 1000
+
+
+def inserted_blocked(
+    keys: Sequence[str | None], prior: Mapping[str, int | None], first_id: int = 0, gap: int = KEY_GAP
+) -> list[bool]:
+    """Which records of a batch are inserted blocked (``key_blocked``): a keyed record with an earlier pending
+    record of its key, unless that one is claimable, reached by claims first, and ``gap`` or more ids earlier.
+
+    ``prior``: the keys that already have pending records, each with the id of its latest one when a new
+    record may follow it claimable, else None. ``first_id``: a lower bound of the batch's first id (the
+    later ones follow it in order).
+    """
+    blocked = [False] * len(keys)
+    stuck = {k for k, last_id in prior.items() if last_id is None}  # every further record of these waits
+    last = {k: last_id for k, last_id in prior.items() if last_id is not None}
+    for i, k in enumerate(keys):
+        if k is None:
+            continue
+        rid = first_id + i
+        if k in stuck or (k in last and rid - last[k] < gap):
+            blocked[i] = True
+            stuck.add(k)
+        last[k] = rid
+    return blocked
 
 
 # Records per COPY write: large enough to amortise the call, small enough to overlap with the server.
@@ -462,12 +497,12 @@ class DistributedProcessor:
                 if key_set:
                     conn.execute(self.q.lock_ordering_keys, {"keys": key_set})
                     # A record behind an earlier pending one of its key is inserted blocked: claims skip it
-                    # until the key's head moves on (see unblock_key_heads).
-                    busy = {k for k, has in conn.execute(self.q.key_heads, {"keys": key_set}).fetchall() if has}
-                    for i, k in enumerate(keys):
-                        if k is not None:
-                            blocked[i] = k in busy
-                            busy.add(k)
+                    # until the key's head moves on (the claim statement's unblock), unless the batch spreads
+                    # the key's records out (see KEY_GAP).
+                    heads = conn.execute(self.q.key_heads, {
+                        "keys": key_set, "queue": queue, "priority": priority, "run_at": run_at}).fetchall()
+                    prior = {k: (last_id if follows else None) for k, has, last_id, follows, _ in heads if has}
+                    blocked = inserted_blocked(keys, prior, int(heads[0][4] or 0) + 1)
                 limit_row = conn.execute(self.q.lock_queue_limit, {"queue": queue}).fetchone()
                 if use_copy:
                     result = self._insert_copy(conn, queue, items, priority, run_at, attempts_cap, keys, blocked)
@@ -755,6 +790,7 @@ class DistributedProcessor:
             "delays": [self.retry.delay_for(r.attempts) for r in batch],
             "retry": retryable,
             "error": format_error(error, ERROR_TEXT_LIMIT),
+            "default_block_on_failure": self.block_on_failure,
         }
 
     def release_records(self, records: Iterable[Record], reason: str = "released by its instance") -> int:

@@ -130,28 +130,76 @@ SELECT claimed.*, (SELECT count(*) FROM done) + 0 * (SELECT count(*) FROM notifi
 -- name: fail
 -- Fenced like complete (ids sorted; width_bucket finds each row's own entries in the arrays). A retryable
 -- failure with attempts left goes back to pending after its own backoff delay.
-UPDATE {records} t
-   SET status = CASE
-           WHEN %(retry)s::bool AND t.attempts < t.max_attempts AND NOT t.cancel_requested THEN 'pending'
-           WHEN t.cancel_requested THEN 'cancelled'
-           ELSE 'failed' END,
-       run_at = CASE
-           WHEN %(retry)s::bool AND t.attempts < t.max_attempts AND NOT t.cancel_requested
-           THEN now() + (%(delays)s::float8[])[width_bucket(t.id, %(ids)s::bigint[])] * interval '1 second'
-           ELSE t.run_at END,
-       finished_at = CASE
-           WHEN %(retry)s::bool AND t.attempts < t.max_attempts AND NOT t.cancel_requested THEN NULL
-           ELSE now() END,
-       dedupe_held = t.dedupe_held
-           AND %(retry)s::bool AND t.attempts < t.max_attempts AND NOT t.cancel_requested,
-       last_error = %(error)s,
-       lease_token = NULL,
-       lease_expires_at = NULL,
-       updated_at = now()
- WHERE t.id = ANY(%(ids)s::bigint[])
-   AND t.lease_token = (%(tokens)s::uuid[])[width_bucket(t.id, %(ids)s::bigint[])]
-   AND t.status = 'processing'
-RETURNING t.id, t.status;
+WITH failed AS (
+    UPDATE {records} t
+       SET status = CASE
+               WHEN %(retry)s::bool AND t.attempts < t.max_attempts AND NOT t.cancel_requested THEN 'pending'
+               WHEN t.cancel_requested THEN 'cancelled'
+               ELSE 'failed' END,
+           run_at = CASE
+               WHEN %(retry)s::bool AND t.attempts < t.max_attempts AND NOT t.cancel_requested
+               THEN now() + (%(delays)s::float8[])[width_bucket(t.id, %(ids)s::bigint[])] * interval '1 second'
+               ELSE t.run_at END,
+           finished_at = CASE
+               WHEN %(retry)s::bool AND t.attempts < t.max_attempts AND NOT t.cancel_requested THEN NULL
+               ELSE now() END,
+           dedupe_held = t.dedupe_held
+               AND %(retry)s::bool AND t.attempts < t.max_attempts AND NOT t.cancel_requested,
+           last_error = %(error)s,
+           lease_token = NULL,
+           lease_expires_at = NULL,
+           updated_at = now()
+     WHERE t.id = ANY(%(ids)s::bigint[])
+       AND t.lease_token = (%(tokens)s::uuid[])[width_bucket(t.id, %(ids)s::bigint[])]
+       AND t.status = 'processing'
+    RETURNING t.id, t.status, t.ordering_key
+),
+-- A keyed record that now waits (a retry after its backoff, or failed on a key that blocks on failure) holds
+-- its key again: the key's later pending records that are claimable (the next one since this record's
+-- claim; more when the batch that inserted them spread them out) go back to blocked, or every claim until
+-- this record runs again would read them and reject them. Its next claim (or a cancel) unblocks the next.
+held AS (
+    SELECT f.ordering_key AS k, min(f.id) AS after
+      FROM failed f
+     WHERE f.ordering_key IS NOT NULL
+       AND (f.status = 'pending' OR (f.status = 'failed' AND coalesce(
+                CASE WHEN (SELECT EXISTS (SELECT 1 FROM {key_limits})) THEN
+                     (SELECT k.block_on_failure FROM {key_limits} k
+                       WHERE f.ordering_key LIKE k.like_pattern
+                       ORDER BY k.is_exact DESC, length(k.pattern) DESC LIMIT 1) END,
+                %(default_block_on_failure)s)))
+     GROUP BY f.ordering_key
+),
+-- The claimable records of a key come before its blocked ones (inserts block every record behind a blocked
+-- one; unblocks free only the earliest pending record), so the walk stops at the first blocked record.
+chain AS (
+    WITH RECURSIVE walk(k, id, blocked) AS (
+        SELECT held.k, h.id, h.key_blocked
+          FROM held
+         CROSS JOIN LATERAL (
+            SELECT n.id, n.key_blocked FROM {records} n
+             WHERE n.ordering_key = held.k AND n.status = 'pending' AND n.id > held.after
+             ORDER BY n.ordering_key, n.status, n.id LIMIT 1) h
+        UNION ALL
+        SELECT walk.k, h.id, h.key_blocked
+          FROM walk
+         CROSS JOIN LATERAL (
+            SELECT n.id, n.key_blocked FROM {records} n
+             WHERE n.ordering_key = walk.k AND n.status = 'pending' AND n.id > walk.id
+             ORDER BY n.ordering_key, n.status, n.id LIMIT 1) h
+         WHERE NOT walk.blocked
+    )
+    -- SKIP LOCKED: a record a claim holds is that claim's (its probes see this one pending or in flight),
+    -- and the statement never waits, so it cannot deadlock with a claim's unblock.
+    SELECT r.id FROM {records} r
+     WHERE r.id = ANY(ARRAY(SELECT walk.id FROM walk WHERE NOT walk.blocked))
+       AND r.status = 'pending' AND NOT r.key_blocked
+       FOR UPDATE SKIP LOCKED
+),
+reblocked AS (
+    UPDATE {records} b SET key_blocked = true WHERE b.id = ANY(ARRAY(SELECT id FROM chain)) RETURNING 1
+)
+SELECT failed.id, failed.status, (SELECT count(*) FROM reblocked) AS reblocked FROM failed;
 
 -- name: release
 -- Hand records back at once (graceful shutdown): pending again, the attempt not charged.
@@ -261,7 +309,10 @@ RETURNING t.id, t.status, t.ordering_key;
 -- name: key_heads
 -- Under the producers' key locks: which keys already have a pending record. The earliest one is locked
 -- FOR SHARE so that a claim of it in progress finishes first (then the next pending one is found instead).
-SELECT u.k, h.id IS NOT NULL
+-- And each key's latest pending record: a new record far enough behind it may be inserted claimable when
+-- claims reach it after that one (same queue, not a lower priority, not due later) and it is claimable
+-- itself; with the highest id so far, a lower bound of the new ids, to tell how far (see KEY_GAP).
+SELECT u.k, h.id IS NOT NULL, t.id, t.follows, (SELECT max(m.id) FROM {records} m)
   FROM unnest(%(keys)s::text[]) AS u(k)
   LEFT JOIN LATERAL (
         SELECT id FROM {records}
@@ -269,7 +320,15 @@ SELECT u.k, h.id IS NOT NULL
          ORDER BY id
          LIMIT 1
            FOR SHARE
-  ) h ON true;
+  ) h ON true
+  LEFT JOIN LATERAL (
+        SELECT l.id, NOT l.key_blocked AND l.queue = %(queue)s AND l.priority >= %(priority)s
+                     AND l.run_at <= coalesce(%(run_at)s::timestamptz, now()) AS follows
+          FROM {records} l
+         WHERE l.ordering_key = u.k AND l.status = 'pending'
+         ORDER BY l.ordering_key DESC, l.status DESC, l.id DESC
+         LIMIT 1
+  ) t ON true;
 
 -- name: unblock_sweep
 -- Safety net for a key left blocked (a claimer gone between a claim and its unblock, a record recovered to

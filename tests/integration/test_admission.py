@@ -5,11 +5,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 
 from core import DistributedProcessor, QueueFull, RetryPolicy
+from core.processor import KEY_GAP
 from tests.procs.ledger import ensure_ledger, ledger_handler
 from tests.support import wait_until
 
@@ -380,3 +382,83 @@ def test_serial_key_advances_without_waiting_for_a_poll(processor: DistributedPr
     assert seen == ids
     assert summary.processed == 20
     assert elapsed < 2.5, f"a serial key took {elapsed:.1f}s for 20 records"
+
+
+def _spread(n_rounds: int) -> list[str]:
+    """Keys of ``n_rounds`` rounds over KEY_GAP keys: each key's records exactly KEY_GAP apart."""
+    return [f"k{i % KEY_GAP}" for i in range(n_rounds * KEY_GAP)]
+
+
+def test_spread_out_records_of_a_key_are_inserted_claimable_and_still_wait_their_turn(
+    processor: DistributedProcessor, db: Any
+) -> None:
+    ids = processor.add_records([{} for _ in range(2 * KEY_GAP)], ordering_key=_spread(2))
+    later = processor.add_records([{}], ordering_key="k5")  # behind pending records of its key: blocked
+    assert not any(_blocked(db, ids)) and _blocked(db, later) == [True]
+    heads = processor.claim_records(KEY_GAP)
+    assert [r.id for r in heads] == ids[:KEY_GAP]
+    assert processor.claim_records(100) == []  # every second record's key is in flight
+    processor.mark_completed(heads[:10])
+    assert [r.id for r in processor.claim_records(100)] == ids[KEY_GAP:KEY_GAP + 10]
+
+
+def test_a_retried_failure_blocks_its_keys_later_records_until_it_runs_again(make_processor: Any, db: Any) -> None:
+    p = make_processor(retry=RetryPolicy(base_delay=60, jitter=0), max_attempts=3)
+    ids = p.add_records([{} for _ in range(3 * KEY_GAP)], ordering_key=_spread(3))
+    heads = p.claim_records(KEY_GAP)
+    first, k0 = heads[0], ids[0::KEY_GAP]
+    assert p.mark_failed([first], RuntimeError("boom")) == 1  # pending again, due in a minute
+    # the key's later records were claimable (inserted so): now blocked, so claims neither take nor read them
+    assert _blocked(db, k0) == [False, True, True]
+    assert not any(_blocked(db, ids[1:KEY_GAP] + ids[KEY_GAP + 1:2 * KEY_GAP]))
+    p.mark_completed(heads[1:])
+    second = p.claim_records(2 * KEY_GAP)
+    assert [r.id for r in second] == ids[KEY_GAP + 1:2 * KEY_GAP]  # every key's next record but k0's
+    db.execute("UPDATE processing_queue SET run_at = now() WHERE id = %s", (first.id,))  # its backoff is over
+    (again,) = p.claim_records(10)
+    assert again.id == first.id and again.attempts == 2
+    p.mark_completed([again])
+    assert [r.id for r in p.claim_records(10)] == k0[1:2]  # then the key goes on in order
+    assert _blocked(db, k0[2:]) == [False]
+
+
+def test_a_failure_that_stops_its_key_blocks_its_later_records_until_an_operator_acts(
+    make_processor: Any, db: Any
+) -> None:
+    p = make_processor(block_on_failure=True, max_attempts=1)
+    ids = p.add_records([{} for _ in range(2 * KEY_GAP)], ordering_key=_spread(2))
+    heads = p.claim_records(KEY_GAP)
+    assert p.mark_failed([heads[0]], RuntimeError("boom")) == 1
+    assert _blocked(db, [ids[KEY_GAP], ids[KEY_GAP + 1]]) == [True, False]
+    p.mark_completed(heads[1:])
+    assert [r.id for r in p.claim_records(2 * KEY_GAP)] == ids[KEY_GAP + 1:]
+    assert p.cancel([ids[0]]) == {ids[0]: "cancelled"}
+    assert [r.id for r in p.claim_records(10)] == [ids[KEY_GAP]]
+
+
+def test_a_failure_that_ends_its_record_leaves_the_key_free(make_processor: Any, db: Any) -> None:
+    p = make_processor(max_attempts=1)
+    ids = p.add_records([{} for _ in range(2 * KEY_GAP)], ordering_key=_spread(2))
+    heads = p.claim_records(KEY_GAP)
+    assert p.mark_failed([heads[0]], RuntimeError("boom")) == 1
+    assert _statuses(db, ids[:1]) == ["failed"] and _blocked(db, [ids[KEY_GAP]]) == [False]
+    assert [r.id for r in p.claim_records(10)] == [ids[KEY_GAP]]
+
+
+def test_a_later_batch_follows_its_keys_claimable_only_where_claims_reach_it_later(
+    processor: DistributedProcessor, db: Any
+) -> None:
+    keys = [f"k{i}" for i in range(KEY_GAP)]
+    first = processor.add_records([{} for _ in keys], ordering_key=keys)
+    second = processor.add_records([{} for _ in keys], ordering_key=keys)  # each KEY_GAP ids behind
+    assert not any(_blocked(db, first + second))
+    close = processor.add_records([{}], ordering_key=keys[-1])  # right behind its key's last record
+    urgent = processor.add_records([{}], ordering_key="k0", priority=5)  # claims would reach it first
+    elsewhere = processor.add_records([{}], ordering_key="k1", queue="other")  # another queue's claims
+    earlier = processor.add_records([{}], ordering_key="k2", run_at=datetime.now(timezone.utc) - timedelta(hours=1))
+    later = processor.add_records([{}], ordering_key="k3", delay=3600)  # due after its key's last record
+    assert _blocked(db, close + urgent + elsewhere + earlier + later) == [True, True, True, True, False]
+    # a claimable record behind a blocked one is blocked too
+    assert _blocked(db, processor.add_records([{}], ordering_key="k0", priority=-1)) == [True]
+    # every key's first record; the second ones wait for them (their keys are in flight), the rest are blocked
+    assert [r.id for r in processor.claim_records(2 * KEY_GAP)] == first

@@ -126,7 +126,7 @@ _STATEMENT_PARAMS: dict[str, dict[str, Any]] = {
     "heartbeat": {"instance_id": "explain", "registered": True, "lease_seconds": 30, "ids": [1, 2],
                   "tokens": ["00000000-0000-0000-0000-000000000001"] * 2},
     "fail": {"ids": [1], "tokens": ["00000000-0000-0000-0000-000000000001"], "delays": [1.0], "retry": True,
-             "error": "x"},
+             "error": "x", "default_block_on_failure": True},
     "release": {"ids": [1], "tokens": ["00000000-0000-0000-0000-000000000001"], "reason": "x"},
     "recover_orphans": {"batch": 1000},
     "unblock_sweep": {"after": "", "keys": 1000},

@@ -10,7 +10,7 @@ from core import DistributedProcessor, InvalidPayload
 from core.dsn import redact, resolve_dsn
 from core.errors import ConfigurationError, InvalidArgument
 from core.instance import new_instance_id
-from core.processor import channel_for, glob_to_like
+from core.processor import channel_for, glob_to_like, inserted_blocked
 from core.queries import Queries, raw_statements
 
 
@@ -99,3 +99,18 @@ def test_invalid_queue_filter_and_batch_size_raise_invalid_argument() -> None:
     with pytest.raises(InvalidArgument, match="unknown status"):
         p.get_queue_status(statuses=["pending", "bogus"])
     p.close()
+
+
+def test_records_of_a_key_are_inserted_blocked_unless_spread_out() -> None:
+    # "a" every 3 records (spread, for gap 3) then 2 apart, "b" twice in a row, "c" behind a record it must
+    # not follow claimable
+    keys = ["a", "b", "b", "a", None, "c", "a", "b", "a", "a"]
+    assert inserted_blocked(keys, {"c": None}, gap=3) == [
+        False, False, True, False, False, True, False, True, True, True]
+    # once one record of a key is blocked, every later one of the batch is too, however far behind
+    assert inserted_blocked(["a", "a", None, None, None, "a"], {}, gap=2) == [False, True, False, False, False, True]
+    assert inserted_blocked([None, None], {}, gap=1000) == [False, False]
+    # behind a claimable record of an earlier batch: by id distance (the batch's ids start at first_id)
+    assert inserted_blocked(["a", "b", "a", "b"], {"a": 100, "b": 98}, first_id=101, gap=3) == [
+        True, False, True, True]
+    assert inserted_blocked(["a", "a"], {"a": 100}, first_id=110, gap=10) == [False, True]
