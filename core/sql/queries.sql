@@ -33,13 +33,17 @@ WITH done AS (
 unblocked AS (
     -- Driven by the keys (a key-index lookup per head, then the heads by primary key), never a join the
     -- statistics could turn into a scan of the table for blocked rows.
+    -- Only blocked heads reach the update (most are not: see KEY_GAP): no second lookup of the others.
     UPDATE {records} b
        SET key_blocked = false
      WHERE b.id = ANY(ARRAY(
-               SELECT (SELECT n.id FROM {records} n
-                        WHERE n.ordering_key = u.k AND n.status = 'pending'
-                        ORDER BY n.ordering_key, n.status, n.id LIMIT 1)
-                 FROM unnest(%(unblock_keys)s::text[]) AS u(k)))
+               SELECT h.id
+                 FROM unnest(%(unblock_keys)s::text[]) AS u(k)
+                CROSS JOIN LATERAL (
+                    SELECT n.id, n.key_blocked FROM {records} n
+                     WHERE n.ordering_key = u.k AND n.status = 'pending'
+                     ORDER BY n.ordering_key, n.status, n.id LIMIT 1) h
+                WHERE h.key_blocked))
        AND b.key_blocked
     RETURNING 1
 ),
