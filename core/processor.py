@@ -1014,19 +1014,25 @@ class DistributedProcessor:
         """
         if not isinstance(key_or_pattern, str) or not key_or_pattern:
             raise InvalidArgument("key_or_pattern must be a non-empty string")
+        is_exact = not any(c in key_or_pattern for c in "*?")
         if n is None:
             self._with_retry(
                 lambda conn: conn.execute(self.q.delete_key_concurrency, {"pattern": key_or_pattern})
             )
-            return
-        params = {
-            "pattern": key_or_pattern,
-            "like_pattern": glob_to_like(key_or_pattern),
-            "is_exact": not any(c in key_or_pattern for c in "*?"),
-            "n": _positive_int("n", n),
-            "block_on_failure": bool(block_on_failure),
-        }
-        self._with_retry(lambda conn: conn.execute(self.q.set_key_concurrency, params))
+        else:
+            params = {
+                "pattern": key_or_pattern,
+                "like_pattern": glob_to_like(key_or_pattern),
+                "is_exact": is_exact,
+                "n": _positive_int("n", n),
+                "block_on_failure": bool(block_on_failure),
+            }
+            self._with_retry(lambda conn: conn.execute(self.q.set_key_concurrency, params))
+        if is_exact:
+            # A key stopped by a failure under block_on_failure had its later records blocked: if it no longer
+            # blocks, the next one may go now (a no-op otherwise: the claim still checks the setting). For a
+            # pattern, the maintenance sweep gets to each matching key in its turn.
+            self._followups({key_or_pattern})
 
     def set_queue_limit(self, queue: str, n: int | None) -> None:
         """Cap the number of pending records of ``queue`` (``None`` removes the cap); enforced on insert."""

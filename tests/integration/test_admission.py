@@ -144,6 +144,9 @@ def test_block_on_failure_can_be_set_per_key_in_the_database(make_processor: Any
     assert {r.id for r in recs} == {strict[0], loose[0]}
     p.mark_failed(recs, "boom")
     assert [r.id for r in p.claim_records(10)] == [loose[1]]
+    # the key no longer blocks on failure: its next record goes at once, not at the next maintenance sweep
+    p.set_key_concurrency("strict-1", 1)
+    assert [r.id for r in p.claim_records(10)] == [strict[1]]
 
 
 def test_dedupe_returns_the_existing_id_and_releases_on_claim(processor: DistributedProcessor) -> None:

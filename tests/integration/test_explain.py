@@ -129,6 +129,7 @@ _STATEMENT_PARAMS: dict[str, dict[str, Any]] = {
              "error": "x", "default_block_on_failure": True},
     "release": {"ids": [1], "tokens": ["00000000-0000-0000-0000-000000000001"], "reason": "x"},
     "recover_orphans": {"batch": 1000},
+    "key_heads": {"keys": ["k1", "k2"], "queue": "default", "priority": 0, "run_at": None},
     "unblock_sweep": {"after": "", "keys": 1000},
     "prune_instances": {"retention": 86400},
     "list_instances": {"include_stopped": True},
