@@ -18,12 +18,13 @@ from psycopg import sql
 
 if TYPE_CHECKING:
     from core.processor import DistributedProcessor
+    from core.worker import Wake
 
 log = logging.getLogger("core.notifier")
 
 
 class Listener:
-    def __init__(self, processor: DistributedProcessor, queues: list[str], wake: threading.Event) -> None:
+    def __init__(self, processor: DistributedProcessor, queues: list[str], wake: Wake) -> None:
         from core.processor import channel_for
 
         self.p = processor

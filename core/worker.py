@@ -48,6 +48,27 @@ CHUNK_SECONDS = 0.002
 UNBLOCK_SECONDS = 0.05
 
 
+class Wake:
+    """A wake-up that no waiter can miss: each ``set`` advances a generation, and a waiter waits for the
+    generation to move past the one it read *before* looking for work. A shared Event lost wake-ups: one
+    claimer's ``clear`` hid a ``set`` from the other, which had already looked and then slept a poll
+    interval (a serial key stalled for seconds when the two claimers' statements overlapped)."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition(threading.Lock())
+        self.generation = 0
+
+    def set(self) -> None:
+        with self._cv:
+            self.generation += 1
+            self._cv.notify_all()
+
+    def wait_since(self, generation: int, timeout: float) -> bool:
+        """Wait until something was set after ``generation`` (at most ``timeout`` seconds); whether it was."""
+        with self._cv:
+            return self._cv.wait_for(lambda: self.generation != generation, max(0.0, timeout))
+
+
 class HandlerTimeout(ProcessorError, TimeoutError):
     """A handler ran longer than its per-record timeout; the record was failed and its late result fenced."""
 
@@ -159,7 +180,7 @@ class Worker:
         self.summary = RunSummary()
         self.stopping = threading.Event()  # no new claims
         self.aborted = threading.Event()  # grace over: release what is still held
-        self.wake = threading.Event()
+        self.wake = Wake()
         self.last_tick = time.monotonic()
         self._held: dict[int, _Held] = {}
         self._lock = threading.Lock()
@@ -286,6 +307,10 @@ class Worker:
         consecutive_errors = 0
         while not self._should_stop():
             self.last_tick = time.monotonic()
+            # Read before looking for work: a wake-up from here on (a handler finishing, another claimer's
+            # statement freeing a key or a slot, a notification) may be one this look or this statement's
+            # snapshot did not see, so the idle waits below return at once after one.
+            seen = self.wake.generation
             # Finished records waiting for their completion do not take room: this claim carries them.
             with self._lock:
                 room = self.capacity - len(self._held) + len(self._done)
@@ -300,7 +325,7 @@ class Worker:
                     if age is not None and age >= UNBLOCK_SECONDS:
                         self._flush_unblock()
                         age = None
-                    self._idle_wait(0.5 if age is None else UNBLOCK_SECONDS - age)
+                    self._idle_wait(0.5 if age is None else UNBLOCK_SECONDS - age, seen)
                 continue
             done = self._take_done()
             unblock = self._take_unblock()
@@ -334,13 +359,17 @@ class Worker:
             if unblock or any(h.record.ordering_key is not None for h in done):
                 # This statement freed the next record of those keys (an unblock or a keyed completion) but
                 # its own snapshot could not see that: one more claim at once, not a poll interval later.
+                # The other claimers may have looked with an older snapshot (and a claim locks the records
+                # it rejects until it commits, hiding them from ours): wake them to look again too.
+                self.wake.set()
                 continue
             self._flush_unblock()
             if self.stop_when_empty and self._quiet() and self._nothing_due():
                 self.stop(0)
                 break
-            # Idle: sleep until NOTIFY, a freed slot, a stop, or the jittered poll.
-            self._idle_wait(self.poll_interval * random.uniform(0.5, 1.0))
+            # Idle: sleep until NOTIFY, a freed slot, a stop, or the jittered poll (at once if one of those
+            # came since this statement started).
+            self._idle_wait(self.poll_interval * random.uniform(0.5, 1.0), seen)
 
     # ------------------------------------------------------------------ completion buffer
 
@@ -422,16 +451,16 @@ class Worker:
             return
         self._completed(done, completed)
 
-    def _idle_wait(self, seconds: float) -> None:
-        """Wait for a wake-up; a caller's stop_event cannot wake us, so look at it every 50 ms."""
+    def _idle_wait(self, seconds: float, seen: int) -> None:
+        """Wait for a wake-up after generation ``seen``; a caller's stop_event cannot wake us, so look at it
+        every 50 ms."""
         deadline = time.monotonic() + seconds
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._should_stop():
                 break
-            if self.wake.wait(min(remaining, 0.05) if self.external_stop is not None else remaining):
+            if self.wake.wait_since(seen, min(remaining, 0.05) if self.external_stop is not None else remaining):
                 break
-        self.wake.clear()
 
     def _nothing_due(self) -> bool:
         try:
@@ -443,8 +472,7 @@ class Worker:
         deadline = time.monotonic() + seconds
         while not self.stopping.is_set() and time.monotonic() < deadline:
             self.last_tick = time.monotonic()
-            self.wake.wait(min(0.5, max(0.0, deadline - time.monotonic())))
-            self.wake.clear()
+            self.wake.wait_since(self.wake.generation, min(0.5, max(0.0, deadline - time.monotonic())))
 
     def _dispatch(self, records: list[Record]) -> None:
         helds = [_Held(r) for r in records]
@@ -786,9 +814,9 @@ class Worker:
         while not self.aborted.is_set() and self.held_count() and time.monotonic() < deadline:
             self.last_tick = time.monotonic()
             # No claim will carry finished records any more: write them here.
+            seen = self.wake.generation
             self._flush_done()
-            self.wake.wait(0.05)
-            self.wake.clear()
+            self.wake.wait_since(seen, 0.05)
         self.aborted.set()
         self._release(unstarted_only=False)
 

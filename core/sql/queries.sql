@@ -177,13 +177,9 @@ held AS (
 -- The claimable records of a key come before its blocked ones (inserts block every record behind a blocked
 -- one; unblocks free only the earliest pending record), so the walk stops at the first blocked record.
 chain AS (
+    -- Starts from the failed record itself (blocked NULL: walked from, never updated).
     WITH RECURSIVE walk(k, id, blocked) AS (
-        SELECT held.k, h.id, h.key_blocked
-          FROM held
-         CROSS JOIN LATERAL (
-            SELECT n.id, n.key_blocked FROM {records} n
-             WHERE n.ordering_key = held.k AND n.status = 'pending' AND n.id > held.after
-             ORDER BY n.ordering_key, n.status, n.id LIMIT 1) h
+        SELECT held.k, held.after, NULL::bool FROM held
         UNION ALL
         SELECT walk.k, h.id, h.key_blocked
           FROM walk
@@ -191,7 +187,7 @@ chain AS (
             SELECT n.id, n.key_blocked FROM {records} n
              WHERE n.ordering_key = walk.k AND n.status = 'pending' AND n.id > walk.id
              ORDER BY n.ordering_key, n.status, n.id LIMIT 1) h
-         WHERE NOT walk.blocked
+         WHERE walk.blocked IS NOT TRUE
     )
     -- SKIP LOCKED: a record a claim holds is that claim's (its probes see this one pending or in flight),
     -- and the statement never waits, so it cannot deadlock with a claim's unblock.
