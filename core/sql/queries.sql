@@ -196,10 +196,11 @@ chain AS (
        AND r.status = 'pending' AND NOT r.key_blocked
        FOR UPDATE SKIP LOCKED
 ),
+-- Runs whether or not the result names it (a data-modifying WITH always does).
 reblocked AS (
-    UPDATE {records} b SET key_blocked = true WHERE b.id = ANY(ARRAY(SELECT id FROM chain)) RETURNING 1
+    UPDATE {records} b SET key_blocked = true WHERE b.id = ANY(ARRAY(SELECT id FROM chain))
 )
-SELECT failed.id, failed.status, (SELECT count(*) FROM reblocked) AS reblocked FROM failed;
+SELECT failed.id, failed.status FROM failed;
 
 -- name: release
 -- Hand records back at once (graceful shutdown): pending again, the attempt not charged.
