@@ -14,8 +14,8 @@ from core.errors import (
     QueueFull,
     SchemaNotMigrated,
 )
-from core.processor import AddResult, DistributedProcessor
-from core.record import Record
+from core.processor import DistributedProcessor
+from core.record import AddResult, Record
 from core.retry import RetryPolicy
 
 __all__ = [

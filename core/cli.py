@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
+from core.config import KNOBS, RUN_KNOBS, Knob
 from core.dsn import redact
 from core.errors import ConfigurationError, ProcessorError
 
@@ -62,6 +63,19 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
+def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+
+    return convert
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # one clear line, exit 2, as argparse does, without the usage dump
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
@@ -85,6 +99,14 @@ def _add(p: argparse.ArgumentParser, flag: str, env: str, help: str, **kw: Any) 
     p.add_argument(flag, help=f"{help} (env {env}{shown})", **kw)
 
 
+def _add_knob(p: argparse.ArgumentParser, knob: Knob) -> None:
+    """A processor setting as an option: flag, variable, help and default all come from core.config."""
+    kw: dict[str, Any] = {"default": knob.default if knob.cli_default is ... else knob.cli_default}
+    if knob.parse is not None:
+        kw["type"] = _positive(knob.parse) if knob.positive else _non_negative(knob.parse)
+    _add(p, knob.flag, str(knob.env), knob.help, **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="dproc",
@@ -92,9 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Without --dsn / DATABASE_URL, an embedded PostgreSQL is started under ./.dproc/pgdata.",
     )
     _add(parser, "--dsn", "DATABASE_URL", "PostgreSQL DSN")
-    _add(parser, "--schema", "DP_SCHEMA", "schema of the tables", default="public")
-    _add(parser, "--connect-timeout", "DP_CONNECT_TIMEOUT", "seconds to wait for the database",
-         type=_positive(float), default=10.0)
+    for knob in KNOBS.values():
+        if knob.scope == "global":
+            _add_knob(parser, knob)
     _add(parser, "--log-format", "DP_LOG_FORMAT", "log format", choices=("text", "json"), default="text")
     _add(parser, "--log-level", "DP_LOG_LEVEL", "log level", default="INFO",
          choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -105,31 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a worker (the container entrypoint); SIGTERM drains and exits 0")
     _add(run, "--handler", "DP_HANDLER", "handler as package.module:function")
-    _add(run, "--queue", "DP_QUEUE", "queue(s) to work, comma-separated", default="default")
-    _add(run, "--concurrency", "DP_CONCURRENCY", "handler threads", type=_positive(int), default=10)
-    _add(run, "--batch-size", "DP_BATCH_SIZE", "records per claim", type=_positive(int), default=100)
-    _add(run, "--lease-seconds", "DP_LEASE_SECONDS", "lease length", type=_positive(float), default=30.0)
-    _add(run, "--max-attempts", "DP_MAX_ATTEMPTS", "default attempts per record", type=_positive(int), default=5)
-    _add(run, "--heartbeat-interval", "DP_HEARTBEAT_INTERVAL", "seconds between heartbeats (<= lease/3)",
-         type=_positive(float))
-    _add(run, "--dead-after", "DP_DEAD_AFTER", "heartbeat age after which an instance is declared dead",
-         type=_positive(float))
-    _add(run, "--cleanup-interval", "DP_CLEANUP_INTERVAL", "seconds between orphan recoveries",
-         type=_positive(float))
-    _add(run, "--retry-base-delay", "DP_RETRY_BASE_DELAY", "first retry delay in seconds", type=float, default=2.0)
-    _add(run, "--retry-max-delay", "DP_RETRY_MAX_DELAY", "cap of the retry delay in seconds", type=float,
-         default=300.0)
-    _add(run, "--grace-seconds", "DP_GRACE_SECONDS", "drain time after SIGTERM", type=float, default=30.0)
-    _add(run, "--poll-interval", "DP_POLL_INTERVAL", "max seconds between polls when idle",
-         type=_positive(float), default=1.0)
-    _add(run, "--handler-timeout", "DP_HANDLER_TIMEOUT", "per-record timeout in seconds", type=_positive(float))
+    for knob in (*KNOBS.values(), *RUN_KNOBS.values()):
+        if knob.scope == "run":
+            _add_knob(run, knob)
     _add(run, "--poll-only", "DP_POLL_ONLY", "no LISTEN/NOTIFY (for PgBouncer transaction pooling)",
          action="store_true")
     _add(run, "--transactional", "DP_TRANSACTIONAL",
          "call handler(record, conn) in a transaction that also completes the record", action="store_true")
     _add(run, "--stop-when-empty", "DP_STOP_WHEN_EMPTY", "exit once nothing is due or held", action="store_true")
-    _add(run, "--instance-id", "DP_INSTANCE_ID", "instance id (default <hostname>-<pid>-<hex>)")
-    _add(run, "--pool-max", "DP_POOL_MAX", "max pooled connections", type=_positive(int))
     _add(run, "--health-port", "DP_HEALTH_PORT", "serve /health/live, /health/ready, /health, /metrics on this port",
          type=int)
     _add(run, "--health-host", "DP_HEALTH_HOST", "bind address of the health endpoint", default="0.0.0.0")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
-    from core.processor import DistributedProcessor
+    from core.api import ProcessorAPI
 
 log = logging.getLogger("core.http")
 
@@ -23,7 +23,7 @@ log = logging.getLogger("core.http")
 class HealthServer:
     """Serve ``/health/live``, ``/health/ready``, ``/health`` and ``/metrics`` for one processor."""
 
-    def __init__(self, processor: DistributedProcessor, host: str, port: int, *, live_within: float = 30.0) -> None:
+    def __init__(self, processor: ProcessorAPI, host: str, port: int, *, live_within: float = 30.0) -> None:
         self.p = processor
         self.live_within = live_within
         server = self
@@ -68,7 +68,7 @@ class HealthServer:
             alive = worker is not None and not worker.finished.is_set() and worker.ticked_within(self.live_within)
             return self._json(200 if alive else 503, {"live": alive})
         if path == "/health/ready":
-            ready, reason = self._ready()
+            ready, reason = self.p.ready()
             body: dict[str, Any] = {"ready": ready}
             if reason:
                 body["reason"] = reason
@@ -88,16 +88,6 @@ class HealthServer:
             return 200, CONTENT_TYPE_LATEST, self.p.metrics.render(self._refresh_gauges)
         paths = ["/health/live", "/health/ready", "/health", "/metrics"]
         return self._json(404, {"error": "not found", "paths": paths})
-
-    def _ready(self) -> tuple[bool, str | None]:
-        try:
-            with self.p.connection(timeout=2.0) as conn:
-                row = conn.execute(self.p.q.server_facts, {"table": self.p.q.records_table}).fetchone()
-        except Exception as exc:
-            return False, f"database unreachable: {type(exc).__name__}"
-        if not row or not row[1]:
-            return False, "schema not migrated"
-        return True, None
 
     def _refresh_gauges(self) -> None:
         worker = self.p.worker

@@ -1,4 +1,4 @@
-"""Named SQL statements, loaded once from ``sql/queries.sql`` and bound to a schema.
+"""Named SQL statements, loaded once from ``sql/*.sql`` (one file per role) and bound to a schema.
 
 Statements are composed with :mod:`psycopg.sql` so that the schema and table names are quoted identifiers;
 every value stays a bound parameter.
@@ -6,6 +6,7 @@ every value stays a bound parameter.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from functools import lru_cache
 from importlib import resources
@@ -26,16 +27,29 @@ _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
 
 @lru_cache(maxsize=1)
 def raw_statements() -> dict[str, str]:
-    """Return ``{name: sql_text}`` parsed from the packaged SQL file."""
-    text = resources.files("core").joinpath("sql/queries.sql").read_text(encoding="utf-8")
-    parts = _NAME.split(text)
+    """Return ``{name: sql_text}`` parsed from the packaged SQL files (a name is unique across them)."""
     out: dict[str, str] = {}
-    # parts = [preamble, name1, body1, name2, body2, ...]
-    for name, body in zip(parts[1::2], parts[2::2], strict=False):
-        # Comment lines and indentation go (no statement has a string literal spanning lines).
-        lines = [ln.strip() for ln in body.strip().splitlines() if not ln.lstrip().startswith("--")]
-        out[name] = "\n".join(lines).strip().rstrip(";")
+    folder = resources.files("core").joinpath("sql")
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".sql"):
+            continue
+        parts = _NAME.split(entry.read_text(encoding="utf-8"))
+        # parts = [preamble, name1, body1, name2, body2, ...]
+        for name, body in zip(parts[1::2], parts[2::2], strict=False):
+            if name in out:
+                raise ValueError(f"statement {name!r} is defined twice (sql/{entry.name})")
+            # Comment lines and indentation go (no statement has a string literal spanning lines).
+            lines = [ln.strip() for ln in body.strip().splitlines() if not ln.lstrip().startswith("--")]
+            out[name] = "\n".join(lines).strip().rstrip(";")
     return out
+
+
+def channel_for(schema: str, queue: str) -> str:
+    """The NOTIFY channel of a queue (an identifier of at most 63 bytes)."""
+    name = f"dproc:{schema}:{queue}"
+    if len(name.encode()) > 63:
+        name = "dproc:" + hashlib.sha1(f"{schema}:{queue}".encode()).hexdigest()
+    return name
 
 
 class Queries:

@@ -1,8 +1,9 @@
-"""The claimed record handed to handlers."""
+"""The records handed to callers: a claimed :class:`Record`, the ids of an insert (:class:`AddResult`)."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -39,3 +40,14 @@ def format_error(error: BaseException | str, limit: int = 2000) -> str:
     if len(text) > limit:
         text = text[: limit - 14] + " …[truncated]"
     return text
+
+
+class AddResult(list[int]):
+    """The ids of an ``add_records`` call in input order; ``deduplicated`` lists the input indexes whose
+    dedupe key was already held (their id is the existing record's)."""
+
+    deduplicated: list[int]
+
+    def __init__(self, ids: Iterable[int] = (), deduplicated: Iterable[int] = ()) -> None:
+        super().__init__(ids)
+        self.deduplicated = list(deduplicated)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from core import DistributedProcessor
-from core.processor import KEY_GAP
+from core.enqueue import KEY_GAP
 from tests.procs.ledger import ensure_ledger
 from tests.support import WorkerProcs, unfinished, wait_until
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from core import DistributedProcessor, QueueFull, RetryPolicy
-from core.processor import KEY_GAP
+from core.enqueue import KEY_GAP
 from tests.procs.ledger import ensure_ledger, ledger_handler
 from tests.support import wait_until
 
@@ -313,7 +313,7 @@ def test_sweep_repairs_a_key_left_blocked(processor: DistributedProcessor, db: A
 def test_sweep_walks_every_key_in_bounded_slices(
     processor: DistributedProcessor, db: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import core.processor as processor_module
+    import core.recovery as processor_module
 
     monkeypatch.setattr(processor_module, "SWEEP_KEYS", 2)
     keys = ["a", "b", "c", "d", "e"]
@@ -358,7 +358,7 @@ def test_a_key_whose_record_is_recovered_to_failed_moves_on(
     # The claimer dies between its claim and its next statement (which would unblock the key's next record),
     # and the record has no attempts left: recovery fails it and must make the next record claimable itself
     # (the sweep, switched off here, would only get there some cleanups later).
-    import core.processor as processor_module
+    import core.recovery as processor_module
 
     monkeypatch.setattr(processor_module, "SWEEP_KEYS", 0)
     a = make_processor(lease_seconds=1, max_attempts=1)

@@ -7,11 +7,12 @@ import math
 import pytest
 
 from core import DistributedProcessor, InvalidPayload
+from core.admin import glob_to_like
 from core.dsn import redact, resolve_dsn
+from core.enqueue import inserted_blocked
 from core.errors import ConfigurationError, InvalidArgument
 from core.instance import new_instance_id
-from core.processor import channel_for, glob_to_like, inserted_blocked
-from core.queries import Queries, raw_statements
+from core.queries import Queries, channel_for, raw_statements
 
 
 def test_redact_hides_passwords_in_urls_and_keyword_dsns() -> None:

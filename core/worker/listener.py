@@ -11,27 +11,24 @@ import logging
 import random
 import threading
 import time
-from typing import TYPE_CHECKING
 
 import psycopg
 from psycopg import sql
 
-if TYPE_CHECKING:
-    from core.processor import DistributedProcessor
-    from core.worker import Wake
+from core.backend import Wakeable
+from core.db import Database
 
 log = logging.getLogger("core.notifier")
 
 
-class Listener:
-    def __init__(self, processor: DistributedProcessor, queues: list[str], wake: Wake) -> None:
-        from core.processor import channel_for
-
-        self.p = processor
-        self.channels = [channel_for(processor.schema, q) for q in queues]
+class PgListener:
+    def __init__(self, db: Database, channels: list[str], wake: Wakeable) -> None:
+        self.db = db
+        self.channels = channels
         self.wake = wake
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"dp-listener-{processor.instance_id}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"dp-listener-{db.settings.instance_id}", daemon=True)
         self.connected = threading.Event()  # test signal: LISTEN is active
         self.reconnects = 0
         self.notifications = 0
@@ -45,8 +42,8 @@ class Listener:
         # Wake the listener out of its wait for notifications (up to 0.25 s) with one of its own.
         if self.connected.is_set():
             try:
-                with self.p.connection(timeout=1.0, internal=True) as conn:
-                    conn.execute(self.p.q.notify, {"channel": self.channels[0], "queue": ""})
+                with self.db.borrow(timeout=1.0, internal=True) as conn:
+                    conn.execute(self.db.q.notify, {"channel": self.channels[0], "queue": ""})
             except Exception:  # best effort: the wait ends on its own
                 pass
         self._thread.join(timeout)
@@ -57,9 +54,9 @@ class Listener:
         return conn.info.backend_pid if conn is not None and not conn.closed else None
 
     def _connect(self) -> psycopg.Connection[tuple[object, ...]]:
-        kwargs = self.p._connection_kwargs()
-        kwargs["application_name"] = (self.p.application_name + "-listener")[:63]
-        conn = psycopg.connect(self.p.dsn, **kwargs)
+        kwargs = self.db.connection_kwargs()
+        kwargs["application_name"] = (self.db.settings.application_name + "-listener")[:63]
+        conn = psycopg.connect(self.db.dsn, **kwargs)
         for channel in self.channels:
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         return conn
@@ -99,5 +96,5 @@ class Listener:
                 self.wake.set()
             # An idle socket can hide a dead peer: probe it now and then (keepalives cover half-open links).
             if time.monotonic() - last_check > 10:
-                conn.execute("SELECT 1")
+                conn.execute(self.db.q.ping)
                 last_check = time.monotonic()

@@ -1,0 +1,114 @@
+"""Operator actions (cancel, retry_failed, purge), admission settings (key limits, queue limits) and the
+instance registry, against one database."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from core import __version__
+from core.claims import Claims
+from core.db import Database
+from core.instance import ProcessFacts
+
+
+def glob_to_like(pattern: str) -> str:
+    """Translate a glob (``*``, ``?``) into a LIKE pattern, escaping LIKE's own wildcards."""
+    out = []
+    for ch in pattern:
+        if ch == "*":
+            out.append("%")
+        elif ch == "?":
+            out.append("_")
+        elif ch in "%_\\":
+            out.append("\\" + ch)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?")
+
+
+class Admin:
+    def __init__(self, db: Database, claims: Claims, facts: ProcessFacts) -> None:
+        self.db = db
+        self.q = db.q
+        self.claims = claims
+        self.facts = facts
+
+    # ------------------------------------------------------------------ operator actions
+
+    def cancel(self, ids: list[int]) -> dict[int, str]:
+        """Pending and failed records cancelled at once, processing ones flagged; ``{id: status after}``."""
+        if not ids:
+            return {}
+        rows = self.db.with_retry(lambda conn: conn.execute(self.q.cancel, {"ids": ids}).fetchall())
+        self.claims.unblock({str(r[2]) for r in rows if r[2] is not None and r[1] == "cancelled"})
+        return {int(r[0]): str(r[1]) for r in rows}
+
+    def retry_failed(self, ids: list[int] | None, queue: str | None, pattern: str | None, batch: int) -> int:
+        params = {"ids": ids, "queue": queue, "pattern": pattern, "batch": batch}
+        total = 0
+        while True:
+            n = self.db.with_retry(lambda conn: conn.execute(self.q.retry_failed, params).rowcount)
+            total += n
+            if n < batch or ids is not None:
+                return total
+
+    def purge(self, older_than: float, batch: int, max_batches: int | None) -> int:
+        total, rounds = 0, 0
+        params = {"older_than": older_than, "batch": batch}
+        while max_batches is None or rounds < max_batches:
+            n = self.db.with_retry(lambda conn: conn.execute(self.q.purge, params).rowcount)
+            total += n
+            rounds += 1
+            if n < batch:
+                break
+        return total
+
+    # ------------------------------------------------------------------ admission settings
+
+    def set_key_concurrency(self, pattern: str, n: int | None, block_on_failure: bool) -> None:
+        if n is None:
+            self.db.with_retry(lambda conn: conn.execute(self.q.delete_key_concurrency, {"pattern": pattern}))
+        else:
+            params = {
+                "pattern": pattern,
+                "like_pattern": glob_to_like(pattern),
+                "is_exact": not is_glob(pattern),
+                "n": n,
+                "block_on_failure": block_on_failure,
+            }
+            self.db.with_retry(lambda conn: conn.execute(self.q.set_key_concurrency, params))
+        if not is_glob(pattern):
+            # A key stopped by a failure under block_on_failure had its later records blocked: if it no longer
+            # blocks, the next one may go now (a no-op otherwise: the claim still checks the setting). For a
+            # pattern, the maintenance sweep gets to each matching key in its turn.
+            self.claims.unblock({pattern})
+
+    def set_queue_limit(self, queue: str, n: int | None) -> None:
+        if n is None:
+            self.db.with_retry(lambda conn: conn.execute(self.q.delete_queue_limit, {"queue": queue}))
+            return
+        params = {"queue": queue, "n": n}
+        self.db.with_retry(lambda conn: conn.execute(self.q.set_queue_limit, params))
+
+    # ------------------------------------------------------------------ registry
+
+    def register(self, metadata: dict[str, Any] | None) -> None:
+        """Add (or revive) this instance in ``processor_instances`` as ``running``."""
+        facts = self.facts.snapshot()
+        params = {
+            "instance_id": self.db.settings.instance_id,
+            "hostname": facts["hostname"],
+            "pid": facts["pid"],
+            "version": __version__,
+            "metadata": json.dumps(metadata or {}),
+        }
+        self.db.with_retry(lambda conn: conn.execute(self.q.register_instance, params))
+
+    def set_instance_status(self, status: str) -> None:
+        params = {"instance_id": self.db.settings.instance_id, "status": status}
+        self.db.with_retry(lambda conn: conn.execute(self.q.set_instance_status, params))

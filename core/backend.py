@@ -1,0 +1,126 @@
+"""The seam between the public API, the worker loop and the storage: what a store of records must offer.
+
+A store is one database's state changes (:class:`core.store.PostgresStore`), or an in-memory equivalent
+(:mod:`core.testing`). The facade (:mod:`core.api`) checks arguments and calls a store; the worker loop
+(:mod:`core.worker`) depends on :class:`WorkerStore` only, never on the facade.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from core.record import AddResult, Record
+
+# (queue, status, count, oldest pending age in seconds or None, due count): one row per queue and status.
+CountRow = tuple[str, str, int, float | None, int]
+
+
+@dataclass(frozen=True)
+class NewRecords:
+    """A checked ``add_records`` batch: one entry per payload in ``keys`` and ``dedupes``."""
+
+    payloads: list[dict[str, Any]]
+    queue: str
+    priority: int
+    run_at: datetime | None
+    max_attempts: int
+    keys: list[str | None]
+    dedupes: list[str | None]
+    dedupe_while: str
+
+
+class Wakeable(Protocol):
+    def set(self) -> None: ...
+
+
+class Listener(Protocol):
+    """Turns inserts into wake-ups of the claim loop (a hint: the loop polls regardless)."""
+
+    connected: threading.Event  # set while it listens
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float = 5.0) -> None: ...
+
+
+class WorkerStore(Protocol):
+    """What the worker loop needs: claim, the fenced outcome writes, heartbeats, recovery, the registry."""
+
+    def claim(
+        self, done: Sequence[Record], size: int, queues: list[str], unblock: Sequence[str]
+    ) -> tuple[list[Record], int]:
+        """Complete ``done`` (fenced) and claim up to ``size`` records in one statement; (claimed, completed)."""
+        ...
+
+    def unblock(self, keys: Iterable[str]) -> None:
+        """Make each key's earliest pending record claimable. Best effort: the sweep repairs a miss."""
+        ...
+
+    def complete(self, records: Sequence[Record], unblock: Sequence[str] = ()) -> int: ...
+
+    def fail(self, records: Sequence[Record], error: BaseException | str, retryable: bool) -> list[tuple[int, str]]:
+        """Fenced failure; returns (id, status after) of the records still held."""
+        ...
+
+    def release(self, records: Sequence[Record], reason: str) -> int: ...
+
+    def heartbeat(self, records: Sequence[Record], *, registered: bool) -> tuple[set[int], set[int]]:
+        """Beat the registry row and extend leases; (ids still held, ids whose cancel was requested)."""
+        ...
+
+    def any_due(self, queues: list[str]) -> bool: ...
+
+    def recover(self) -> int:
+        """Recover orphaned records (expired leases, dead instances); how many."""
+        ...
+
+    def register(self, metadata: dict[str, Any] | None) -> None: ...
+
+    def set_instance_status(self, status: str) -> None: ...
+
+    def transaction(self) -> AbstractContextManager[Any]:
+        """A transaction for a transactional handler: yields the connection it is called with."""
+        ...
+
+    def complete_in(self, conn: Any, records: Sequence[Record]) -> int:
+        """Fenced completion inside the caller's transaction (``transaction()``)."""
+        ...
+
+    def listen(self, queues: list[str], wake: Wakeable) -> Listener | None:
+        """A listener that wakes ``wake`` on inserts into ``queues``, or None when there is none."""
+        ...
+
+
+class Store(WorkerStore, Protocol):
+    """Everything the facade needs besides the worker's part: inserts, operator actions, observation."""
+
+    def add(self, batch: NewRecords) -> AddResult: ...
+
+    def cancel(self, ids: list[int]) -> dict[int, str]: ...
+
+    def retry_failed(self, ids: list[int] | None, queue: str | None, pattern: str | None, batch: int) -> int: ...
+
+    def purge(self, older_than: float, batch: int, max_batches: int | None) -> int: ...
+
+    def set_key_concurrency(self, pattern: str, n: int | None, block_on_failure: bool) -> None: ...
+
+    def set_queue_limit(self, queue: str, n: int | None) -> None: ...
+
+    def counts(self, queue: str | None) -> list[CountRow]:
+        """Counts per queue and status (pending rows with their oldest age and due count)."""
+        ...
+
+    def list_instances(self, include_stopped: bool) -> list[dict[str, Any]]: ...
+
+    def probe(self, report: dict[str, Any], timeout: float) -> list[CountRow] | None:
+        """Fill ``report["database"]`` (and ``pool``); return the counts, or None when not migrated."""
+        ...
+
+    def ready(self) -> tuple[bool, str | None]: ...
+
+    def close(self) -> None: ...

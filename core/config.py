@@ -1,0 +1,194 @@
+"""Every knob of a processor, defined once: its default, its environment variable, its CLI flag, its check.
+
+:class:`Settings` is what the constructor builds and every role reads; ``KNOBS`` is what the CLI turns into
+options (``dproc run --batch-size`` reads ``DP_BATCH_SIZE``), so a default or a check lives in one place.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from core.dsn import resolve_dsn
+from core.errors import ConfigurationError, InvalidArgument
+from core.instance import new_instance_id
+from core.retry import RetryPolicy
+
+_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
+MAX_BATCH = 10_000
+MAX_QUEUE_NAME = 200
+
+
+def positive_int(name: str, value: object, *, allow_zero: bool = False, maximum: int | None = None) -> int:
+    """``value`` as an int of at least 1 (or 0), else :class:`InvalidArgument` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"{name} must be an integer, got {type(value).__name__}")
+    low = 0 if allow_zero else 1
+    if value < low:
+        raise InvalidArgument(f"{name} must be >= {low}, got {value}")
+    if maximum is not None and value > maximum:
+        raise InvalidArgument(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def check_queue_name(value: object, error: type[Exception] = InvalidArgument) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_QUEUE_NAME:
+        raise error(f"queue must be a non-empty string of at most {MAX_QUEUE_NAME} characters")
+    return value
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One setting: the constructor (or ``run()``) parameter, its default, and how the CLI offers it."""
+
+    name: str
+    default: Any
+    help: str
+    env: str | None = None  # read by the CLI; None: a library-only setting
+    parse: Callable[[str], Any] | None = None  # CLI type (int, float); None: a string
+    scope: str = "run"  # "global": every command; "run": `dproc run`; "": not on the CLI
+    positive: bool = True  # a number the CLI requires > 0 (else >= 0)
+    cli_default: Any = ...  # what the CLI passes when unset, if not ``default`` (None: derived there)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _knobs(*knobs: Knob) -> dict[str, Knob]:
+    return {k.name: k for k in knobs}
+
+
+# Constructor settings. A default of None is derived from the others (see Settings.build).
+KNOBS: dict[str, Knob] = _knobs(
+    Knob("schema", "public", "schema of the tables", "DP_SCHEMA", scope="global"),
+    Knob("connect_timeout", 10.0, "seconds to wait for the database", "DP_CONNECT_TIMEOUT", float, "global"),
+    Knob("instance_id", None, "instance id (default <hostname>-<pid>-<hex>)", "DP_INSTANCE_ID"),
+    Knob("queue", "default", "queue(s) to work, comma-separated", "DP_QUEUE"),
+    Knob("batch_size", 100, "records per claim", "DP_BATCH_SIZE", int),
+    Knob("lease_seconds", 30.0, "lease length", "DP_LEASE_SECONDS", float),
+    Knob("max_attempts", 5, "default attempts per record", "DP_MAX_ATTEMPTS", int),
+    Knob("heartbeat_interval", None, "seconds between heartbeats (<= lease/3)", "DP_HEARTBEAT_INTERVAL", float),
+    Knob("dead_after", None, "heartbeat age after which an instance is declared dead", "DP_DEAD_AFTER", float),
+    Knob("cleanup_interval", None, "seconds between orphan recoveries", "DP_CLEANUP_INTERVAL", float),
+    Knob("pool_max", 10, "max pooled connections (CLI default: concurrency + 3, 4..50)", "DP_POOL_MAX", int,
+         cli_default=None),
+    Knob("retry", None, "retry policy (RetryPolicy)", scope=""),
+    Knob("pool_min", 1, "min pooled connections", scope=""),
+    Knob("statement_timeout", 30.0, "server-side limit per statement, seconds", scope=""),
+    Knob("key_concurrency", 1, "default limit of records in flight per ordering key", scope=""),
+    Knob("block_on_failure", False, "default: a failed keyed record stops its key", scope=""),
+    Knob("copy_threshold", 2000, "batches at least this large are inserted with COPY", scope=""),
+    Knob("cleanup_batch", 1000, "records recovered per statement", scope=""),
+    Knob("notify", True, "add_records sends NOTIFY", scope=""),
+    Knob("application_name", "distributed-processor", "application_name of the connections", scope=""),
+    Knob("instance_retention", 86400.0, "seconds a stopped instance stays in the registry", scope=""),
+)
+
+# Parameters of run() that the CLI offers too (their defaults are run()'s), and the retry policy's delays.
+RUN_KNOBS: dict[str, Knob] = _knobs(
+    Knob("concurrency", 10, "handler threads", "DP_CONCURRENCY", int),
+    Knob("grace_seconds", 30.0, "drain time after SIGTERM", "DP_GRACE_SECONDS", float, positive=False),
+    Knob("poll_interval", 1.0, "max seconds between polls when idle", "DP_POLL_INTERVAL", float),
+    Knob("handler_timeout", None, "per-record timeout in seconds", "DP_HANDLER_TIMEOUT", float),
+    Knob("retry_base_delay", RetryPolicy.base_delay, "first retry delay in seconds", "DP_RETRY_BASE_DELAY", float,
+         positive=False),
+    Knob("retry_max_delay", RetryPolicy.max_delay, "cap of the retry delay in seconds", "DP_RETRY_MAX_DELAY",
+         float, positive=False),
+)
+
+
+def default(name: str) -> Any:
+    """The default of a constructor knob (the constructor's signature reads them from here)."""
+    return KNOBS[name].default
+
+
+def run_default(name: str) -> Any:
+    return RUN_KNOBS[name].default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated settings of one processor. Build with :meth:`build`; every role reads from here."""
+
+    dsn: str
+    instance_id: str
+    queue: str
+    batch_size: int
+    lease_seconds: float
+    max_attempts: int
+    retry: RetryPolicy
+    schema: str
+    pool_min: int
+    pool_max: int
+    connect_timeout: float
+    statement_timeout: float | None
+    key_concurrency: int
+    block_on_failure: bool
+    copy_threshold: int
+    cleanup_batch: int
+    dead_after: float
+    heartbeat_interval: float
+    cleanup_interval: float
+    notify: bool
+    application_name: str
+    instance_retention: float
+
+    @classmethod
+    def build(cls, dsn: str | None, *, database: bool = True, **kw: Any) -> Settings:
+        """Check every knob and derive the dependent ones; bad values raise :class:`ConfigurationError`.
+
+        ``dsn`` falls back to ``DATABASE_URL``; with ``database=False`` (the in-memory processor) it is unused.
+        """
+        values = {name: kw.pop(name, knob.default) for name, knob in KNOBS.items()}
+        if kw:
+            raise ConfigurationError(f"unknown settings: {sorted(kw)}")
+        schema = values["schema"]
+        if not isinstance(schema, str) or not _SCHEMA_NAME.match(schema):
+            raise ConfigurationError(f"schema must be a plain identifier, got {schema!r}")
+        check_queue_name(values["queue"], ConfigurationError)
+        try:
+            batch_size = positive_int("batch_size", values["batch_size"], maximum=MAX_BATCH)
+            ints = {name: positive_int(name, values[name]) for name in
+                    ("max_attempts", "pool_max", "key_concurrency", "copy_threshold", "cleanup_batch")}
+            pool_min = positive_int("pool_min", values["pool_min"], allow_zero=True)
+        except InvalidArgument as exc:
+            raise ConfigurationError(str(exc)) from None
+        if pool_min > ints["pool_max"]:
+            raise ConfigurationError("pool_min must not exceed pool_max")
+        lease = values["lease_seconds"]
+        if not lease or lease <= 0:
+            raise ConfigurationError("lease_seconds must be > 0")
+        if values["connect_timeout"] <= 0:
+            raise ConfigurationError("connect_timeout must be > 0")
+        lease = float(lease)
+        # Heartbeats at most every lease/3 so two can be missed before a lease runs out.
+        heartbeat = float(values["heartbeat_interval"] or min(10.0, lease / 3))
+        if heartbeat > lease / 3 + 1e-9:
+            raise ConfigurationError("heartbeat_interval must be at most lease_seconds / 3")
+        return cls(
+            dsn=resolve_dsn(dsn) if database else "",
+            instance_id=values["instance_id"] or new_instance_id(),
+            queue=values["queue"],
+            batch_size=batch_size,
+            lease_seconds=lease,
+            max_attempts=ints["max_attempts"],
+            retry=values["retry"] or RetryPolicy(),
+            schema=schema,
+            pool_min=pool_min,
+            pool_max=ints["pool_max"],
+            connect_timeout=float(values["connect_timeout"]),
+            statement_timeout=values["statement_timeout"],
+            key_concurrency=ints["key_concurrency"],
+            block_on_failure=bool(values["block_on_failure"]),
+            copy_threshold=ints["copy_threshold"],
+            cleanup_batch=ints["cleanup_batch"],
+            dead_after=float(values["dead_after"] or max(lease, 3 * heartbeat)),
+            heartbeat_interval=heartbeat,
+            cleanup_interval=float(values["cleanup_interval"] or max(1.0, lease / 2)),
+            notify=bool(values["notify"]),
+            application_name=str(values["application_name"]),
+            instance_retention=float(values["instance_retention"]),
+        )

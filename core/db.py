@@ -1,0 +1,191 @@
+"""One database: the pool, the session settings of our connections, error mapping, retries.
+
+Every role (enqueue, claims, recovery, admin, health) reaches its database through a :class:`Database`; none
+opens a connection of its own. Connection failures become :class:`DatabaseUnavailable` (or
+:class:`PoolExhausted`), missing tables :class:`SchemaNotMigrated`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.types.json import set_json_loads
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from core.config import Settings
+from core.dsn import KEEPALIVE_KWARGS, redact
+from core.errors import DatabaseUnavailable, PoolExhausted, SchemaNotMigrated
+from core.payloads import loads
+from core.queries import Queries
+
+T = TypeVar("T")
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+
+def _configure_connection(conn: Conn) -> None:
+    set_json_loads(loads, conn)
+
+
+Borrow = Callable[..., AbstractContextManager[Conn]]
+
+
+class Database:
+    """The pool of one database and the settings our statements run with. Opens lazily, thread-safe.
+
+    Every statement borrows its connection through ``borrow`` (by default :meth:`connection`): the one seam
+    where a caller can watch or wrap all of them (the processor passes its own ``connection`` method, which
+    fault-injection tests override).
+    """
+
+    def __init__(self, settings: Settings, dsn: str | None = None, borrow: Borrow | None = None) -> None:
+        self.settings = settings
+        self.dsn = dsn or settings.dsn
+        self.borrow: Borrow = borrow or self.connection
+        self.q = Queries(settings.schema)
+        self._pool: ConnectionPool[Conn] | None = None
+        self._pool_lock = threading.Lock()
+        # Pooled connections currently set to generic plans (see connection()).
+        self._generic: weakref.WeakSet[Conn] = weakref.WeakSet()
+        self._closed = False
+
+    # ------------------------------------------------------------------ connections
+
+    def connection_kwargs(self) -> dict[str, Any]:
+        """libpq parameters of every connection of ours (pooled or the listener's)."""
+        s = self.settings
+        options = []
+        if s.statement_timeout:
+            options.append(f"-c statement_timeout={int(s.statement_timeout * 1000)}")
+        # Keep idle-in-transaction sessions from holding row locks forever if a client wedges.
+        options.append("-c idle_in_transaction_session_timeout=60000")
+        # UTC sessions: psycopg then builds datetimes with the fixed timezone.utc, several times cheaper to
+        # decode than a ZoneInfo (it shows in the claim's per-row cost).
+        options.append("-c TimeZone=UTC")
+        return {
+            "autocommit": True,
+            "connect_timeout": max(2, math.ceil(s.connect_timeout)),
+            "application_name": s.application_name[:63],
+            "options": " ".join(options),
+            **KEEPALIVE_KWARGS,
+        }
+
+    @property
+    def pool(self) -> ConnectionPool[Conn] | None:
+        """The pool, or None before the first operation opened it."""
+        return self._pool
+
+    def ensure_pool(self) -> ConnectionPool[Conn]:
+        if self._closed:
+            raise DatabaseUnavailable("processor is closed")
+        pool = self._pool
+        if pool is not None:
+            return pool
+        s = self.settings
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ConnectionPool(
+                    self.dsn,
+                    min_size=s.pool_min,
+                    max_size=s.pool_max,
+                    kwargs=self.connection_kwargs(),
+                    open=False,
+                    timeout=s.connect_timeout,
+                    name=f"dp-{s.instance_id}",
+                    reconnect_timeout=max(60.0, s.connect_timeout),
+                    max_idle=300.0,
+                    configure=_configure_connection,
+                )
+                self._pool.open(wait=False)
+            return self._pool
+
+    def unavailable(self, exc: BaseException) -> DatabaseUnavailable:
+        """The typed error for a connection failure (PoolExhausted when every connection stayed busy)."""
+        pool = self._pool
+        s = self.settings
+        if isinstance(exc, PoolTimeout) and pool is not None:
+            stats = pool.get_stats()
+            if stats.get("pool_size", 0) >= s.pool_max and stats.get("pool_available", 0) == 0:
+                return PoolExhausted(
+                    f"all {s.pool_max} pooled connections stayed busy for {s.connect_timeout:g}s "
+                    f"(requests waiting: {stats.get('requests_waiting', 0)})"
+                )
+        error = DatabaseUnavailable(f"database {redact(self.dsn)} unavailable: {str(exc).strip()}")
+        # A pool timeout already waited the whole connect timeout: retrying would only multiply the wait.
+        error.retryable = not isinstance(exc, PoolTimeout)
+        return error
+
+    @contextmanager
+    def connection(self, timeout: float | None = None, *, internal: bool = False) -> Iterator[Conn]:
+        """Borrow a pooled connection (autocommit). Connection failures become ``DatabaseUnavailable``.
+
+        ``internal`` is for the processor's own statements: they run with generic plans (see below); a
+        connection handed to other code runs with the server's default plan cache mode.
+        """
+        pool = self.ensure_pool()
+        try:
+            with pool.connection(timeout=timeout or self.settings.connect_timeout) as conn:
+                if internal != (conn in self._generic):
+                    self.set_plan_mode(conn, generic=internal)
+                yield conn
+        except PoolTimeout as exc:
+            raise self.unavailable(exc) from None
+        except pg_errors.UndefinedTable as exc:
+            raise SchemaNotMigrated(
+                f"tables missing in schema {self.settings.schema!r} ({exc.diag.message_primary}); "
+                "run `dproc migrate`"
+            ) from None
+        except psycopg.OperationalError as exc:
+            if isinstance(exc, pg_errors.QueryCanceled):
+                raise
+            raise self.unavailable(exc) from None
+
+    def set_plan_mode(self, conn: Conn, *, generic: bool, local: bool = False) -> None:
+        # Every statement of ours is written so that its generic plan walks the same indexes as a custom one
+        # (tests/integration/test_explain.py holds them to it). PostgreSQL would otherwise plan the claim
+        # afresh on every call, because its custom plans look cheaper: about 1 ms of planning per batch,
+        # more than the statement's whole execution at batch 100. JIT goes off with it: a generic plan's
+        # cost estimate can pass jit_above_cost, and compiling takes hundreds of milliseconds per call.
+        conn.execute(self.q.set_plan_mode if generic else self.q.reset_plan_mode, {"local": local})
+        if local:
+            return
+        if generic:
+            self._generic.add(conn)
+        else:
+            self._generic.discard(conn)
+
+    def with_retry(self, op: Callable[[Conn], T], *, attempts: int = 3) -> T:
+        """Run an idempotent operation, retrying on a broken connection with a short backoff."""
+        delay = 0.05
+        for attempt in range(1, attempts + 1):
+            try:
+                with self.borrow(internal=True) as conn:
+                    return op(conn)
+            except DatabaseUnavailable as exc:
+                if attempt == attempts or not exc.retryable:
+                    raise
+                time.sleep(delay)
+                delay *= 4
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def target(self) -> dict[str, Any]:
+        """Where the database is, without credentials: safe for public health output."""
+        info = conninfo_to_dict(self.dsn)
+        return {"host": info.get("host") or "(default)", "port": info.get("port") or "5432",
+                "dbname": info.get("dbname") or info.get("user") or ""}
+
+    def close(self) -> None:
+        """Close the pool. Idempotent; later operations raise ``DatabaseUnavailable``."""
+        self._closed = True
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close(timeout=5.0)

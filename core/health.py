@@ -1,0 +1,144 @@
+"""Observation: counts per queue and status, the health report, the instance list.
+
+None of it counts finished rows: pending and processing are read through their partial indexes, finished
+counts come from the trigger-maintained ``queue_stats``, so every call stays cheap at 10 million rows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from core.backend import CountRow, Store
+from core.constants import STATUSES
+from core.db import Database
+from core.dsn import redact
+from core.instance import ProcessFacts
+
+_INSTANCE_COLUMNS = (
+    "instance_id", "hostname", "pid", "version", "started_at", "last_heartbeat_at", "stopped_at",
+    "status", "metadata", "processing",
+)
+
+
+def status_dict(rows: Sequence[CountRow], wanted: Sequence[str]) -> dict[str, Any]:
+    """The shape of ``get_queue_status()``: per queue, the wanted counts, ``due`` and the oldest pending age."""
+    queues: dict[str, dict[str, Any]] = {}
+
+    def entry(name: str) -> dict[str, Any]:
+        return queues.setdefault(name, {**{s: 0 for s in wanted}, "due": 0, "oldest_pending_age_seconds": None})
+
+    for name, status, n, age, due in rows:
+        if status not in ("pending", "processing") and not (status in wanted and n):
+            continue  # a finished count of zero does not make a queue appear
+        e = entry(name)
+        if status in wanted:
+            e[status] = int(n)
+        if status == "pending":
+            e["due"] = int(due)
+            e["oldest_pending_age_seconds"] = float(age) if age is not None else None
+    totals = {s: sum(q[s] for q in queues.values()) for s in wanted}
+    ages = [q["oldest_pending_age_seconds"] for q in queues.values() if q["oldest_pending_age_seconds"]]
+    return {"queues": queues, "totals": totals, "oldest_pending_age_seconds": max(ages) if ages else None}
+
+
+def health_report(
+    store: Store,
+    instance_id: str,
+    facts: ProcessFacts,
+    *,
+    timeout: float,
+    latency_degraded_ms: float,
+    pending_age_degraded_s: float | None,
+) -> dict[str, Any]:
+    """The report of ``health_check()``; never raises (an exception is the reason it is unhealthy)."""
+    report: dict[str, Any] = {
+        "status": "unhealthy",
+        "instance": {"instance_id": instance_id, **facts.snapshot()},
+        "database": {"reachable": False},
+        "reasons": [],
+        "checked_at": datetime.now(timezone.utc).isoformat(),
+    }
+    reasons: list[str] = report["reasons"]
+    try:
+        rows = store.probe(report, timeout)
+        if rows is None:
+            return report
+        report["queues"] = status_dict(rows, STATUSES)
+        latency_ms = report["database"].get("latency_ms", 0.0)
+        if latency_ms > latency_degraded_ms:
+            reasons.append(f"database round trip {latency_ms:.0f} ms > {latency_degraded_ms:g} ms")
+        if report.get("pool", {}).get("requests_waiting", 0) > 0:
+            reasons.append("callers are waiting for pool connections")
+        age = report["queues"]["oldest_pending_age_seconds"]
+        if pending_age_degraded_s is not None and age is not None and age > pending_age_degraded_s:
+            reasons.append(f"oldest pending record is {age:.0f}s old")
+        report["status"] = "degraded" if reasons else "healthy"
+    except Exception as exc:  # a health probe reports, it never raises
+        reasons.append(f"{type(exc).__name__}: {redact(str(exc)).strip()}")
+        report["status"] = "unhealthy"
+    return report
+
+
+class Health:
+    """Observation statements of one database."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.q = db.q
+
+    def counts(self, queue: str | None) -> list[CountRow]:
+        return self.db.with_retry(lambda conn: self._counts_on(conn, queue))
+
+    def _counts_on(self, conn: Any, queue: str | None) -> list[CountRow]:
+        active = conn.execute(self.q.queue_status_active, {"queue": queue}).fetchall()
+        finished = conn.execute(self.q.queue_status_finished, {"queue": queue}).fetchall()
+        return [(str(r[0]), str(r[1]), int(r[2]), r[3], int(r[4])) for r in active] + [
+            (str(r[0]), str(r[1]), int(r[2]), None, 0) for r in finished]
+
+    def list_instances(self, include_stopped: bool) -> list[dict[str, Any]]:
+        rows = self.db.with_retry(
+            lambda conn: conn.execute(self.q.list_instances, {"include_stopped": include_stopped}).fetchall()
+        )
+        return [dict(zip(_INSTANCE_COLUMNS, row, strict=False)) for row in rows]
+
+    def probe(self, report: dict[str, Any], timeout: float) -> list[CountRow] | None:
+        """The database part of the health report, within ``timeout`` seconds in all."""
+        db, q = self.db, self.q
+        report["database"].update(**db.target(), schema=db.settings.schema)
+        deadline = time.monotonic() + timeout
+        pool = db.ensure_pool()
+        report["pool"] = pool.get_stats()
+        with db.borrow(timeout=timeout, internal=True) as conn:
+            started = time.perf_counter()
+            with conn.transaction():
+                self._time_limit(conn, deadline)
+                facts = conn.execute(q.server_facts, {"table": q.records_table}).fetchone()
+            latency_ms = (time.perf_counter() - started) * 1000
+            assert facts is not None
+            report["database"].update(
+                reachable=True, latency_ms=round(latency_ms, 3), server_version=facts[0], migrated=facts[1]
+            )
+            if not facts[1]:
+                report["reasons"].append(f"schema {db.settings.schema!r} is not migrated")
+                return None
+            with conn.transaction():
+                self._time_limit(conn, deadline)
+                return self._counts_on(conn, None)
+
+    def _time_limit(self, conn: Any, deadline: float) -> None:
+        remaining = max(0.1, deadline - time.monotonic())
+        conn.execute(self.q.local_statement_timeout, {"ms": str(int(remaining * 1000))})
+
+    def ready(self) -> tuple[bool, str | None]:
+        """Readiness: the database answers and is migrated."""
+        try:
+            with self.db.borrow(timeout=2.0) as conn:
+                row = conn.execute(self.q.server_facts, {"table": self.q.records_table}).fetchone()
+        except Exception as exc:
+            return False, f"database unreachable: {type(exc).__name__}"
+        if not row or not row[1]:
+            return False, "schema not migrated"
+        return True, None

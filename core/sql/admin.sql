@@ -1,0 +1,81 @@
+-- Operator actions (cancel, retry, purge), admission settings and the instance registry.
+-- Placeholders in braces are identifiers filled in with psycopg.sql.Identifier (schema-qualified tables);
+-- %(name)s are bound parameters. A literal % is written %%, a literal brace doubled. Blocks: "-- name: <name>".
+
+-- name: cancel
+-- Pending records are cancelled at once; processing ones are flagged, and their outcome becomes cancelled.
+-- A failed record may be cancelled too: that is how an operator unblocks a key stopped by block_on_failure.
+UPDATE {records}
+   SET status = CASE WHEN status = 'processing' THEN status ELSE 'cancelled' END,
+       finished_at = CASE WHEN status = 'processing' THEN finished_at ELSE now() END,
+       dedupe_held = CASE WHEN status = 'processing' THEN dedupe_held ELSE false END,
+       cancel_requested = true,
+       updated_at = now()
+ WHERE id = ANY(%(ids)s::bigint[])
+   AND status IN ('pending', 'processing', 'failed')
+RETURNING id, status, ordering_key;
+
+-- name: retry_failed
+UPDATE {records}
+   SET status = 'pending', run_at = now(), finished_at = NULL, attempts = 0, cancel_requested = false,
+       updated_at = now()
+ WHERE id IN (
+    SELECT id FROM {records}
+     WHERE status = 'failed'
+       AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
+       AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+       AND (%(pattern)s::text IS NULL OR last_error ~ %(pattern)s::text)
+     ORDER BY id
+     LIMIT %(batch)s
+       FOR UPDATE SKIP LOCKED)
+   AND status = 'failed'
+RETURNING id;
+
+-- name: purge
+-- One bounded, ordered batch of finished rows older than the cutoff.
+DELETE FROM {records}
+ WHERE id IN (
+    SELECT id FROM {records}
+     WHERE status IN ('completed', 'failed', 'cancelled')
+       AND finished_at < now() - %(older_than)s * interval '1 second'
+     ORDER BY finished_at
+     LIMIT %(batch)s
+       FOR UPDATE SKIP LOCKED)
+   AND status IN ('completed', 'failed', 'cancelled')
+RETURNING id;
+
+-- name: set_key_concurrency
+INSERT INTO {key_limits} (pattern, like_pattern, is_exact, max_concurrency, block_on_failure, updated_at)
+VALUES (%(pattern)s, %(like_pattern)s, %(is_exact)s, %(n)s, %(block_on_failure)s, now())
+ON CONFLICT (pattern) DO UPDATE
+   SET like_pattern = EXCLUDED.like_pattern, is_exact = EXCLUDED.is_exact,
+       max_concurrency = EXCLUDED.max_concurrency, block_on_failure = EXCLUDED.block_on_failure,
+       updated_at = now();
+
+-- name: delete_key_concurrency
+DELETE FROM {key_limits} WHERE pattern = %(pattern)s;
+
+-- name: set_queue_limit
+INSERT INTO {queue_limits} (queue, max_pending, updated_at) VALUES (%(queue)s, %(n)s, now())
+ON CONFLICT (queue) DO UPDATE SET max_pending = EXCLUDED.max_pending, updated_at = now();
+
+-- name: delete_queue_limit
+DELETE FROM {queue_limits} WHERE queue = %(queue)s;
+
+-- name: register_instance
+INSERT INTO {instances} (instance_id, hostname, pid, version, started_at, last_heartbeat_at, status, metadata)
+VALUES (%(instance_id)s, %(hostname)s, %(pid)s, %(version)s, now(), now(), 'running', %(metadata)s)
+ON CONFLICT (instance_id) DO UPDATE
+   SET last_heartbeat_at = now(), status = 'running', stopped_at = NULL, metadata = EXCLUDED.metadata;
+
+-- name: heartbeat_instance
+UPDATE {instances} SET last_heartbeat_at = now()
+ WHERE instance_id = %(instance_id)s AND status IN ('running', 'stopping')
+RETURNING status;
+
+-- name: set_instance_status
+UPDATE {instances}
+   SET status = %(status)s,
+       stopped_at = CASE WHEN %(status)s IN ('stopped', 'dead') THEN now() ELSE stopped_at END,
+       last_heartbeat_at = now()
+ WHERE instance_id = %(instance_id)s;

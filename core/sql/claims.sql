@@ -1,0 +1,244 @@
+-- The fenced statements of claimed records: claim (with the completion it carries), fail, release,
+-- lease extension (heartbeat).
+-- Placeholders in braces are identifiers filled in with psycopg.sql.Identifier (schema-qualified tables);
+-- %(name)s are bound parameters. A literal % is written %%, a literal brace doubled. Blocks: "-- name: <name>".
+
+-- name: claim
+-- One round trip completes the caller's finished records (if any) and claims up to %(batch)s more: one
+-- commit per batch instead of two (with batch 0 it is the plain completion of mark_completed).
+-- The completion is fenced: only the claim whose token is still on the row may complete it, each id paired
+-- with its own token (tokens are per claim statement, so ANY(tokens) alone could pair a stale record with a
+-- later claim's token). A flagged cancel wins over completion.
+-- The claim reads each queue by its own index scan in claim order, locked with SKIP LOCKED; only the
+-- k*batch candidates are sorted, never the backlog. A keyed record qualifies only when no earlier record of
+-- its key is pending, fewer than its key's limit are in flight, and (when the key blocks on failure) no
+-- earlier record of it failed.
+WITH done AS (
+    UPDATE {records} d
+       SET status = CASE WHEN d.cancel_requested THEN 'cancelled' ELSE 'completed' END,
+           finished_at = now(),
+           updated_at = now(),
+           lease_expires_at = NULL,
+           dedupe_held = false
+     -- An id list, not a join: a join's order comes from statistics, and one planned while the table was
+     -- empty (a worker started before the first record; plans are cached per connection) walked the whole
+     -- primary key on every statement. The ids come sorted, so width_bucket (a binary search) finds each
+     -- row's own token: the pairing is exact, and rechecked on a row updated since our snapshot.
+     WHERE d.id = ANY(%(done_ids)s::bigint[])
+       AND d.lease_token = (%(done_tokens)s::uuid[])[width_bucket(d.id, %(done_ids)s::bigint[])]
+       AND d.status = 'processing'
+    RETURNING d.ordering_key
+),
+-- Keys whose earliest pending record must become claimable (the keys of records claimed by the caller's
+-- previous statement: this statement's snapshot sees every insert committed since).
+unblocked AS (
+    -- Driven by the keys (a key-index lookup per head, then the heads by primary key), never a join the
+    -- statistics could turn into a scan of the table for blocked rows.
+    -- Only blocked heads reach the update (most are not: see KEY_GAP): no second lookup of the others.
+    UPDATE {records} b
+       SET key_blocked = false
+     WHERE b.id = ANY(ARRAY(
+               SELECT h.id
+                 FROM unnest(%(unblock_keys)s::text[]) AS u(k)
+                CROSS JOIN LATERAL (
+                    SELECT n.id, n.key_blocked FROM {records} n
+                     WHERE n.ordering_key = u.k AND n.status = 'pending'
+                     ORDER BY n.ordering_key, n.status, n.id LIMIT 1) h
+                WHERE h.key_blocked))
+       AND b.key_blocked
+    RETURNING 1
+),
+-- A keyed completion may free its key's next record: wake the idle workers of those queues.
+notified AS (
+    SELECT pg_notify(w.channel, w.queue)
+      FROM unnest(%(channels)s::text[], %(nqueues)s::text[]) AS w(channel, queue)
+     WHERE EXISTS (SELECT 1 FROM done WHERE done.ordering_key IS NOT NULL)
+),
+picked AS (
+    SELECT c.id
+      FROM unnest(%(queues)s::text[]) AS qn(name)
+     CROSS JOIN LATERAL (
+        SELECT l.id, l.priority, l.run_at
+          -- Lock first, then test the key: a row another claim holds or has just taken is skipped by its
+          -- lock alone, before the per-key probes (index lookups) run on it. Rows are locked as the LIMIT
+          -- pulls them, so the scan stops at the batch; an ineligible row stays locked until our commit.
+          FROM (SELECT r.id, r.priority, r.run_at, r.ordering_key
+                  FROM {records} r
+                 WHERE r.queue = qn.name
+                   AND r.status = 'pending'
+                   AND NOT r.key_blocked
+                   AND r.run_at <= now()
+                 ORDER BY r.priority DESC, r.run_at, r.id
+                   FOR UPDATE OF r SKIP LOCKED) l
+         WHERE l.ordering_key IS NULL OR (
+                -- Not EXISTS: PostgreSQL drops an EXISTS subquery's ORDER BY, and the ORDER BY is what keeps
+                -- every plan on the key index (a plan made on an empty table would walk the pending index).
+                (SELECT e.id FROM {records} e
+                  WHERE e.ordering_key = l.ordering_key AND e.status = 'pending' AND e.id < l.id
+                  ORDER BY e.ordering_key, e.status, e.id LIMIT 1) IS NULL
+                -- In flight of this key, read through the key index (the lease index's predicate is not
+                -- implied here, so no plan walks every in-flight record instead). Records this statement
+                -- completes still count: their keys' next records are claimable from the next statement on,
+                -- by any instance (taking them here would hand a key to whoever holds it, slow or not).
+                AND (SELECT count(*) FROM (
+                        SELECT 1 FROM {records} p
+                         WHERE p.ordering_key = l.ordering_key AND p.status = 'processing'
+                         ORDER BY p.ordering_key, p.status, p.id
+                         LIMIT 1000) inflight)
+                    -- The limit lookups (a sort each) only when some limit is set: one InitPlan per statement.
+                    < coalesce(CASE WHEN (SELECT EXISTS (SELECT 1 FROM {key_limits})) THEN
+                               (SELECT k.max_concurrency FROM {key_limits} k
+                                 WHERE l.ordering_key LIKE k.like_pattern
+                                 ORDER BY k.is_exact DESC, length(k.pattern) DESC LIMIT 1) END,
+                               %(default_key_concurrency)s)
+                AND NOT (
+                    coalesce(CASE WHEN (SELECT EXISTS (SELECT 1 FROM {key_limits})) THEN
+                             (SELECT k.block_on_failure FROM {key_limits} k
+                               WHERE l.ordering_key LIKE k.like_pattern
+                               ORDER BY k.is_exact DESC, length(k.pattern) DESC LIMIT 1) END,
+                             %(default_block_on_failure)s)
+                    AND (SELECT f.id FROM {records} f
+                          WHERE f.ordering_key = l.ordering_key AND f.status = 'failed' AND f.id < l.id
+                          ORDER BY f.ordering_key, f.status, f.id LIMIT 1) IS NOT NULL)
+           )
+         LIMIT %(batch)s
+     ) c
+     ORDER BY c.priority DESC, c.run_at, c.id
+     LIMIT %(batch)s
+),
+claimed AS (
+    UPDATE {records} t
+       SET status = 'processing',
+           claimed_by = %(instance_id)s,
+           -- clock_timestamp(), not now(): now() is fixed when the transaction starts, which can precede the
+           -- snapshot by a commit of another claimer; the clock read here is after the snapshot, so claim
+           -- times of one key are strictly increasing.
+           claimed_at = clock_timestamp(),
+           lease_expires_at = clock_timestamp() + %(lease_seconds)s * interval '1 second',
+           -- One fresh token per claim statement, shared by its records: every later update pairs (id, token),
+           -- so a re-claim (a new statement, a new token) fences out the old holder. Cheaper than one per row.
+           lease_token = %(token)s::uuid,
+           attempts = t.attempts + 1,
+           dedupe_held = t.dedupe_held AND t.dedupe_while = 'active',
+           updated_at = now()
+     -- An id list, not a join: the rows are fetched by primary key whatever the plan guesses of the batch.
+     WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
+    -- Not the lease token: the caller chose it, so it need not travel back and be decoded per row.
+    RETURNING t.id, t.queue, t.payload, t.priority, t.attempts, t.max_attempts, t.claimed_at,
+              t.lease_expires_at, t.run_at, t.created_at, t.ordering_key, t.dedupe_key, t.cancel_requested
+)
+SELECT claimed.*, (SELECT count(*) FROM done) + 0 * (SELECT count(*) FROM notified) AS completed
+  FROM (SELECT 1) AS one
+  LEFT JOIN claimed ON true
+ ORDER BY claimed.priority DESC, claimed.run_at, claimed.id;
+
+-- name: fail
+-- Fenced like complete (ids sorted; width_bucket finds each row's own entries in the arrays). A retryable
+-- failure with attempts left goes back to pending after its own backoff delay.
+WITH failed AS (
+    UPDATE {records} t
+       SET status = CASE
+               WHEN %(retry)s::bool AND t.attempts < t.max_attempts AND NOT t.cancel_requested THEN 'pending'
+               WHEN t.cancel_requested THEN 'cancelled'
+               ELSE 'failed' END,
+           run_at = CASE
+               WHEN %(retry)s::bool AND t.attempts < t.max_attempts AND NOT t.cancel_requested
+               THEN now() + (%(delays)s::float8[])[width_bucket(t.id, %(ids)s::bigint[])] * interval '1 second'
+               ELSE t.run_at END,
+           finished_at = CASE
+               WHEN %(retry)s::bool AND t.attempts < t.max_attempts AND NOT t.cancel_requested THEN NULL
+               ELSE now() END,
+           dedupe_held = t.dedupe_held
+               AND %(retry)s::bool AND t.attempts < t.max_attempts AND NOT t.cancel_requested,
+           last_error = %(error)s,
+           lease_token = NULL,
+           lease_expires_at = NULL,
+           updated_at = now()
+     WHERE t.id = ANY(%(ids)s::bigint[])
+       AND t.lease_token = (%(tokens)s::uuid[])[width_bucket(t.id, %(ids)s::bigint[])]
+       AND t.status = 'processing'
+    RETURNING t.id, t.status, t.ordering_key
+),
+-- A keyed record that now waits (a retry after its backoff, or failed on a key that blocks on failure) holds
+-- its key again: the key's later pending records that are claimable (the next one since this record's
+-- claim; more when the batch that inserted them spread them out) go back to blocked, or every claim until
+-- this record runs again would read them and reject them. Its next claim (or a cancel) unblocks the next.
+held AS (
+    SELECT f.ordering_key AS k, min(f.id) AS after
+      FROM failed f
+     WHERE f.ordering_key IS NOT NULL
+       AND (f.status = 'pending' OR (f.status = 'failed' AND coalesce(
+                CASE WHEN (SELECT EXISTS (SELECT 1 FROM {key_limits})) THEN
+                     (SELECT k.block_on_failure FROM {key_limits} k
+                       WHERE f.ordering_key LIKE k.like_pattern
+                       ORDER BY k.is_exact DESC, length(k.pattern) DESC LIMIT 1) END,
+                %(default_block_on_failure)s)))
+     GROUP BY f.ordering_key
+),
+-- The claimable records of a key come before its blocked ones (inserts block every record behind a blocked
+-- one; unblocks free only the earliest pending record), so the walk stops at the first blocked record.
+chain AS (
+    -- Starts from the failed record itself (blocked NULL: walked from, never updated).
+    WITH RECURSIVE walk(k, id, blocked) AS (
+        SELECT held.k, held.after, NULL::bool FROM held
+        UNION ALL
+        SELECT walk.k, h.id, h.key_blocked
+          FROM walk
+         CROSS JOIN LATERAL (
+            SELECT n.id, n.key_blocked FROM {records} n
+             WHERE n.ordering_key = walk.k AND n.status = 'pending' AND n.id > walk.id
+             ORDER BY n.ordering_key, n.status, n.id LIMIT 1) h
+         WHERE walk.blocked IS NOT TRUE
+    )
+    -- SKIP LOCKED: a record a claim holds is that claim's (its probes see this one pending or in flight),
+    -- and the statement never waits, so it cannot deadlock with a claim's unblock.
+    SELECT r.id FROM {records} r
+     WHERE r.id = ANY(ARRAY(SELECT walk.id FROM walk WHERE NOT walk.blocked))
+       AND r.status = 'pending' AND NOT r.key_blocked
+       FOR UPDATE SKIP LOCKED
+),
+-- Runs whether or not the result names it (a data-modifying WITH always does).
+reblocked AS (
+    UPDATE {records} b SET key_blocked = true WHERE b.id = ANY(ARRAY(SELECT id FROM chain))
+)
+SELECT failed.id, failed.status FROM failed;
+
+-- name: release
+-- Hand records back at once (graceful shutdown): pending again, the attempt not charged.
+UPDATE {records} t
+   SET status = 'pending',
+       attempts = greatest(t.attempts - 1, 0),
+       run_at = now(),
+       lease_token = NULL,
+       lease_expires_at = NULL,
+       last_error = %(reason)s,
+       updated_at = now()
+ -- Fenced as the completion in claim: ids sorted, each row's own token found by width_bucket, no join.
+ WHERE t.id = ANY(%(ids)s::bigint[])
+   AND t.lease_token = (%(tokens)s::uuid[])[width_bucket(t.id, %(ids)s::bigint[])]
+   AND t.status = 'processing'
+RETURNING t.id;
+
+-- name: heartbeat
+-- One round trip per heartbeat: the instance's own row (a wrongly declared dead instance revives; skipped
+-- when not registered) and the leases of every record it holds. Rows not returned were lost to recovery.
+WITH beat AS (
+    UPDATE {instances}
+       SET last_heartbeat_at = now(),
+           status = CASE WHEN status = 'dead' THEN 'running' ELSE status END,
+           stopped_at = CASE WHEN status = 'dead' THEN NULL ELSE stopped_at END
+     WHERE instance_id = %(instance_id)s AND %(registered)s
+    RETURNING 1
+)
+UPDATE {records} t
+   SET lease_expires_at = clock_timestamp() + %(lease_seconds)s * interval '1 second'
+ -- Fenced as the completion in claim: ids sorted, each row's own token found by width_bucket, no join.
+ WHERE t.id = ANY(%(ids)s::bigint[])
+   AND t.lease_token = (%(tokens)s::uuid[])[width_bucket(t.id, %(ids)s::bigint[])]
+   AND t.status = 'processing'
+RETURNING t.id, t.cancel_requested;
+
+-- name: any_due
+-- stop_when_empty: stops at the first due record instead of counting the backlog.
+SELECT EXISTS (SELECT 1 FROM {records}
+                WHERE status = 'pending' AND queue = ANY(%(queues)s::text[]) AND run_at <= now());

@@ -1,0 +1,124 @@
+"""One PostgreSQL database's worth of state changes: the roles (enqueue, claims, recovery, admin, health)
+wired to one :class:`Database`. Implements :class:`core.backend.Store`; the facade and the worker call it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from core.admin import Admin
+from core.backend import CountRow, Listener, NewRecords, Wakeable
+from core.claims import Claims
+from core.config import Settings
+from core.db import Borrow, Conn, Database
+from core.enqueue import Enqueuer
+from core.health import Health
+from core.instance import ProcessFacts
+from core.queries import channel_for
+from core.record import AddResult, Record
+from core.recovery import Recovery
+
+
+class PostgresStore:
+    """The records of one database, for one processor instance."""
+
+    def __init__(
+        self, settings: Settings, facts: ProcessFacts, dsn: str | None = None, borrow: Borrow | None = None
+    ) -> None:
+        self.settings = settings
+        self.db = Database(settings, dsn, borrow)
+        self.enqueuer = Enqueuer(self.db)
+        self.claims = Claims(self.db)
+        self.recovery = Recovery(self.db, self.claims)
+        self.admin = Admin(self.db, self.claims, facts)
+        self.health = Health(self.db)
+
+    # ------------------------------------------------------------------ producing and claiming
+
+    def add(self, batch: NewRecords) -> AddResult:
+        return self.enqueuer.add(batch)
+
+    def claim(
+        self, done: Sequence[Record], size: int, queues: list[str], unblock: Sequence[str]
+    ) -> tuple[list[Record], int]:
+        return self.claims.claim(done, size, queues, unblock)
+
+    def unblock(self, keys: Iterable[str]) -> None:
+        self.claims.unblock(keys)
+
+    def complete(self, records: Sequence[Record], unblock: Sequence[str] = ()) -> int:
+        return self.claims.complete(records, unblock)
+
+    def fail(self, records: Sequence[Record], error: BaseException | str, retryable: bool) -> list[tuple[int, str]]:
+        return self.claims.fail(records, error, retryable)
+
+    def release(self, records: Sequence[Record], reason: str) -> int:
+        return self.claims.release(records, reason)
+
+    def heartbeat(self, records: Sequence[Record], *, registered: bool) -> tuple[set[int], set[int]]:
+        return self.claims.heartbeat(records, registered=registered)
+
+    def any_due(self, queues: list[str]) -> bool:
+        return self.claims.any_due(queues)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Conn]:
+        with self.db.borrow() as conn, conn.transaction():
+            yield conn
+
+    def complete_in(self, conn: Any, records: Sequence[Record]) -> int:
+        # Our completion statement with its generic plan; the handler's own statements ran with the
+        # session's defaults (LOCAL: back to them at commit).
+        self.db.set_plan_mode(conn, generic=True, local=True)
+        return self.claims.complete_in(conn, records)
+
+    def listen(self, queues: list[str], wake: Wakeable) -> Listener | None:
+        if not self.settings.notify:
+            return None
+        from core.worker.listener import PgListener
+
+        return PgListener(self.db, [channel_for(self.settings.schema, q) for q in queues], wake)
+
+    # ------------------------------------------------------------------ recovery, admin, registry
+
+    def recover(self) -> int:
+        return self.recovery.recover()
+
+    def cancel(self, ids: list[int]) -> dict[int, str]:
+        return self.admin.cancel(ids)
+
+    def retry_failed(self, ids: list[int] | None, queue: str | None, pattern: str | None, batch: int) -> int:
+        return self.admin.retry_failed(ids, queue, pattern, batch)
+
+    def purge(self, older_than: float, batch: int, max_batches: int | None) -> int:
+        return self.admin.purge(older_than, batch, max_batches)
+
+    def set_key_concurrency(self, pattern: str, n: int | None, block_on_failure: bool) -> None:
+        self.admin.set_key_concurrency(pattern, n, block_on_failure)
+
+    def set_queue_limit(self, queue: str, n: int | None) -> None:
+        self.admin.set_queue_limit(queue, n)
+
+    def register(self, metadata: dict[str, Any] | None) -> None:
+        self.admin.register(metadata)
+
+    def set_instance_status(self, status: str) -> None:
+        self.admin.set_instance_status(status)
+
+    # ------------------------------------------------------------------ observing
+
+    def counts(self, queue: str | None) -> list[CountRow]:
+        return self.health.counts(queue)
+
+    def list_instances(self, include_stopped: bool) -> list[dict[str, Any]]:
+        return self.health.list_instances(include_stopped)
+
+    def probe(self, report: dict[str, Any], timeout: float) -> list[CountRow] | None:
+        return self.health.probe(report, timeout)
+
+    def ready(self) -> tuple[bool, str | None]:
+        return self.health.ready()
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,208 @@
+"""Completing: the buffer of finished records (carried by the next claim statement, or written here within
+COALESCE_SECONDS), failures through the retry policy, and the keys whose next record waits for an unblock."""
+
+from __future__ import annotations
+
+import logging
+import queue as queue_mod
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from core.errors import DatabaseUnavailable
+from core.worker.state import Held, Outcome, RecordCancelled, RunState
+
+log = logging.getLogger("core.worker")
+
+# How long a finished record may wait for the next claim to carry its completion. The claimer is woken as
+# soon as a record finishes, so this only bounds the wait behind a claim already in flight.
+COALESCE_SECONDS = 0.002
+
+
+class Completer:
+    """The completion buffer and the completer thread, which writes failures and stale successes."""
+
+    def __init__(self, state: RunState) -> None:
+        self.s = state
+        # Successes waiting to be completed: the next claim statement carries them (one round trip and one
+        # commit per batch); the completer writes them itself if no claim comes within COALESCE_SECONDS.
+        self._done: list[Held] = []
+        self._done_since = 0.0
+        # Ordering keys of records claimed by the last statement: the next statement makes each key's next
+        # record claimable (it must run in a snapshot taken after that claim committed).
+        self._unblock: set[str] = set()
+        self._unblock_since = 0.0
+
+    # ------------------------------------------------------------------ unblock buffer
+
+    def take_unblock(self) -> list[str]:
+        with self.s.lock:
+            keys, self._unblock = self._unblock, set()
+        return sorted(keys)
+
+    def return_unblock(self, keys: Iterable[str]) -> None:
+        if keys:
+            with self.s.lock:
+                if not self._unblock:
+                    self._unblock_since = time.monotonic()
+                self._unblock.update(keys)
+
+    def unblock_age(self) -> float | None:
+        """Seconds the oldest key waiting for its unblock has waited; None when none waits."""
+        with self.s.lock:
+            return time.monotonic() - self._unblock_since if self._unblock else None
+
+    def flush_unblock(self) -> None:
+        keys = self.take_unblock()
+        if keys:
+            self.s.store.unblock(keys)
+
+    # ------------------------------------------------------------------ completion buffer
+
+    def pending(self) -> int:
+        """Finished records waiting for their completion (they do not take room: the next claim carries them)."""
+        return len(self._done)
+
+    def add_done(self, ok: list[Held]) -> None:
+        s = self.s
+        with s.lock:
+            live = [h for h in ok if not h.abandoned]
+            for h in ok:
+                if h.abandoned:  # released or timed out meanwhile: its late success is not ours to write
+                    s.held.pop(h.record.id, None)
+            if not live:
+                return
+            if not self._done:
+                self._done_since = time.monotonic()
+            self._done.extend(live)
+        s.wake.set()  # the claimer carries them with its next claim
+
+    def take_done(self) -> list[Held]:
+        with self.s.lock:
+            done, self._done = [h for h in self._done if not h.abandoned], []
+        for h in done:
+            h.completing = True
+        return done
+
+    def return_done(self, done: list[Held]) -> None:
+        if done:
+            with self.s.lock:
+                self._done[:0] = done
+                self._done_since = time.monotonic()
+
+    def completed(self, done: list[Held], completed: int) -> None:
+        s = self.s
+        s.count(processed=completed, lost_leases=len(done) - completed)
+        s.metrics.completed(completed)
+        s.metrics.lost(len(done) - completed)
+        if completed < len(done):
+            log.warning("lost leases on completion", extra={"lost": len(done) - completed, "batch": len(done)})
+        with s.lock:
+            for h in done:
+                if s.held.get(h.record.id) is h:
+                    del s.held[h.record.id]
+        s.wake.set()
+
+    def flush_done(self) -> bool:
+        """Write buffered successes with a plain completion statement; False when there were none."""
+        done = self.take_done()
+        if not done:
+            return False
+        unblock = self.take_unblock()
+        completed = self.retrying_write(lambda: self.s.store.complete([h.record for h in done], unblock), done)
+        if completed is None:  # gave up: the leases ran out, recovery takes them
+            self.return_unblock(unblock)
+            with self.s.lock:
+                for h in done:
+                    self.s.held.pop(h.record.id, None)
+            return True
+        self.completed(done, completed)
+        return True
+
+    # ------------------------------------------------------------------ the completer thread
+
+    def run(self) -> None:
+        s = self.s
+        stopping = False
+        while not stopping:
+            # Never block for good: records can come back to the buffer (a failed claim returns what it
+            # carried) without any new outcome arriving to wake this thread.
+            # Successes reach the buffer without passing through here: look at its age often.
+            timeout = 0.01
+            with s.lock:
+                if self._done:
+                    timeout = max(0.0, self._done_since + COALESCE_SECONDS - time.monotonic())
+            try:
+                batch = [s.outcomes.get(timeout=timeout)]
+            except queue_mod.Empty:
+                batch = []
+            while True:  # take everything that is ready: natural batching under load
+                try:
+                    batch.append(s.outcomes.get_nowait())
+                except queue_mod.Empty:
+                    break
+            if any(o is None for o in batch):
+                stopping = True
+            self.write_outcomes([o for o in batch if o is not None])
+            with s.lock:
+                stale = bool(self._done) and time.monotonic() - self._done_since >= COALESCE_SECONDS
+            if stale or stopping:
+                self.flush_done()
+
+    def write_outcomes(self, outcomes: list[Outcome]) -> None:
+        ok = [o.held for o in outcomes if o.error is None]
+        bad = [o for o in outcomes if o.error is not None and not o.held.abandoned]
+        for o in outcomes:
+            if o.error is not None and o.held.abandoned:
+                self.s.forget(o.held)
+        if ok:
+            self.add_done(ok)  # forgets the abandoned ones itself
+        for o in bad:
+            o.held.completing = True
+            err = o.error
+            assert err is not None
+            self.fail(o.held, err)
+        if bad:
+            self.s.wake.set()
+
+    def fail(self, held: Held, err: BaseException) -> None:
+        s = self.s
+        retryable = s.settings.retry.should_retry(err) and not isinstance(err, RecordCancelled)
+        rows = self.retrying_write(lambda: s.store.fail([held.record], err, retryable), [held])
+        s.forget(held)
+        if rows is None:
+            return
+        if not rows:
+            s.count(lost_leases=1)
+            s.metrics.lost(1)
+            return
+        status = rows[0][1]
+        if status == "pending":
+            s.count(retried=1)
+            s.metrics.retried(1)
+        elif status == "cancelled":
+            s.count(cancelled=1)
+        else:
+            s.count(failed=1)
+            s.metrics.failed(1)
+        log.info(
+            "record failed",
+            extra={"record_id": held.record.id, "outcome": status, "error": f"{type(err).__name__}: {err}"[:500]},
+        )
+
+    def retrying_write(self, write: Callable[[], Any], helds: list[Held]) -> Any:
+        """Retry an outcome write through database faults until the leases could have run out."""
+        deadline = time.monotonic() + self.s.settings.lease_seconds
+        delay = 0.1
+        while True:
+            try:
+                return write()
+            except DatabaseUnavailable as exc:
+                if time.monotonic() + delay > deadline:
+                    log.error(
+                        "could not write outcomes before the lease ran out; left to recovery",
+                        extra={"records": [h.record.id for h in helds], "error": str(exc)},
+                    )
+                    return None
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
