@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from core.constants import VERSION as __version__
 from core.errors import (
     ConfigurationError,
     DatabaseUnavailable,

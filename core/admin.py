@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from core import __version__
 from core.claims import Claims
+from core.constants import VERSION
 from core.db import Database
 from core.instance import ProcessFacts
 
@@ -104,7 +104,7 @@ class Admin:
             "instance_id": self.db.settings.instance_id,
             "hostname": facts["hostname"],
             "pid": facts["pid"],
-            "version": __version__,
+            "version": VERSION,
             "metadata": json.dumps(metadata or {}),
         }
         self.db.with_retry(lambda conn: conn.execute(self.q.register_instance, params))

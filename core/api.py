@@ -13,14 +13,15 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
-from core.backend import NewRecords, Store
-from core.config import MAX_BATCH, Settings, check_queue_name, positive_int
+from core.backend import Store
+from core.checks import MAX_BATCH, check_new_records, check_queues, check_records, positive_int
+from core.config import Settings
 from core.constants import STATUSES
 from core.errors import InvalidArgument
 from core.health import health_report, status_dict
 from core.instance import ProcessFacts
 from core.metrics import Metrics
-from core.payloads import check_payloads, serialise
+from core.payloads import serialise
 from core.record import AddResult, Record
 from core.retry import RetryPolicy
 from core.worker import Handler, RunOptions, RunSummary, Worker
@@ -28,30 +29,6 @@ from core.worker import Handler, RunOptions, RunSummary, Worker
 log = logging.getLogger("core.processor")
 
 P = TypeVar("P", bound="ProcessorAPI")
-
-
-def _per_record(name: str, value: str | Sequence[str | None] | None, n: int) -> list[str | None]:
-    if value is None:
-        return [None] * n
-    if isinstance(value, str):
-        if not value:
-            raise InvalidArgument(f"{name} must not be empty")
-        return [value] * n
-    values = list(value)
-    if len(values) != n:
-        raise InvalidArgument(f"{name} has {len(values)} entries for {n} payloads")
-    for i, v in enumerate(values):
-        if v is not None and (not isinstance(v, str) or not v):
-            raise InvalidArgument(f"{name}[{i}] must be a non-empty string or None")
-    return values
-
-
-def _check_records(records: Iterable[Record]) -> list[Record]:
-    batch = list(records)
-    for r in batch:
-        if not isinstance(r, Record):
-            raise InvalidArgument(f"expected Record objects, got {type(r).__name__}")
-    return batch
 
 
 class ProcessorAPI:
@@ -131,31 +108,13 @@ class ProcessorAPI:
         already held in the queue are not inserted: their index is in ``result.deduplicated`` and their id is
         the existing record's.
         """
-        items = list(payloads)
-        check_payloads(items)
-        n = len(items)
-        queue = check_queue_name(self.settings.queue if queue is None else queue)
-        if isinstance(priority, bool) or not isinstance(priority, int) or not -(2**31) <= priority < 2**31:
-            raise InvalidArgument(f"priority must be a 32-bit integer, got {priority!r}")
-        attempts_cap = positive_int(
-            "max_attempts", self.settings.max_attempts if max_attempts is None else max_attempts)
-        if run_at is not None and delay is not None:
-            raise InvalidArgument("give run_at or delay, not both")
-        if delay is not None:
-            if delay < 0:
-                raise InvalidArgument("delay must be >= 0")
-            run_at = self._now() + timedelta(seconds=delay)
-        if run_at is not None and (not isinstance(run_at, datetime) or run_at.tzinfo is None):
-            raise InvalidArgument("run_at must be a timezone-aware datetime")
-        if dedupe_while not in ("pending", "active"):
-            raise InvalidArgument(f"dedupe_while must be 'pending' or 'active', got {dedupe_while!r}")
-        if isinstance(dedupe_key, str) and n > 1:
-            raise InvalidArgument("a single dedupe_key string is only allowed for a one-record batch; pass a list")
-        keys = _per_record("ordering_key", ordering_key, n)
-        dedupes = _per_record("dedupe_key", dedupe_key, n)
-        if n == 0:
+        batch = check_new_records(
+            payloads, queue=self.settings.queue if queue is None else queue, priority=priority, run_at=run_at,
+            delay=delay, max_attempts=self.settings.max_attempts if max_attempts is None else max_attempts,
+            ordering_key=ordering_key, dedupe_key=dedupe_key, dedupe_while=dedupe_while, now=self._now())
+        if not batch.payloads:
             return AddResult()
-        return self.store.add(NewRecords(items, queue, priority, run_at, attempts_cap, keys, dedupes, dedupe_while))
+        return self.store.add(batch)
 
     def _now(self) -> datetime:
         """The clock ``delay`` counts from (the in-memory processor's is a fake one)."""
@@ -164,14 +123,7 @@ class ProcessorAPI:
     # ------------------------------------------------------------------ claiming
 
     def _queues(self, queues: Sequence[str] | str | None) -> list[str]:
-        if queues is None:
-            return [self.settings.queue]
-        if isinstance(queues, str):
-            queues = [queues]
-        out = list(dict.fromkeys(queues))
-        if not out or any(not isinstance(q, str) or not q for q in out):
-            raise InvalidArgument("queues must be a non-empty list of non-empty strings")
-        return out
+        return check_queues(queues, self.settings.queue)
 
     def claim_records(self, batch_size: int | None = None, *, queues: Sequence[str] | None = None) -> list[Record]:
         """Claim up to ``batch_size`` due records in one round trip (priority DESC, run_at, id).
@@ -200,7 +152,7 @@ class ProcessorAPI:
         size = self.settings.batch_size if batch_size is None else positive_int(
             "batch_size", batch_size, maximum=MAX_BATCH)
         queue_list = self._queues(queues)
-        records = _check_records(done)
+        records = check_records(done)
         claimed, completed = self.store.claim(records, size, queue_list, sorted(set(unblock)))
         if not defer_unblock:
             self.store.unblock({r.ordering_key for r in claimed if r.ordering_key is not None})
@@ -214,7 +166,7 @@ class ProcessorAPI:
         A record whose lease was lost (recovered and possibly re-claimed elsewhere) is left untouched and not
         counted. A record flagged by ``cancel()`` ends ``cancelled`` instead.
         """
-        batch = _check_records(records)
+        batch = check_records(records)
         if not batch:
             return 0
         updated = self.store.complete(batch, sorted(set(unblock)))
@@ -231,7 +183,7 @@ class ProcessorAPI:
         With ``retry`` and the error retryable under the policy, a record with attempts left returns to
         ``pending`` after its backoff; otherwise it ends ``failed``. The error lands in ``last_error``.
         """
-        batch = _check_records(records)
+        batch = check_records(records)
         if not batch:
             return 0
         retryable = bool(retry) and self.retry.should_retry(error if isinstance(error, BaseException) else None)
@@ -239,7 +191,7 @@ class ProcessorAPI:
 
     def release_records(self, records: Iterable[Record], reason: str = "released by its instance") -> int:
         """Hand held records back to ``pending`` at once, the attempt not charged (graceful shutdown)."""
-        return self.store.release(_check_records(records), reason)
+        return self.store.release(check_records(records), reason)
 
     def extend_leases(self, records: Iterable[Record]) -> tuple[set[int], set[int]]:
         """Push the leases of held records; returns (ids still held, ids whose cancel was requested)."""
@@ -250,7 +202,7 @@ class ProcessorAPI:
 
         Returns (ids still held, ids whose cancel was requested).
         """
-        return self.store.heartbeat(_check_records(records), registered=registered)
+        return self.store.heartbeat(check_records(records), registered=registered)
 
     # ------------------------------------------------------------------ registry
 

@@ -11,32 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from core.checks import MAX_BATCH, check_queue_name, positive_int
 from core.dsn import resolve_dsn
 from core.errors import ConfigurationError, InvalidArgument
 from core.instance import new_instance_id
 from core.retry import RetryPolicy
 
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
-MAX_BATCH = 10_000
-MAX_QUEUE_NAME = 200
-
-
-def positive_int(name: str, value: object, *, allow_zero: bool = False, maximum: int | None = None) -> int:
-    """``value`` as an int of at least 1 (or 0), else :class:`InvalidArgument` naming it."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgument(f"{name} must be an integer, got {type(value).__name__}")
-    low = 0 if allow_zero else 1
-    if value < low:
-        raise InvalidArgument(f"{name} must be >= {low}, got {value}")
-    if maximum is not None and value > maximum:
-        raise InvalidArgument(f"{name} must be <= {maximum}, got {value}")
-    return value
-
-
-def check_queue_name(value: object, error: type[Exception] = InvalidArgument) -> str:
-    if not isinstance(value, str) or not value or len(value) > MAX_QUEUE_NAME:
-        raise error(f"queue must be a non-empty string of at most {MAX_QUEUE_NAME} characters")
-    return value
 
 
 @dataclass(frozen=True)

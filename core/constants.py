@@ -1,6 +1,8 @@
-"""Record and instance states, importable without SQLAlchemy (workers never load it)."""
+"""The package version, record and instance states: importable without SQLAlchemy (workers never load it)."""
 
 from __future__ import annotations
+
+VERSION = "0.1.0"
 
 STATUSES = ("pending", "processing", "completed", "failed", "cancelled")
 FINAL_STATUSES = ("completed", "failed", "cancelled")

@@ -33,7 +33,7 @@ def _queries() -> Queries:
 def run_demo(dsn: str, schema: str, *, count: int, workers: int, work_ms: float) -> int:
     from tqdm import tqdm
 
-    from core import DistributedProcessor
+    from core.processor import DistributedProcessor
 
     with DistributedProcessor(dsn, schema=schema, queue="demo") as p:
         p.migrate()

@@ -11,7 +11,7 @@ from typing import Any
 
 import psutil
 
-from core import __version__
+from core.constants import VERSION
 
 
 def new_instance_id() -> str:
@@ -40,7 +40,7 @@ class ProcessFacts:
         return {
             "hostname": socket.gethostname(),
             "pid": os.getpid(),
-            "version": __version__,
+            "version": VERSION,
             "uptime_seconds": round(time.monotonic() - self.started_monotonic, 3),
             "rss_bytes": mem.rss if mem else None,
             "cpu_percent": cpu,

@@ -12,6 +12,7 @@ from sqlalchemy import create_engine, pool
 
 from core.dsn import redact
 from core.errors import DatabaseUnavailable
+from core.queries import Queries
 
 
 def migrations_dir() -> Path:
@@ -55,13 +56,10 @@ def upgrade(dsn: str, schema: str = "public", revision: str = "head", connect_ti
 
 def current_revision(dsn: str, schema: str = "public") -> str | None:
     """The revision the database is at, or None when it was never migrated."""
+    q = Queries(schema)
     with psycopg.connect(dsn, connect_timeout=10) as conn:
-        row = conn.execute(
-            "SELECT to_regclass(%s) IS NOT NULL",
-            (sql.Identifier(schema, "alembic_version").as_string(),),
-        ).fetchone()
+        row = conn.execute(q.has_table, {"table": sql.Identifier(schema, "alembic_version").as_string()}).fetchone()
         if not row or not row[0]:
             return None
-        query = sql.SQL("SELECT version_num FROM {}").format(sql.Identifier(schema, "alembic_version"))
-        version = conn.execute(query).fetchone()
+        version = conn.execute(q.alembic_revision).fetchone()
         return str(version[0]) if version else None

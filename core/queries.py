@@ -20,6 +20,7 @@ TABLES = {
     "queue_limits": "queue_limits",
     "instances": "processor_instances",
     "demo_ledger": "dproc_demo_ledger",
+    "alembic_version": "alembic_version",
 }
 
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)

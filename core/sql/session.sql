@@ -26,3 +26,10 @@ SELECT set_config('statement_timeout', %(ms)s, true);
 -- name: ping
 -- An idle socket can hide a dead peer: a round trip that proves the connection.
 SELECT 1;
+
+-- name: has_table
+SELECT to_regclass(%(table)s) IS NOT NULL;
+
+-- name: alembic_revision
+-- The revision a migrated schema is at (migrate.current_revision).
+SELECT version_num FROM {alembic_version};
