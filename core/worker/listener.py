@@ -18,7 +18,7 @@ from psycopg import sql
 from core.backend import Wakeable
 from core.db import Database
 
-log = logging.getLogger("core.notifier")
+log = logging.getLogger("core.worker.listener")
 
 
 class PgListener:
