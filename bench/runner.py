@@ -522,7 +522,7 @@ def find_server() -> tuple[str, str]:
             continue
     from core import embedded
 
-    return embedded.start(ROOT / ".dproc" / "bench-pgdata"), "embedded pgserver"
+    return embedded.start(ROOT / ".dproc" / f"bench-pgdata-{embedded.embedded_major()}"), "embedded PostgreSQL"
 
 
 SUITES = ("drain", "enqueue", "latency", "table", "keys", "memory")

@@ -70,7 +70,7 @@ def _processor(args: argparse.Namespace, dsn: str, **kw: Any) -> Any:
     from core.processor import DistributedProcessor
 
     kw.setdefault("connect_timeout", args.connect_timeout)
-    return DistributedProcessor(dsn, schema=args.schema, **kw)
+    return DistributedProcessor(dsn, schema=args.schema, pooling=args.pooling, **kw)
 
 
 # ---------------------------------------------------------------------- commands

@@ -17,6 +17,7 @@ from core.errors import ConfigurationError, InvalidArgument
 from core.instance import new_instance_id
 from core.retry import RetryPolicy
 
+POOLING_MODES = ("session", "transaction")
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 
 
@@ -46,6 +47,8 @@ def _knobs(*knobs: Knob) -> dict[str, Knob]:
 KNOBS: dict[str, Knob] = _knobs(
     Knob("schema", "public", "schema of the tables", "DP_SCHEMA", scope="global"),
     Knob("connect_timeout", 10.0, "seconds to wait for the database", "DP_CONNECT_TIMEOUT", float, "global"),
+    Knob("pooling", "session", "session, or transaction (behind PgBouncer's transaction pooling: no prepared "
+         "statements, no session state, no LISTEN)", "DP_POOLING", scope="global"),
     Knob("instance_id", None, "instance id (default <hostname>-<pid>-<hex>)", "DP_INSTANCE_ID"),
     Knob("queue", "default", "queue(s) to work, comma-separated", "DP_QUEUE"),
     Knob("batch_size", 100, "records per claim", "DP_BATCH_SIZE", int),
@@ -116,6 +119,7 @@ class Settings:
     notify: bool
     application_name: str
     instance_retention: float
+    pooling: str
 
     @classmethod
     def build(cls, dsn: str | None, *, database: bool = True, **kw: Any) -> Settings:
@@ -144,6 +148,8 @@ class Settings:
             raise ConfigurationError("lease_seconds must be > 0")
         if values["connect_timeout"] <= 0:
             raise ConfigurationError("connect_timeout must be > 0")
+        if values["pooling"] not in POOLING_MODES:
+            raise ConfigurationError(f"pooling must be one of {', '.join(POOLING_MODES)}, got {values['pooling']!r}")
         lease = float(lease)
         # Heartbeats at most every lease/3 so two can be missed before a lease runs out.
         heartbeat = float(values["heartbeat_interval"] or min(10.0, lease / 3))
@@ -172,4 +178,5 @@ class Settings:
             notify=bool(values["notify"]),
             application_name=str(values["application_name"]),
             instance_retention=float(values["instance_retention"]),
+            pooling=values["pooling"],
         )

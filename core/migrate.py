@@ -39,7 +39,8 @@ def upgrade(dsn: str, schema: str = "public", revision: str = "head", connect_ti
 
     def connect() -> psycopg.Connection[tuple[object, ...]]:
         try:
-            return psycopg.connect(dsn, connect_timeout=max(1, int(connect_timeout)))
+            # No prepared statements: migrations may run through PgBouncer's transaction pooling too.
+            return psycopg.connect(dsn, connect_timeout=max(1, int(connect_timeout)), prepare_threshold=None)
         except psycopg.OperationalError as exc:
             raise DatabaseUnavailable(f"cannot connect to {redact(dsn)}: {exc}") from None
 

@@ -56,6 +56,7 @@ class DistributedProcessor(ProcessorAPI):
         notify: bool = default("notify"),
         application_name: str = default("application_name"),
         instance_retention: float = default("instance_retention"),
+        pooling: str = default("pooling"),
     ) -> None:
         settings = Settings.build(
             dsn, instance_id=instance_id, queue=queue, batch_size=batch_size, lease_seconds=lease_seconds,
@@ -64,6 +65,7 @@ class DistributedProcessor(ProcessorAPI):
             block_on_failure=block_on_failure, copy_threshold=copy_threshold, cleanup_batch=cleanup_batch,
             dead_after=dead_after, heartbeat_interval=heartbeat_interval, cleanup_interval=cleanup_interval,
             notify=notify, application_name=application_name, instance_retention=instance_retention,
+            pooling=pooling,
         )
         facts = ProcessFacts()
         # Every statement borrows through self.connection, so a subclass overriding it sees all of them.

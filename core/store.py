@@ -74,7 +74,8 @@ class PostgresStore:
         return self.claims.complete_in(conn, records)
 
     def listen(self, queues: list[str], wake: Wakeable) -> Listener | None:
-        if not self.settings.notify:
+        # LISTEN is session state: under transaction pooling the jittered poll is the only wake-up.
+        if not self.settings.notify or self.db.transaction_pooling:
             return None
         from core.worker.listener import PgListener
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import psycopg
 import pytest
 
 from core import DistributedProcessor
 from core.migrate import upgrade
+from tests.servers import leaked
 from tests.support import Server, find_server, unique_name
 
 CATEGORIES = ("unit", "integration", "concurrent", "performance", "chaos")
@@ -25,8 +28,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def pg_server() -> Server:
-    return find_server()
+def pg_server() -> Iterator[Server]:
+    server = find_server()
+    yield server
+    server.stop()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # Every server and pooler a test starts, it stops: one still alive here is a leak that CI machines
+    # would accumulate. Stop it, and fail the run.
+    alive = leaked()
+    if not alive:
+        return
+    lines = []
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            lines.append(f"  pid {proc.pid}: {' '.join(proc.cmdline())[:200]}")
+            proc.kill()
+    print("\nLEAKED server processes started by the suite (now killed):\n" + "\n".join(lines))
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

@@ -47,6 +47,18 @@ class Server:
     admin_dsn: str  # connects to a maintenance database
     source: str  # how it was found
     version: str
+    embedded_dir: str | None = None  # the data folder, when the suite started an embedded server
+
+    @property
+    def major(self) -> int:
+        return int(self.version.split(".")[0])
+
+    def stop(self) -> None:
+        """Stop the server if the suite started it (an embedded one)."""
+        if self.embedded_dir is not None:
+            from core import embedded
+
+            embedded.stop(self.embedded_dir)
 
     def dsn_for(self, dbname: str) -> str:
         return make_conninfo(self.admin_dsn, dbname=dbname)
@@ -89,19 +101,28 @@ def candidate_dsns() -> list[tuple[str, str]]:
 
 
 def find_server() -> Server:
-    """DATABASE_URL, then POSTGRES_TEST_*, then a local server on 127.0.0.1:5432, else embedded pgserver."""
+    """DATABASE_URL, then POSTGRES_TEST_*, then a local server on 127.0.0.1:5432, else the embedded server
+    (``DP_TEST_EMBEDDED=1`` skips straight to it)."""
     for dsn, source in candidate_dsns():
         version = _can_connect(dsn)
         if version:
             return Server(dsn, source, version)
     from core import embedded
 
-    data_dir = Path(os.environ.get("DP_TEST_EMBEDDED_DIR") or ROOT / ".dproc" / "test-pgdata")
+    data_dir = embedded_test_dir()
     dsn = embedded.start(data_dir)
     version = _can_connect(dsn)
     if not version:
         raise RuntimeError("embedded PostgreSQL started but does not accept connections")
-    return Server(dsn, f"embedded pgserver ({data_dir})", version)
+    return Server(dsn, f"embedded PostgreSQL ({data_dir})", version, embedded_dir=str(data_dir))
+
+
+def embedded_test_dir() -> Path:
+    """The test fallback's data folder, one per PostgreSQL major (a folder never meets another major)."""
+    from core import embedded
+
+    default = ROOT / ".dproc" / f"test-pgdata-{embedded.embedded_major()}"
+    return Path(os.environ.get("DP_TEST_EMBEDDED_DIR") or default)
 
 
 def unique_name(prefix: str) -> str:

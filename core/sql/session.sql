@@ -11,6 +11,16 @@
 SELECT set_config('plan_cache_mode', 'force_generic_plan', %(local)s), set_config('jit', 'off', %(local)s),
        set_config('enable_seqscan', 'off', %(local)s);
 
+-- name: transaction_settings
+-- Under transaction pooling (PgBouncer), at the start of every transaction of ours: what a session of ours
+-- carries in its startup options otherwise, and for our own statements (internal) no JIT and no sequential
+-- scans. No plan_cache_mode: without prepared statements every statement is planned with its values.
+SELECT set_config('statement_timeout', %(statement_timeout)s, true),
+       set_config('idle_in_transaction_session_timeout', %(idle_timeout)s, true),
+       set_config('TimeZone', 'UTC', true),
+       CASE WHEN %(internal)s THEN set_config('jit', 'off', true) END,
+       CASE WHEN %(internal)s THEN set_config('enable_seqscan', 'off', true) END;
+
 -- name: reset_plan_mode
 -- Back to what the session started with, before a connection is handed to other code.
 SELECT set_config(name, reset_val, %(local)s) FROM pg_settings
