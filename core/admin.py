@@ -71,18 +71,19 @@ class Admin:
     # ------------------------------------------------------------------ admission settings
 
     def set_key_concurrency(self, pattern: str, n: int | None, block_on_failure: bool) -> None:
+        exact = not is_glob(pattern)
         if n is None:
             self.db.with_retry(lambda conn: conn.execute(self.q.delete_key_concurrency, {"pattern": pattern}))
         else:
             params = {
                 "pattern": pattern,
                 "like_pattern": glob_to_like(pattern),
-                "is_exact": not is_glob(pattern),
+                "is_exact": exact,
                 "n": n,
                 "block_on_failure": block_on_failure,
             }
             self.db.with_retry(lambda conn: conn.execute(self.q.set_key_concurrency, params))
-        if not is_glob(pattern):
+        if exact:
             # A key stopped by a failure under block_on_failure had its later records blocked: if it no longer
             # blocks, the next one may go now (a no-op otherwise: the claim still checks the setting). For a
             # pattern, the maintenance sweep gets to each matching key in its turn.

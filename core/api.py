@@ -1,7 +1,7 @@
 """The public API shared by every processor: argument checks and docstrings, delegating to a store.
 
-:class:`core.DistributedProcessor` (PostgreSQL) and :class:`core.testing.InMemoryProcessor` both derive from
-:class:`ProcessorAPI`, so they offer the same methods with the same parameters and the same typed errors.
+:class:`core.DistributedProcessor` derives from :class:`ProcessorAPI`; any other processor over another store
+does too, so they offer the same methods with the same parameters and the same typed errors.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from core.backend import Store
 from core.checks import MAX_BATCH, check_new_records, check_queues, check_records, positive_int
-from core.config import Settings
+from core.config import Settings, SettingsView, run_default
 from core.constants import STATUSES
 from core.errors import InvalidArgument
 from core.health import health_report, status_dict
@@ -23,7 +23,6 @@ from core.instance import ProcessFacts
 from core.metrics import Metrics
 from core.payloads import serialise
 from core.record import AddResult, Record
-from core.retry import RetryPolicy
 from core.worker import Handler, RunOptions, RunSummary, Worker
 
 log = logging.getLogger("core.processor")
@@ -31,7 +30,7 @@ log = logging.getLogger("core.processor")
 P = TypeVar("P", bound="ProcessorAPI")
 
 
-class ProcessorAPI:
+class ProcessorAPI(SettingsView):
     """Claim, process and complete records from any number of processes. Thread-safe."""
 
     settings: Settings
@@ -43,44 +42,6 @@ class ProcessorAPI:
         self.facts = facts
         self.metrics = Metrics(settings.instance_id)
         self.worker: Worker | None = None
-
-    # ------------------------------------------------------------------ settings
-
-    @property
-    def instance_id(self) -> str:
-        return self.settings.instance_id
-
-    @property
-    def queue(self) -> str:
-        return self.settings.queue
-
-    @property
-    def batch_size(self) -> int:
-        return self.settings.batch_size
-
-    @property
-    def lease_seconds(self) -> float:
-        return self.settings.lease_seconds
-
-    @property
-    def max_attempts(self) -> int:
-        return self.settings.max_attempts
-
-    @property
-    def retry(self) -> RetryPolicy:
-        return self.settings.retry
-
-    @property
-    def heartbeat_interval(self) -> float:
-        return self.settings.heartbeat_interval
-
-    @property
-    def dead_after(self) -> float:
-        return self.settings.dead_after
-
-    @property
-    def cleanup_interval(self) -> float:
-        return self.settings.cleanup_interval
 
     # ------------------------------------------------------------------ producing
 
@@ -223,16 +184,16 @@ class ProcessorAPI:
         self,
         handler: Handler,
         *,
-        concurrency: int = 10,
+        concurrency: int = run_default("concurrency"),
         queues: Sequence[str] | None = None,
         stop_when_empty: bool = False,
         stop_event: threading.Event | None = None,
         transactional: bool = False,
-        handler_timeout: float | None = None,
-        poll_interval: float = 1.0,
+        handler_timeout: float | None = run_default("handler_timeout"),
+        poll_interval: float = run_default("poll_interval"),
         listen: bool = True,
         handle_signals: bool = True,
-        grace_seconds: float = 30.0,
+        grace_seconds: float = run_default("grace_seconds"),
         prefetch: int | None = None,
         register: bool = True,
         metadata: dict[str, Any] | None = None,

@@ -1,8 +1,8 @@
 """The seam between the public API, the worker loop and the storage: what a store of records must offer.
 
-A store is one database's state changes (:class:`core.store.PostgresStore`), or an in-memory equivalent
-(:mod:`core.testing`). The facade (:mod:`core.api`) checks arguments and calls a store; the worker loop
-(:mod:`core.worker`) depends on :class:`WorkerStore` only, never on the facade.
+A store is one database's state changes (:class:`core.store.PostgresStore`). The facade (:mod:`core.api`)
+checks arguments and calls a store; the worker loop (:mod:`core.worker`) depends on :class:`WorkerStore`
+only, never on the facade.
 """
 
 from __future__ import annotations

@@ -42,30 +42,22 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * factor
 
 
+def _number(kind: Callable[[str], Any], *, positive: bool = True) -> Callable[[str], Any]:
+    """An argparse type: a number of ``kind`` above zero (or, with ``positive=False``, not below it)."""
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value < 0 or (positive and value == 0):
+            raise argparse.ArgumentTypeError(f"must be {'>' if positive else '>='} 0, got {text}")
+        return value
+
+    return convert
+
+
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    def convert(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    return convert
-
-
-def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    def convert(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-        return value
-
-    return convert
+    return _number(kind)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,7 +87,7 @@ def _add_knob(p: argparse.ArgumentParser, knob: Knob) -> None:
     """A processor setting as an option: flag, variable, help and default all come from core.config."""
     kw: dict[str, Any] = {"default": knob.default if knob.cli_default is ... else knob.cli_default}
     if knob.parse is not None:
-        kw["type"] = _positive(knob.parse) if knob.positive else _non_negative(knob.parse)
+        kw["type"] = _number(knob.parse, positive=knob.positive)
     _add(p, knob.flag, str(knob.env), knob.help, **kw)
 
 
@@ -137,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(enq, "--queue", "DP_QUEUE", "target queue", default="default")
     _add(enq, "--priority", "DP_PRIORITY", "priority of the records", type=int, default=0)
     _add(enq, "--ordering-key", "DP_ORDERING_KEY", "ordering key for every record")
+    _add(enq, "--key-field", "DP_KEY_FIELD", "each record's ordering key from this payload field (none when absent)")
     _add(enq, "--batch", "DP_ENQUEUE_BATCH", "records per insert (COPY when large)", type=_positive(int),
          default=10000)
     _add(enq, "--no-progress", "DP_NO_PROGRESS", "no progress bar", action="store_true")

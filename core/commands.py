@@ -173,6 +173,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
                 payloads = read_json_lines(fh)
         except OSError as exc:
             raise CliError(f"cannot read {args.file}: {exc.strerror}") from None
+    if args.key_field and args.ordering_key:
+        raise CliError("give --ordering-key or --key-field, not both")
     dsn = resolve_dsn(args)
     started = time.perf_counter()
     from tqdm import tqdm
@@ -182,7 +184,9 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     ) as bar:
         for start in range(0, len(payloads), args.batch):
             chunk = payloads[start : start + args.batch]
-            p.add_records(chunk, queue=args.queue, priority=args.priority, ordering_key=args.ordering_key)
+            keys = args.ordering_key if not args.key_field else [
+                None if r.get(args.key_field) is None else str(r[args.key_field]) for r in chunk]
+            p.add_records(chunk, queue=args.queue, priority=args.priority, ordering_key=keys)
             bar.update(len(chunk))
     elapsed = time.perf_counter() - started
     rate = len(payloads) / elapsed if elapsed > 0 else 0.0

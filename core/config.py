@@ -180,3 +180,97 @@ class Settings:
             instance_retention=float(values["instance_retention"]),
             pooling=values["pooling"],
         )
+
+
+class SettingsView:
+    """The settings as read-only attributes of a processor (``p.batch_size`` is ``p.settings.batch_size``)."""
+
+    settings: Settings
+
+    @property
+    def instance_id(self) -> str:
+        return self.settings.instance_id
+
+    @property
+    def queue(self) -> str:
+        return self.settings.queue
+
+    @property
+    def batch_size(self) -> int:
+        return self.settings.batch_size
+
+    @property
+    def lease_seconds(self) -> float:
+        return self.settings.lease_seconds
+
+    @property
+    def max_attempts(self) -> int:
+        return self.settings.max_attempts
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return self.settings.retry
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return self.settings.heartbeat_interval
+
+    @property
+    def dead_after(self) -> float:
+        return self.settings.dead_after
+
+    @property
+    def cleanup_interval(self) -> float:
+        return self.settings.cleanup_interval
+
+    @property
+    def pool_min(self) -> int:
+        return self.settings.pool_min
+
+    @property
+    def pool_max(self) -> int:
+        return self.settings.pool_max
+
+    @property
+    def connect_timeout(self) -> float:
+        return self.settings.connect_timeout
+
+    @property
+    def statement_timeout(self) -> float | None:
+        return self.settings.statement_timeout
+
+    @property
+    def key_concurrency(self) -> int:
+        return self.settings.key_concurrency
+
+    @property
+    def block_on_failure(self) -> bool:
+        return self.settings.block_on_failure
+
+    @property
+    def copy_threshold(self) -> int:
+        return self.settings.copy_threshold
+
+    @property
+    def cleanup_batch(self) -> int:
+        return self.settings.cleanup_batch
+
+    @property
+    def notify(self) -> bool:
+        return self.settings.notify
+
+    @property
+    def application_name(self) -> str:
+        return self.settings.application_name
+
+    @property
+    def instance_retention(self) -> float:
+        return self.settings.instance_retention
+
+    @property
+    def pooling(self) -> str:
+        return self.settings.pooling
+
+    @property
+    def schema(self) -> str:
+        return self.settings.schema

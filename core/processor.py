@@ -78,10 +78,6 @@ class DistributedProcessor(ProcessorAPI):
         return self.settings.dsn
 
     @property
-    def schema(self) -> str:
-        return self.settings.schema
-
-    @property
     def q(self) -> Queries:
         """The named statements bound to this processor's schema."""
         return self.store.db.q
@@ -108,7 +104,7 @@ class DistributedProcessor(ProcessorAPI):
         """Bring the database schema to the latest migration (idempotent, safe from many instances)."""
         from core.migrate import upgrade
 
-        upgrade(self.dsn, self.schema, connect_timeout=self.settings.connect_timeout)
+        upgrade(self.dsn, self.schema, connect_timeout=self.connect_timeout)
 
     def __repr__(self) -> str:
         return (

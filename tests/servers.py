@@ -32,16 +32,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _as_postgres() -> list[str]:
-    """The prefix that runs a server binary as the postgres user when we are root."""
+def _as_postgres(user: str = "postgres") -> list[str]:
+    """The prefix that runs a server binary as ``user`` when we are root (servers refuse to run as root)."""
     if os.geteuid() != 0:
         return []
-    return ["runuser", "-u", "postgres", "--"]
+    return ["runuser", "-u", user, "--"]
 
 
-def _own(path: Path) -> None:
+def _own(path: Path, user: str = "postgres") -> None:
     if os.geteuid() == 0:
-        pw = pwd.getpwnam("postgres")
+        pw = pwd.getpwnam(user)
         os.chown(path, pw.pw_uid, pw.pw_gid)
 
 
@@ -56,13 +56,13 @@ def machine_bindir() -> Path:
     raise RuntimeError("no PostgreSQL server binaries on this machine (initdb, pg_ctl)")
 
 
-def suite_dir(prefix: str) -> Path:
-    """A fresh folder under SUITE_TMP that the postgres user may write."""
+def suite_dir(prefix: str, user: str = "postgres") -> Path:
+    """A fresh folder under SUITE_TMP that ``user`` may write."""
     SUITE_TMP.mkdir(mode=0o755, exist_ok=True)
     os.chmod(SUITE_TMP, 0o755)
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=SUITE_TMP))
     os.chmod(path, 0o755)
-    _own(path)
+    _own(path, user)
     return path
 
 
@@ -170,11 +170,14 @@ class PgBouncer:
         if not Path(binary).exists():
             raise RuntimeError("pgbouncer is not installed (Debian package pgbouncer; .ci/run installs it)")
         self.binary = binary
-        self.home = suite_dir("pgbouncer-")
-        self.port = port or free_port()
         info = conninfo_to_dict(upstream)
         self.user = str(info.get("user") or "postgres")
         host = str(info.get("host") or "127.0.0.1")
+        # A server reached through its socket folder (the embedded one): run as the folder's owner, the one
+        # user that may open the socket in it.
+        self.os_user = pwd.getpwuid(os.stat(host).st_uid).pw_name if host.startswith("/") else "postgres"
+        self.home = suite_dir("pgbouncer-", self.os_user)
+        self.port = port or free_port()
         (self.home / "users.txt").write_text(f'"{self.user}" ""\n')
         (self.home / "pgbouncer.ini").write_text(
             "[databases]\n"
@@ -186,11 +189,11 @@ class PgBouncer:
             f"logfile = {self.home / 'pgbouncer.log'}\n"
         )
         for f in self.home.iterdir():
-            _own(f)
+            _own(f, self.os_user)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20) -> PgBouncer:
-        self.proc = subprocess.Popen([*_as_postgres(), self.binary, str(self.home / "pgbouncer.ini")],
+        self.proc = subprocess.Popen([*_as_postgres(self.os_user), self.binary, str(self.home / "pgbouncer.ini")],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while True:

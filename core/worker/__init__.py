@@ -1,7 +1,7 @@
 """The worker loop behind :meth:`DistributedProcessor.run`, one module per role (see :mod:`.loop`).
 
 It depends on the narrow :class:`core.backend.WorkerStore` interface, never on the facade, so the same loop
-runs over one PostgreSQL database, several, or the in-memory store of :mod:`core.testing`.
+runs over any store that offers it.
 """
 
 from __future__ import annotations

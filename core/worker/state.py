@@ -8,7 +8,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from core.backend import WorkerStore
@@ -53,23 +53,23 @@ class RunSummary:
 
 @dataclass
 class RunOptions:
-    """The parameters of one ``run()`` (checked by the facade)."""
+    """The parameters of one ``run()``, checked by the facade (their defaults are ``run()``'s)."""
 
     handler: Handler
     concurrency: int
     queues: list[str]
-    stop_when_empty: bool = False
-    stop_event: threading.Event | None = None
-    transactional: bool = False
-    handler_timeout: float | None = None
-    poll_interval: float = 1.0
-    listen: bool = True
-    handle_signals: bool = True
-    grace_seconds: float = 30.0
-    prefetch: int | None = None
-    register: bool = True
-    metadata: dict[str, Any] = field(default_factory=dict)
-    claimers: int = 2
+    stop_when_empty: bool
+    stop_event: threading.Event | None
+    transactional: bool
+    handler_timeout: float | None
+    poll_interval: float
+    listen: bool
+    handle_signals: bool
+    grace_seconds: float
+    prefetch: int | None
+    register: bool
+    metadata: dict[str, Any]
+    claimers: int
 
 
 class Held:

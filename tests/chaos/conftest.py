@@ -35,11 +35,12 @@ class Fleet(WorkerProcs):
         self.dsn = dsn
         self.generation = 0
 
-    def spawn(self, *extra: str, handler: str = "tests.procs.chaos_handlers:work", dsn: str | None = None) -> str:
+    def spawn(self, *extra: str, handler: str = "tests.procs.chaos_handlers:work", dsn: str | None = None,
+              env: dict[str, str] | None = None) -> str:
         self.generation += 1
         name = f"chaos-{self.generation}"
         self.start(name, worker_argv(*extra, handler=handler),
-                   env={"DATABASE_URL": dsn or self.dsn, "DP_INSTANCE_ID": name})
+                   env={"DATABASE_URL": dsn or self.dsn, "DP_INSTANCE_ID": name, **(env or {})})
         return name
 
     def alive(self) -> list[str]:

@@ -18,6 +18,13 @@ def _final_counts(db: Any) -> dict[str, int]:
 
 
 def test_no_duplicate_record_claiming_across_5_processes(dsn: str, db: Any, tmp_path: Path) -> None:
+    race_5_processes(dsn, db, tmp_path)
+
+
+def race_5_processes(dsn: str, db: Any, tmp_path: Path, *, claim_dsn: str | None = None,
+                     pooling: str = "session") -> Counter[int]:
+    """5 claim_worker processes (batch sizes 1..500) race for 20,000 records; returns how often each id was
+    claimed, after asserting each exactly once. ``claim_dsn``: where the workers connect (a pooler)."""
     total = 20_000
     with DistributedProcessor(dsn) as producer:
         ids = []
@@ -31,7 +38,8 @@ def test_no_duplicate_record_claiming_across_5_processes(dsn: str, db: Any, tmp_
             (
                 ledger,
                 subprocess.Popen(
-                    [sys.executable, "-m", "tests.procs.claim_worker", dsn, str(batch), str(ledger), f"proc-{i}"],
+                    [sys.executable, "-m", "tests.procs.claim_worker", claim_dsn or dsn, str(batch), str(ledger),
+                     f"proc-{i}", pooling],
                     cwd=ROOT, stderr=subprocess.PIPE, text=True,
                 ),
             )
@@ -52,6 +60,7 @@ def test_no_duplicate_record_claiming_across_5_processes(dsn: str, db: Any, tmp_
     assert sum(completed_by.values()) == total
     # the race was real: at least three processes got work
     assert sum(1 for n in per_process.values() if n > 0) >= 3, per_process
+    return claimed
 
 
 def test_no_duplicate_claiming_across_8_threads_sharing_one_processor(dsn: str, db: Any) -> None:

@@ -166,15 +166,17 @@ def _generic_plan(db: Any, stmt: str, params: dict[str, Any]) -> dict[str, Any]:
 
 def _assert_on_the_indexes(name: str, plan: dict[str, Any]) -> None:
     text = json.dumps(plan)
-    for _parent, n in _nodes(plan):
+    for parent, n in _nodes(plan):
         if n.get("Relation Name") != "processing_queue":
             continue
         assert n["Node Type"] != "Seq Scan", text
         # An index over every row walked from one end to the other (a merge join's input, a join's outer
         # side) is a scan of the table too. The partial indexes of live rows (pending, in flight) may be
-        # walked whole: they hold the backlog and the records in flight, never the finished rows.
+        # walked whole: they hold the backlog and the records in flight, never the finished rows. Under a
+        # Limit with no filter the walk stops at the first rows (max(id) read from the end of the primary
+        # key: PostgreSQL 15 shows it with an "id IS NOT NULL" condition, 17 and later without).
         if n["Node Type"] in ("Index Scan", "Index Only Scan") and n.get("Index Name") not in _LIVE_ROW_INDEXES:
-            assert "Index Cond" in n, text
+            assert "Index Cond" in n or (parent == "Limit" and "Filter" not in n), text
     if name == "claim":
         # the pending index only for the claim itself, under its row locks (never for the per-key probes)
         claim_scans = [(p, n) for p, n in _nodes(plan) if n.get("Index Name") == "ix_processing_queue_pending"]

@@ -32,8 +32,10 @@ _local = threading.local()
 def _conn() -> psycopg.Connection[Any]:
     conn = getattr(_local, "conn", None)
     if conn is None or conn.closed or conn.broken:
-        # A connection of its own, named so that fault injection aimed at the processor spares it.
-        conn = psycopg.connect(os.environ["DATABASE_URL"], application_name="chaos-handler", connect_timeout=5)
+        # A connection of its own, named so that fault injection aimed at the processor spares it; without
+        # prepared statements, so that it works through a transaction pooler too.
+        conn = psycopg.connect(os.environ["DATABASE_URL"], application_name="chaos-handler", connect_timeout=5,
+                               prepare_threshold=None)
         _local.conn = conn
     return conn
 

@@ -1,7 +1,7 @@
 """A worker OS process for concurrency tests: claims and completes until the queue is drained.
 
 Writes every claimed id (one per line) to the ledger file given, so the parent can prove no duplicates.
-Usage: python -m tests.procs.claim_worker DSN BATCH_SIZE LEDGER_PATH INSTANCE_ID
+Usage: python -m tests.procs.claim_worker DSN BATCH_SIZE LEDGER_PATH INSTANCE_ID [POOLING]
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from core import DistributedProcessor
 
 def main() -> int:
     dsn, batch, ledger, instance = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    pooling = sys.argv[5] if len(sys.argv) > 5 else "session"
     empty_rounds = 0
-    with DistributedProcessor(dsn, instance_id=instance, pool_max=2) as p, open(ledger, "w") as out:
+    with DistributedProcessor(dsn, instance_id=instance, pool_max=2, pooling=pooling) as p, \
+            open(ledger, "w") as out:
         while empty_rounds < 3:
             records = p.claim_records(batch)
             if not records:

@@ -121,8 +121,7 @@ def test_sql_lives_in_named_statements(name: str) -> None:
 def test_the_facade_adds_only_database_methods_to_the_shared_api() -> None:
     own = {n for n, v in vars(DistributedProcessor).items() if callable(v) or isinstance(v, property)}
     shared = {n for n in dir(ProcessorAPI) if not n.startswith("__")}
-    assert own - shared == {"__init__", "__repr__", "dsn", "schema", "q", "_pool", "connection", "complete_on",
-                            "migrate"}
+    assert own - shared == {"__init__", "__repr__", "dsn", "q", "_pool", "connection", "complete_on", "migrate"}
     for name in sorted(shared & own):
         assert inspect.signature(getattr(DistributedProcessor, name)) == inspect.signature(
             getattr(ProcessorAPI, name)), name

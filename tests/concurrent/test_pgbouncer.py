@@ -1,0 +1,113 @@
+"""Through a real PgBouncer in transaction pooling mode: the service, exactly-once claiming, ordering."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core import DistributedProcessor
+from tests.concurrent.test_concurrent_claiming import race_5_processes
+from tests.procs.handlers import SVC_LEDGER_DDL
+from tests.servers import PgBouncer
+from tests.support import Server, WorkerProcs, dbname_of, run_cli, unfinished, wait_until
+
+# What a server-side prepared statement or lost session state looks like through a transaction pooler.
+POOLING_ERRORS = ("prepared statement", "InvalidSqlStatementName", "DuplicatePreparedStatement")
+
+
+@pytest.fixture(scope="module")
+def bouncer(pg_server: Server) -> Iterator[PgBouncer]:
+    with PgBouncer(pg_server.admin_dsn, pool_size=10) as b:
+        yield b
+
+
+@pytest.fixture
+def via_bouncer(bouncer: PgBouncer, dsn: str) -> str:
+    return bouncer.dsn(dbname_of(dsn))
+
+
+@pytest.fixture
+def workers() -> Iterator[WorkerProcs]:
+    procs = WorkerProcs()
+    yield procs
+    procs.kill_all()
+
+
+def test_the_library_works_through_pgbouncer(via_bouncer: str, db: Any) -> None:
+    with DistributedProcessor(via_bouncer, pooling="transaction", pool_max=3) as p:
+        ids = p.add_records([{"n": i} for i in range(1400)], ordering_key=[f"k{i % 7}" for i in range(1400)])
+        p.add_records([{"d": 1}], dedupe_key="once")
+        assert p.add_records([{"d": 2}], dedupe_key="once").deduplicated == [0]
+        p.set_queue_limit("small", 1)
+        p.add_records([{}], queue="small")
+        with pytest.raises(Exception, match="full"):
+            p.add_records([{}], queue="small")
+        seen: list[int] = []
+        for _ in range(1000):  # more rounds than needed: each claim takes the head of each of the 7 keys
+            records = p.claim_records(100)
+            if not records:
+                break
+            seen += [r.id for r in records if r.ordering_key is not None]
+            kept, _ = p.heartbeat(records, registered=False)
+            assert kept == {r.id for r in records}
+            assert p.mark_completed(records) == len(records)
+        assert sorted(seen) == sorted(ids)
+        per_key: dict[str, list[int]] = {}
+        for rid, key in db.execute("SELECT id, ordering_key FROM processing_queue WHERE ordering_key IS NOT NULL"
+                                   " ORDER BY claimed_at, id").fetchall():
+            per_key.setdefault(key, []).append(rid)
+        assert all(v == sorted(v) for v in per_key.values())
+        report = p.health_check()
+        assert report["status"] == "healthy", report["reasons"]
+        assert p.get_queue_status()["totals"]["completed"] == 1401
+
+
+def test_three_workers_through_pgbouncer_drain_enqueued_records_exactly_once(
+    via_bouncer: str, db: Any, workers: WorkerProcs, tmp_path: Path
+) -> None:
+    db.execute(SVC_LEDGER_DDL)
+    env = {"DATABASE_URL": via_bouncer, "DP_POOLING": "transaction"}
+    for i in range(3):
+        workers.start(
+            f"w{i}",
+            ["-m", "core", "--log-format", "json", "run", "--handler", "tests.procs.handlers:ledger_tx",
+             "--transactional", "--concurrency", "4", "--grace-seconds", "10", "--poll-interval", "0.2"],
+            env={**env, "DP_INSTANCE_ID": f"bouncer-{i}"},
+        )
+    # half keyed (50 keys), half keyless, all through `dproc enqueue` and the pooler
+    lines = tmp_path / "records.jsonl"
+    lines.write_text("".join(json.dumps({"n": i, **({"key": f"k{(i // 2) % 50}"} if i % 2 else {})}) + "\n"
+                             for i in range(10_000)))
+    result = run_cli("enqueue", str(lines), "--key-field", "key", env=env)
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: unfinished(db) == 0, 180, interval=0.2, message="drained through pgbouncer")
+    row = db.execute("SELECT count(*), count(DISTINCT record_id) FROM svc_ledger").fetchone()
+    assert row == (10_000, 10_000), "every record completed exactly once"
+    # a key's records completed one at a time in id order (the ledger row commits with the completion)
+    order = db.execute("SELECT ordering_key, array_agg(record_id ORDER BY seq) FROM svc_ledger"
+                       " WHERE ordering_key IS NOT NULL GROUP BY 1").fetchall()
+    assert len(order) == 50 and all(ids == sorted(ids) for _, ids in order)
+    by_instance = dict(db.execute("SELECT instance, count(*) FROM svc_ledger GROUP BY 1").fetchall())
+    assert len(by_instance) == 3, by_instance
+    started = time.monotonic()
+    results = workers.terminate_all(timeout=30)
+    assert time.monotonic() - started < 15
+    for name, (code, stdout, stderr) in results.items():
+        assert code == 0, f"{name}: {stderr[-1500:]}"
+        assert not [e for e in POOLING_ERRORS if e in stdout + stderr], stderr[-1500:]
+        assert json.loads(stdout.strip().splitlines()[-1])["lost_leases"] == 0
+    assert not [e for e in POOLING_ERRORS if e in result.stdout + result.stderr]
+    assert db.execute("SELECT count(*) FROM processing_queue WHERE status = 'processing'").fetchone()[0] == 0
+    assert db.execute("SELECT count(*) FROM processor_instances WHERE status = 'stopped'").fetchone()[0] == 3
+
+
+def test_no_duplicate_claiming_across_5_processes_through_pgbouncer(
+    dsn: str, via_bouncer: str, db: Any, tmp_path: Path
+) -> None:
+    claimed = race_5_processes(dsn, db, tmp_path, claim_dsn=via_bouncer, pooling="transaction")
+    assert len(claimed) == 20_000
