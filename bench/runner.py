@@ -137,11 +137,13 @@ class Bench:
 
     # ------------------------------------------------------------------ processes
 
-    def drain_procs(self, mode: str, workers: int, batch: int, extra: list[str] | None = None) -> dict[str, Any]:
+    def drain_procs(self, mode: str, workers: int, batch: int, extra: list[str] | None = None, *,
+                    dsn: str | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
         """Start ``workers`` processes, fire them together, return throughput and their RSS."""
         procs = [
-            subprocess.Popen([sys.executable, "-m", "bench.workers", mode, self.dsn, str(batch), *(extra or [])],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+            subprocess.Popen([sys.executable, "-m", "bench.workers", mode, dsn or self.dsn, str(batch),
+                              *(extra or [])], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                             env={**os.environ, **(env or {})})
             for _ in range(workers)
         ]
         for p in procs:  # each prints "ready" once connected and imported
@@ -179,10 +181,11 @@ class Bench:
                 b.append(second())
         return a, b
 
-    def _fill_and_drain(self, mode: str, workers: int, n: int, *, keys: int = 0) -> float:
+    def _fill_and_drain(self, mode: str, workers: int, n: int, *, keys: int = 0, dsn: str | None = None,
+                        env: dict[str, str] | None = None) -> float:
         """Fill ``n`` pending records and drain them with ``workers`` processes; records/s."""
         self.fill_pending(n, keys=keys)
-        return float(self.drain_procs(mode, workers, 100)["rate"])
+        return float(self.drain_procs(mode, workers, 100, dsn=dsn, env=env)["rate"])
 
     # ------------------------------------------------------------------ suites
 
@@ -403,6 +406,27 @@ class Bench:
         self.add(Row("keys", "10,000 ordering keys", rate, "rec/s", keyless, "keyless drain",
                      target=">= 0.7x", met=rate / keyless >= 0.7, extra={"runs": keyed_runs}))
 
+    def suite_pooling(self) -> None:
+        """What transaction pooling costs: run() through a real PgBouncer in transaction mode versus direct."""
+        from tests.servers import PgBouncer
+
+        n = 20_000 if self.quick else 100_000
+        print(f"pooling: {n:,} records drained by run() with W=2, direct vs through PgBouncer (transaction mode)")
+        pairs = 1 if self.quick else 3
+        with PgBouncer(self.admin_dsn, pool_size=20) as bouncer:
+            via = bouncer.dsn(self.dbname)
+            txn = {"DPB_POOLING": "transaction"}
+            direct_runs, pooled_runs = self._alternate(
+                pairs, partial(self._fill_and_drain, "ours", 2, n),
+                partial(self._fill_and_drain, "ours", 2, n, dsn=via, env=txn))
+            direct_txn = self._fill_and_drain("ours", 2, n, env=txn)
+        direct = statistics.median(direct_runs)
+        self.add(Row("pooling", "W=2 run() direct, session mode", direct, "rec/s", extra={"runs": direct_runs}))
+        self.add(Row("pooling", "W=2 run() direct, transaction mode (one pair)", direct_txn, "rec/s", direct,
+                     "direct, session mode"))
+        self.add(Row("pooling", "W=2 run() through PgBouncer, transaction mode", statistics.median(pooled_runs),
+                     "rec/s", direct, "direct, session mode", extra={"runs": pooled_runs}))
+
     def suite_memory(self) -> None:
         n = 50_000 if self.quick else 1_000_000
         print(f"memory: RSS of one worker process over {n:,} records")
@@ -525,7 +549,7 @@ def find_server() -> tuple[str, str]:
     return embedded.start(ROOT / ".dproc" / f"bench-pgdata-{embedded.embedded_major()}"), "embedded PostgreSQL"
 
 
-SUITES = ("drain", "enqueue", "latency", "table", "keys", "memory")
+SUITES = ("drain", "enqueue", "latency", "table", "keys", "pooling", "memory")
 
 
 def main(argv: list[str] | None = None) -> int:

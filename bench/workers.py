@@ -50,7 +50,8 @@ def ours(dsn: str, batch: int) -> int:
     from core import DistributedProcessor
 
     cleanup = float(os.environ.get("DPB_CLEANUP", "0")) or None  # profiling: a run without the cleaner
-    with DistributedProcessor(dsn, batch_size=batch, cleanup_interval=cleanup) as p:
+    pooling = os.environ.get("DPB_POOLING", "session")  # "transaction" behind PgBouncer
+    with DistributedProcessor(dsn, batch_size=batch, cleanup_interval=cleanup, pooling=pooling) as p:
         p.get_queue_status()  # connected before the gun
         print("ready", flush=True)
         sys.stdin.readline()

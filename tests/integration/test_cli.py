@@ -155,3 +155,25 @@ def test_embedded_database_is_used_when_no_dsn_is_set(tmp_path: Path) -> None:
     assert "embedded PostgreSQL" in result.stderr
     result = run_cli("status", env=env, timeout=180)  # the data folder is reused
     assert result.returncode == 0, result.stderr
+
+
+def test_an_embedded_data_folder_of_another_major_is_reported_not_crashed_on(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from core.embedded import embedded_major
+    from tests.support import ROOT
+
+    old = tmp_path / "pgdata"
+    old.mkdir()
+    (old / "PG_VERSION").write_text("16\n")  # what the pgserver-based versions left in ./.dproc/pgdata
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env["DP_EMBEDDED_DIR"] = str(old)
+    result = subprocess.run([sys.executable, "-m", "core", "demo"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"holds a PostgreSQL 16 cluster, but the embedded server is PostgreSQL {embedded_major()}" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in old.iterdir()) == ["PG_VERSION"], "nothing was started or written there"
