@@ -7,9 +7,11 @@ with environment alone. Errors print one line and exit non-zero; ``--debug`` sho
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -164,6 +166,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: where a stuck worker is stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     debug = _env_bool("DP_DEBUG") or "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         args = build_parser().parse_args(argv)

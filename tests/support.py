@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -167,8 +168,17 @@ class WorkerProcs:
             try:
                 stdout, stderr = proc.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                stdout, stderr = proc.communicate()
+                # Stuck: ask for its threads' stacks (faulthandler on SIGUSR1) before killing it, so the
+                # failure says where it hung.
+                proc.send_signal(signal.SIGUSR1)
+                try:
+                    stdout, stderr = proc.communicate(timeout=2)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    stdout, stderr = proc.communicate()
+                stderr = f"{stderr}\n[did not exit {timeout:g}s after SIGTERM; killed]"
+                if proc.poll() is None:
+                    proc.kill()
             out[name] = (proc.returncode, stdout, stderr)
         return out
 

@@ -6,12 +6,15 @@ Usage: python -m tests.procs.claim_worker DSN BATCH_SIZE LEDGER_PATH INSTANCE_ID
 
 from __future__ import annotations
 
+import faulthandler
+import signal
 import sys
 
 from core import DistributedProcessor
 
 
 def main() -> int:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # stacks on SIGUSR1 (terminate_all)
     dsn, batch, ledger, instance = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     pooling = sys.argv[5] if len(sys.argv) > 5 else "session"
     empty_rounds = 0

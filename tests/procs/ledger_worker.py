@@ -8,7 +8,9 @@ Runs until SIGTERM (or until nothing is due with --stop-when-empty); prints the 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
+import signal
 import time
 from typing import Any
 
@@ -17,6 +19,7 @@ from tests.procs.ledger import ledger_handler
 
 
 def main() -> int:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # stacks on SIGUSR1 (terminate_all)
     ap = argparse.ArgumentParser()
     ap.add_argument("dsn")
     ap.add_argument("instance")
