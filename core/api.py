@@ -18,6 +18,7 @@ from core.checks import MAX_BATCH, check_new_records, check_queues, check_record
 from core.config import Settings, SettingsView, run_default
 from core.constants import STATUSES
 from core.errors import InvalidArgument
+from core.floors import Floors
 from core.health import health_report, status_dict
 from core.instance import ProcessFacts
 from core.metrics import Metrics
@@ -42,6 +43,8 @@ class ProcessorAPI(SettingsView):
         self.facts = facts
         self.metrics = Metrics(settings.instance_id)
         self.worker: Worker | None = None
+        # Where claim_records' scans start (core/floors.py); a run() keeps floors of its own.
+        self.floors = Floors()
 
     # ------------------------------------------------------------------ producing
 
@@ -114,7 +117,9 @@ class ProcessorAPI(SettingsView):
             "batch_size", batch_size, maximum=MAX_BATCH)
         queue_list = self._queues(queues)
         records = check_records(done)
-        claimed, completed = self.store.claim(records, size, queue_list, sorted(set(unblock)))
+        # Unblocks are announced to every claimer: this one keeps no record of what it unblocks.
+        claimed, completed = self.store.claim(records, size, queue_list, sorted(set(unblock)), self.floors, True)
+        self.floors.lower_records(records)  # the next records of completed keys are claimable
         if not defer_unblock:
             self.store.unblock({r.ordering_key for r in claimed if r.ordering_key is not None})
         return claimed, completed
@@ -130,7 +135,8 @@ class ProcessorAPI(SettingsView):
         batch = check_records(records)
         if not batch:
             return 0
-        updated = self.store.complete(batch, sorted(set(unblock)))
+        updated = self.store.complete(batch, sorted(set(unblock)), True)
+        self.floors.lower_records(batch)
         if updated < len(batch):
             log.warning(
                 "lost leases on completion",

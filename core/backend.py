@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+from core.floors import Floors
 from core.record import AddResult, Record
 
 # (queue, status, count, oldest pending age in seconds or None, due count): one row per queue and status.
@@ -52,16 +53,20 @@ class WorkerStore(Protocol):
     """What the worker loop needs: claim, the fenced outcome writes, heartbeats, recovery, the registry."""
 
     def claim(
-        self, done: Sequence[Record], size: int, queues: list[str], unblock: Sequence[str]
+        self, done: Sequence[Record], size: int, queues: list[str], unblock: Sequence[str],
+        floors: Floors | None = None, announce: bool = False,
     ) -> tuple[list[Record], int]:
-        """Complete ``done`` (fenced) and claim up to ``size`` records in one statement; (claimed, completed)."""
+        """Complete ``done`` (fenced) and claim up to ``size`` records in one statement; (claimed, completed).
+
+        ``floors``: where each queue's scan starts, moved up by the claim (:mod:`core.floors`); ``announce``:
+        the keys unblocked are announced to other claimers (the caller does not lower floors of its own)."""
         ...
 
-    def unblock(self, keys: Iterable[str]) -> None:
+    def unblock(self, keys: Iterable[str], *, announce: bool = True) -> None:
         """Make each key's earliest pending record claimable. Best effort: the sweep repairs a miss."""
         ...
 
-    def complete(self, records: Sequence[Record], unblock: Sequence[str] = ()) -> int: ...
+    def complete(self, records: Sequence[Record], unblock: Sequence[str] = (), announce: bool = False) -> int: ...
 
     def fail(self, records: Sequence[Record], error: BaseException | str, retryable: bool) -> list[tuple[int, str]]:
         """Fenced failure; returns (id, status after) of the records still held."""

@@ -15,6 +15,7 @@ from typing import Any
 
 from core.db import Conn, Database
 from core.errors import DatabaseUnavailable, InvalidArgument
+from core.floors import Floors, Ticket, start_params
 from core.queries import channel_for
 from core.record import Record, format_error
 
@@ -61,14 +62,22 @@ class Claims:
     # ------------------------------------------------------------------ claim
 
     def claim(
-        self, done: Sequence[Record], size: int, queues: list[str], unblock: Sequence[str] = ()
+        self, done: Sequence[Record], size: int, queues: list[str], unblock: Sequence[str] = (),
+        floors: Floors | None = None, announce: bool = False,
     ) -> tuple[list[Record], int]:
         """Complete ``done`` and claim up to ``size`` records in one statement (retried on a broken
-        connection: the fencing makes a repeat harmless). Returns (claimed, completed)."""
-        return self.db.with_retry(lambda conn: self.claim_on(conn, done, size, queues, unblock))
+        connection: the fencing makes a repeat harmless). Returns (claimed, completed). With ``floors``,
+        each queue's scan starts at its floor, which the claimed records then move up."""
+        ticket = floors.ticket(queues) if floors is not None and size else None
+        claimed, completed = self.db.with_retry(
+            lambda conn: self.claim_on(conn, done, size, queues, unblock, ticket=ticket, announce=announce))
+        if floors is not None and ticket is not None:
+            floors.advance(ticket, claimed)
+        return claimed, completed
 
     def claim_on(
-        self, conn: Conn, done: Sequence[Record], size: int, queues: list[str], unblock: Sequence[str] = ()
+        self, conn: Conn, done: Sequence[Record], size: int, queues: list[str], unblock: Sequence[str] = (),
+        *, ticket: Ticket | None = None, announce: bool = False,
     ) -> tuple[list[Record], int]:
         s = self.settings
         done_ids, done_tokens = fence(done)
@@ -90,6 +99,8 @@ class Claims:
             "lease_seconds": s.lease_seconds,
             "default_key_concurrency": s.key_concurrency,
             "default_block_on_failure": s.block_on_failure,
+            "announce": announce,
+            **(ticket.params() if ticket is not None else start_params(queues)),
         }
         # Binary results: timestamps, UUIDs and integers decode several times faster than from text.
         rows = conn.execute(self.q.claim, params, binary=True).fetchall()
@@ -99,14 +110,16 @@ class Claims:
         new, head = tuple.__new__, (token,)
         return [new(Record, r[:6] + head + r[6:13]) for r in rows], completed
 
-    def unblock(self, keys: Iterable[str]) -> None:
+    def unblock(self, keys: Iterable[str], *, announce: bool = True) -> None:
         """Make each key's earliest pending record claimable (after a claim or a cancel), through the claim
-        statement with nothing to claim. Best effort: the maintenance sweep repairs a miss."""
+        statement with nothing to claim. Best effort: the maintenance sweep repairs a miss. ``announce``: tell
+        every claimer by a floor event (a worker unblocking the keys of records it claimed does not need to:
+        its own floors come down to those records)."""
         ordered = sorted(set(keys))
         if not ordered:
             return
         try:
-            self.db.with_retry(lambda conn: self.claim_on(conn, [], 0, [], ordered))
+            self.db.with_retry(lambda conn: self.claim_on(conn, [], 0, [], ordered, announce=announce))
         except DatabaseUnavailable as exc:
             log.warning("could not unblock key heads; the sweep will", extra={"error": str(exc)})
 
@@ -117,10 +130,10 @@ class Claims:
 
     # ------------------------------------------------------------------ outcomes
 
-    def complete(self, records: Sequence[Record], unblock: Sequence[str] = ()) -> int:
+    def complete(self, records: Sequence[Record], unblock: Sequence[str] = (), announce: bool = False) -> int:
         """Fenced completion; returns how many were still held (and are now completed or cancelled)."""
         keys = sorted(set(unblock))
-        return self.db.with_retry(lambda conn: self.claim_on(conn, records, 0, [], keys)[1])
+        return self.db.with_retry(lambda conn: self.claim_on(conn, records, 0, [], keys, announce=announce)[1])
 
     def complete_in(self, conn: Conn, records: Sequence[Record], unblock: Iterable[str] = ()) -> int:
         """Fenced completion of ``records`` on ``conn`` (inside the caller's transaction, if any)."""

@@ -11,6 +11,7 @@ from psycopg import errors as pg_errors
 from core.backend import NewRecords
 from core.db import Conn, Database
 from core.errors import QueueFull
+from core.floors import must_announce
 from core.payloads import copy_text, encode_payload
 from core.queries import channel_for
 from core.record import AddResult
@@ -86,6 +87,9 @@ class Enqueuer:
     def _add_on(self, conn: Conn, batch: NewRecords, texts: list[str], use_copy: bool, has_dedupe: bool) -> AddResult:
         q, n, queue = self.q, len(batch.payloads), batch.queue
         key_set = sorted({k for k in batch.keys if k is not None})
+        started = time.monotonic()
+        # Records claims may have passed already are announced to them (core/floors.py).
+        announce = must_announce(batch.priority, batch.run_at, 0.0)
         with conn.transaction():
             blocked = [False] * n
             if has_dedupe:
@@ -103,8 +107,12 @@ class Enqueuer:
             if use_copy:
                 result = self._insert_copy(conn, batch, blocked)
             else:
-                result = self._insert_statement(conn, batch, texts, blocked)
+                result = self._insert_statement(conn, batch, texts, blocked, announce)
             inserted = n - len(result.deduplicated)
+            if inserted and ((use_copy and announce) or (
+                    not announce and must_announce(batch.priority, batch.run_at, time.monotonic() - started))):
+                conn.execute(q.announce_floor, {"queue": queue, "priority": batch.priority, "run_at": batch.run_at,
+                                                "id": min(result)})
             if limit_row is not None and inserted:
                 limit = int(limit_row[0])
                 depth_row = conn.execute(q.pending_depth, {"queue": queue, "cap": limit + inserted + 1}).fetchone()
@@ -115,7 +123,9 @@ class Enqueuer:
                 conn.execute(q.notify, {"channel": channel_for(self.db.settings.schema, queue), "queue": queue})
         return result
 
-    def _insert_statement(self, conn: Conn, batch: NewRecords, texts: list[str], blocked: list[bool]) -> AddResult:
+    def _insert_statement(
+        self, conn: Conn, batch: NewRecords, texts: list[str], blocked: list[bool], announce: bool
+    ) -> AddResult:
         rows = conn.execute(
             self.q.insert_records,
             {
@@ -128,6 +138,7 @@ class Enqueuer:
                 "dedupes": batch.dedupes,
                 "dedupe_while": batch.dedupe_while,
                 "blocked": blocked,
+                "announce": announce,
             },
         ).fetchall()
         n = len(texts)

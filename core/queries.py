@@ -21,6 +21,7 @@ TABLES = {
     "instances": "processor_instances",
     "demo_ledger": "dproc_demo_ledger",
     "alembic_version": "alembic_version",
+    "floor_events": "claim_floor_events",
 }
 
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)

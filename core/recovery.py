@@ -14,6 +14,11 @@ log = logging.getLogger("core.recovery")
 SWEEP_KEYS = 1000
 
 
+# Floor events older than this are pruned (claims read the last EVENT_SETTLE seconds' worth).
+EVENT_RETENTION = 60.0
+PRUNE_BATCH = 5000
+
+
 class Recovery:
     """``cleanup_orphaned_records`` against one database."""
 
@@ -22,6 +27,7 @@ class Recovery:
         self.q = db.q
         self.claims = claims
         self._sweep_after = ""  # where the next maintenance sweep of blocked keys starts ('' = first key)
+        self._events_pruned = 0  # the last floor event pruned: the next prune starts after it
 
     def recover(self) -> int:
         """Recover records whose lease expired or whose instance is dead; returns how many were recovered.
@@ -47,6 +53,10 @@ class Recovery:
             self._sweep_after = "" if row[0] is None else str(row[0])
             if row[1]:
                 log.info("sweep made key heads claimable", extra={"keys": int(row[1])})
+        row = conn.execute(q.prune_floor_events, {"after": self._events_pruned, "older_than": EVENT_RETENTION,
+                                                   "batch": PRUNE_BATCH}).fetchone()
+        if row is not None and row[0] is not None:
+            self._events_pruned = int(row[0])
         total = 0
         while True:
             rows = conn.execute(q.recover_orphans, {"batch": s.cleanup_batch}).fetchall()

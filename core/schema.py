@@ -6,7 +6,10 @@ Tables carry no schema name: the configured PostgreSQL schema is applied at run 
 Index design (why each exists):
 
 * ``ix_processing_queue_pending``: the claim walks it in order, ``key_blocked = false`` only, so neither
-  finished rows nor the backlog of a busy ordering key ever enter the scan. Partial on ``pending``.
+  finished rows nor the backlog of a busy ordering key ever enter the scan. Partial on ``pending``. Its order
+  is ``-priority`` (bigint), ``run_at``, ``id``: one direction, so a claim seeks straight to its floor with
+  a row comparison (migration 0005) instead of stepping over the dead entries of everything claimed since the
+  oldest open snapshot.
 * ``ix_processing_queue_lease``: recovery by expired lease and by dead instance; partial on ``processing``
   so it holds only in-flight rows (migration 0002 dropped a separate claimed_by index: one index write less
   per claim, and the in-flight set is small enough to filter by instance).
@@ -86,7 +89,7 @@ Index(
     "ix_processing_queue_pending",
     processing_queue.c.queue,
     processing_queue.c.key_blocked,
-    processing_queue.c.priority.desc(),
+    text("(- priority::bigint)"),
     processing_queue.c.run_at,
     processing_queue.c.id,
     postgresql_where=text("status = 'pending'"),
@@ -118,6 +121,23 @@ Index(
     processing_queue.c.finished_at,
     postgresql_where=text("status IN ('completed', 'failed', 'cancelled')"),
 )
+
+# Where statements that put a claimable record below other instances' claim floors say so (an insert, a
+# recovery, a release, an operator's retry or cancel): insert-only, read per queue from a claimer's last claim
+# on, pruned by the maintainer. ``np`` is ``-priority``, the first column of the claim order.
+claim_floor_events = Table(
+    "claim_floor_events",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), nullable=False),
+    Column("queue", Text, nullable=False),
+    Column("np", BigInteger, nullable=False),
+    Column("run_at", TS, nullable=False),
+    Column("record_id", BigInteger, nullable=False),
+    # The clock when written, not the transaction's start: claims read the events of the last few seconds.
+    Column("created_at", TS, nullable=False, server_default=text("clock_timestamp()")),
+    PrimaryKeyConstraint("id"),
+)
+Index("ix_claim_floor_events_queue", claim_floor_events.c.queue, claim_floor_events.c.created_at)
 
 # Running totals of finished records per queue and status, kept by a statement-level trigger so that
 # health probes and stats never count millions of finished rows.

@@ -13,6 +13,7 @@ from core.claims import Claims
 from core.config import Settings
 from core.db import Borrow, Conn, Database
 from core.enqueue import Enqueuer
+from core.floors import Floors
 from core.health import Health
 from core.instance import ProcessFacts
 from core.queries import channel_for
@@ -40,15 +41,16 @@ class PostgresStore:
         return self.enqueuer.add(batch)
 
     def claim(
-        self, done: Sequence[Record], size: int, queues: list[str], unblock: Sequence[str]
+        self, done: Sequence[Record], size: int, queues: list[str], unblock: Sequence[str],
+        floors: Floors | None = None, announce: bool = False,
     ) -> tuple[list[Record], int]:
-        return self.claims.claim(done, size, queues, unblock)
+        return self.claims.claim(done, size, queues, unblock, floors, announce)
 
-    def unblock(self, keys: Iterable[str]) -> None:
-        self.claims.unblock(keys)
+    def unblock(self, keys: Iterable[str], *, announce: bool = True) -> None:
+        self.claims.unblock(keys, announce=announce)
 
-    def complete(self, records: Sequence[Record], unblock: Sequence[str] = ()) -> int:
-        return self.claims.complete(records, unblock)
+    def complete(self, records: Sequence[Record], unblock: Sequence[str] = (), announce: bool = False) -> int:
+        return self.claims.complete(records, unblock, announce)
 
     def fail(self, records: Sequence[Record], error: BaseException | str, retryable: bool) -> list[tuple[int, str]]:
         return self.claims.fail(records, error, retryable)

@@ -16,6 +16,8 @@ UPDATE {records}
 RETURNING id, status, ordering_key;
 
 -- name: retry_failed
+-- Back to pending, announced to the claimers (core/floors.py).
+WITH retried AS (
 UPDATE {records}
    SET status = 'pending', run_at = now(), finished_at = NULL, attempts = 0, cancel_requested = false,
        updated_at = now()
@@ -29,7 +31,14 @@ UPDATE {records}
      LIMIT %(batch)s
        FOR UPDATE SKIP LOCKED)
    AND status = 'failed'
-RETURNING id;
+RETURNING id, queue, priority, run_at
+),
+announced AS (
+    INSERT INTO {floor_events} (queue, np, run_at, record_id)
+    SELECT DISTINCT ON (queue) queue, - priority::bigint, run_at, id FROM retried
+     ORDER BY queue, - priority::bigint, run_at, id
+)
+SELECT id FROM retried;
 
 -- name: purge
 -- One bounded, ordered batch of finished rows older than the cutoff.

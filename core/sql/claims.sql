@@ -12,7 +12,9 @@
 -- The claim reads each queue by its own index scan in claim order, locked with SKIP LOCKED; only the
 -- k*batch candidates are sorted, never the backlog. A keyed record qualifies only when no earlier record of
 -- its key is pending, fewer than its key's limit are in flight, and (when the key blocks on failure) no
--- earlier record of it failed.
+-- earlier record of it failed. Each queue's scan starts at the caller's floor (its position in claim order:
+-- -priority, run_at, id), lowered by the floor events announced since the caller last looked: the index
+-- seeks there instead of stepping over the dead entries an old snapshot keeps (see core/floors.py).
 WITH done AS (
     UPDATE {records} d
        SET status = CASE WHEN d.cancel_requested THEN 'cancelled' ELSE 'completed' END,
@@ -46,7 +48,12 @@ unblocked AS (
                      ORDER BY n.ordering_key, n.status, n.id LIMIT 1) h
                 WHERE h.key_blocked))
        AND b.key_blocked
-    RETURNING 1
+    RETURNING b.queue, b.priority, b.run_at, b.id
+),
+-- Made claimable for other instances' claimers (an operator's cancel, a limit change): announced to all.
+announced AS (
+    INSERT INTO {floor_events} (queue, np, run_at, record_id)
+    SELECT queue, - priority::bigint, run_at, id FROM unblocked WHERE %(announce)s
 ),
 -- A keyed completion may free its key's next record: wake the idle workers of those queues.
 notified AS (
@@ -56,7 +63,17 @@ notified AS (
 ),
 picked AS (
     SELECT c.id
-      FROM unnest(%(queues)s::text[]) AS qn(name)
+      FROM unnest(%(queues)s::text[], %(floor_np)s::bigint[], %(floor_at)s::timestamptz[], %(floor_id)s::bigint[])
+           AS qn(name, np, at, id)
+     CROSS JOIN LATERAL (
+        SELECT * FROM (SELECT qn.np, qn.at, qn.id
+                 UNION ALL
+                -- The events of this queue since the caller's last claim (minus a margin: an event written
+                -- just before a slow commit becomes visible after later ones), by the (queue, created_at)
+                -- index: the older events cost nothing.
+                SELECT e.np, e.run_at, e.record_id FROM {floor_events} e
+                 WHERE e.queue = qn.name AND e.created_at > %(since)s) f
+         ORDER BY 1, 2, 3 LIMIT 1) fl
      CROSS JOIN LATERAL (
         SELECT l.id, l.priority, l.run_at
           -- Lock first, then test the key: a row another claim holds or has just taken is skipped by its
@@ -68,7 +85,8 @@ picked AS (
                    AND r.status = 'pending'
                    AND NOT r.key_blocked
                    AND r.run_at <= now()
-                 ORDER BY r.priority DESC, r.run_at, r.id
+                   AND (- r.priority::bigint, r.run_at, r.id) >= (fl.np, fl.at, fl.id)
+                 ORDER BY - r.priority::bigint, r.run_at, r.id
                    FOR UPDATE OF r SKIP LOCKED) l
          WHERE l.ordering_key IS NULL OR (
                 -- Not EXISTS: PostgreSQL drops an EXISTS subquery's ORDER BY, and the ORDER BY is what keeps
@@ -157,7 +175,15 @@ WITH failed AS (
      WHERE t.id = ANY(%(ids)s::bigint[])
        AND t.lease_token = (%(tokens)s::uuid[])[width_bucket(t.id, %(ids)s::bigint[])]
        AND t.status = 'processing'
-    RETURNING t.id, t.status, t.ordering_key
+    RETURNING t.id, t.status, t.ordering_key, t.queue, t.priority, t.run_at
+),
+-- A keyed record that ends failed or cancelled frees its key (unless the key blocks on failure): its next
+-- record, which claims may have passed, is claimable. Announced at the failed record's position, before it.
+announced AS (
+    INSERT INTO {floor_events} (queue, np, run_at, record_id)
+    SELECT DISTINCT ON (queue) queue, - priority::bigint, run_at, id FROM failed
+     WHERE ordering_key IS NOT NULL AND status <> 'pending'
+     ORDER BY queue, - priority::bigint, run_at, id
 ),
 -- A keyed record that now waits (a retry after its backoff, or failed on a key that blocks on failure) holds
 -- its key again: the key's later pending records that are claimable (the next one since this record's
@@ -204,7 +230,9 @@ reblocked AS (
 SELECT failed.id, failed.status FROM failed;
 
 -- name: release
--- Hand records back at once (graceful shutdown): pending again, the attempt not charged.
+-- Hand records back at once (graceful shutdown): pending again, the attempt not charged, and announced to
+-- other instances' claimers (core/floors.py).
+WITH released AS (
 UPDATE {records} t
    SET status = 'pending',
        attempts = greatest(t.attempts - 1, 0),
@@ -217,7 +245,14 @@ UPDATE {records} t
  WHERE t.id = ANY(%(ids)s::bigint[])
    AND t.lease_token = (%(tokens)s::uuid[])[width_bucket(t.id, %(ids)s::bigint[])]
    AND t.status = 'processing'
-RETURNING t.id;
+RETURNING t.id, t.queue, t.priority, t.run_at
+),
+announced AS (
+    INSERT INTO {floor_events} (queue, np, run_at, record_id)
+    SELECT DISTINCT ON (queue) queue, - priority::bigint, run_at, id FROM released
+     ORDER BY queue, - priority::bigint, run_at, id
+)
+SELECT id FROM released;
 
 -- name: heartbeat
 -- One round trip per heartbeat: the instance's own row (a wrongly declared dead instance revives; skipped

@@ -42,6 +42,8 @@ SELECT count(pg_advisory_xact_lock(7118, hashtext(%(queue)s || chr(31) || k)))
 
 -- name: insert_records
 -- One statement for the whole batch; ids follow input order. Duplicates of a held dedupe key are skipped.
+-- With announce, the first record is announced to the claimers (core/floors.py: must_announce).
+WITH ins AS (
 INSERT INTO {records} (queue, payload, priority, run_at, max_attempts, ordering_key, dedupe_key,
                        dedupe_while, dedupe_held, key_blocked)
 SELECT %(queue)s, u.p, %(priority)s, coalesce(%(run_at)s::timestamptz, now()), %(max_attempts)s, u.k, u.d,
@@ -50,7 +52,19 @@ SELECT %(queue)s, u.p, %(priority)s, coalesce(%(run_at)s::timestamptz, now()), %
        WITH ORDINALITY AS u(p, k, d, b, ord)
  ORDER BY u.ord
     ON CONFLICT DO NOTHING
-RETURNING id, dedupe_key;
+RETURNING id, dedupe_key, run_at
+),
+announced AS (
+    INSERT INTO {floor_events} (queue, np, run_at, record_id)
+    SELECT %(queue)s, - %(priority)s::bigint, run_at, id FROM ins WHERE %(announce)s ORDER BY id LIMIT 1
+)
+SELECT id, dedupe_key FROM ins;
+
+-- name: announce_floor
+-- A batch whose first record claims may have passed (a COPY batch with a priority or an earlier run_at, a
+-- long transaction): announced to the claimers in the inserting transaction, before its commit.
+INSERT INTO {floor_events} (queue, np, run_at, record_id)
+SELECT %(queue)s, - %(priority)s::bigint, coalesce(%(run_at)s::timestamptz, now()), %(id)s;
 
 -- name: existing_dedupe
 SELECT dedupe_key, id FROM {records}

@@ -33,7 +33,8 @@ WITH orphan AS (
      ORDER BY lease_expires_at
      LIMIT %(batch)s
        FOR UPDATE SKIP LOCKED
-)
+),
+recovered AS (
 UPDATE {records} t
    SET status = CASE
            WHEN t.cancel_requested THEN 'cancelled'
@@ -56,7 +57,15 @@ UPDATE {records} t
   -- An id list, not a join with the table (a join planned on an empty table walks the primary key).
  WHERE t.id = ANY(ARRAY(SELECT id FROM orphan))
    AND t.status = 'processing'
-RETURNING t.id, t.status, t.ordering_key;
+RETURNING t.id, t.status, t.ordering_key, t.queue, t.priority, t.run_at
+),
+-- Back in service: announced to every claimer (core/floors.py), the first record per queue in claim order.
+announced AS (
+    INSERT INTO {floor_events} (queue, np, run_at, record_id)
+    SELECT DISTINCT ON (queue) queue, - priority::bigint, run_at, id FROM recovered WHERE status = 'pending'
+     ORDER BY queue, - priority::bigint, run_at, id
+)
+SELECT id, status, ordering_key FROM recovered;
 
 -- name: unblock_sweep
 -- Safety net for a key left blocked (a claimer gone between a claim and its unblock, a record recovered to
@@ -95,7 +104,27 @@ stuck AS (
        FOR UPDATE SKIP LOCKED
 ),
 unblocked AS (
-    UPDATE {records} t SET key_blocked = false WHERE t.id = ANY(ARRAY(SELECT id FROM stuck)) RETURNING 1
+    UPDATE {records} t SET key_blocked = false WHERE t.id = ANY(ARRAY(SELECT id FROM stuck))
+    RETURNING t.id, t.queue, t.priority, t.run_at
+),
+-- Claimable now, and old: below the claimers' floors. Announced (core/floors.py).
+announced AS (
+    INSERT INTO {floor_events} (queue, np, run_at, record_id)
+    SELECT DISTINCT ON (queue) queue, - priority::bigint, run_at, id FROM unblocked
+     ORDER BY queue, - priority::bigint, run_at, id
 )
 SELECT CASE WHEN (SELECT count(*) FROM slice) < %(keys)s THEN NULL ELSE (SELECT max(k) FROM slice) END,
        (SELECT count(*) FROM unblocked);
+
+-- name: prune_floor_events
+-- Floor events are read for a few seconds after they are written; a bounded batch of old ones goes, the
+-- oldest first, found by primary key from where the last prune stopped (so the dead entries an old snapshot
+-- keeps are not walked again).
+WITH gone AS (
+    DELETE FROM {floor_events}
+     WHERE id = ANY(ARRAY(SELECT id FROM {floor_events}
+                           WHERE id > %(after)s AND created_at < now() - %(older_than)s * interval '1 second'
+                           ORDER BY id LIMIT %(batch)s))
+    RETURNING id
+)
+SELECT max(id), count(*) FROM gone;

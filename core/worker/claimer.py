@@ -57,12 +57,13 @@ class Claimer:
                 continue
             done = buf.take_done()
             unblock = buf.take_unblock()
+            keys = [r.ordering_key for r in unblock if r.ordering_key]
             with s.lock:  # stop_when_empty must not stop while another claimer's records are on the way
                 s.claiming += 1
             try:
                 t0 = time.perf_counter()
                 records, completed = s.store.claim(
-                    [h.record for h in done], min(room, batch_size), queues, unblock)
+                    [h.record for h in done], min(room, batch_size), queues, keys, s.floors)
                 s.metrics.observe_claim(time.perf_counter() - t0, len(records))
                 consecutive_errors = 0
             except DatabaseUnavailable as exc:
@@ -74,10 +75,11 @@ class Claimer:
                 log.warning("claim failed; retrying", extra={"error": str(exc), "retry_in": round(delay, 2)})
                 self.sleep(delay)
                 continue
+            buf.unblocked(unblock, done)
             if done:
                 buf.completed(done, completed)
             if records:
-                buf.return_unblock({r.ordering_key for r in records if r.ordering_key is not None})
+                buf.return_unblock(records)
                 self.executor.dispatch(records)
                 self._claim_ended()
                 continue

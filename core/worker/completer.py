@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from core.errors import DatabaseUnavailable
+from core.record import Record
 from core.worker.state import Held, Outcome, RecordCancelled, RunState
 
 log = logging.getLogger("core.worker")
@@ -28,24 +29,33 @@ class Completer:
         # commit per batch); the completer writes them itself if no claim comes within COALESCE_SECONDS.
         self._done: list[Held] = []
         self._done_since = 0.0
-        # Ordering keys of records claimed by the last statement: the next statement makes each key's next
-        # record claimable (it must run in a snapshot taken after that claim committed).
-        self._unblock: set[str] = set()
+        # Records with ordering keys claimed by the last statement: the next statement makes each key's next
+        # record claimable (it must run in a snapshot taken after that claim committed), and the claim floors
+        # come down to them (the key's next record follows them in claim order).
+        self._unblock: dict[str, Record] = {}
         self._unblock_since = 0.0
 
     # ------------------------------------------------------------------ unblock buffer
 
-    def take_unblock(self) -> list[str]:
+    def take_unblock(self) -> list[Record]:
         with self.s.lock:
-            keys, self._unblock = self._unblock, set()
-        return sorted(keys)
+            records, self._unblock = self._unblock, {}
+        return [records[k] for k in sorted(records)]
 
-    def return_unblock(self, keys: Iterable[str]) -> None:
-        if keys:
+    def return_unblock(self, records: Iterable[Record]) -> None:
+        keyed = [r for r in records if r.ordering_key is not None]
+        if keyed:
             with self.s.lock:
                 if not self._unblock:
                     self._unblock_since = time.monotonic()
-                self._unblock.update(keys)
+                for r in keyed:
+                    assert r.ordering_key is not None
+                    self._unblock.setdefault(r.ordering_key, r)
+
+    def unblocked(self, records: list[Record], done: list[Held]) -> None:
+        """A statement made the next records of these keys claimable: the claim floors come down to them."""
+        if records or done:
+            self.s.floors.lower_records([*records, *(h.record for h in done)])
 
     def unblock_age(self) -> float | None:
         """Seconds the oldest key waiting for its unblock has waited; None when none waits."""
@@ -53,9 +63,10 @@ class Completer:
             return time.monotonic() - self._unblock_since if self._unblock else None
 
     def flush_unblock(self) -> None:
-        keys = self.take_unblock()
-        if keys:
-            self.s.store.unblock(keys)
+        records = self.take_unblock()
+        if records:
+            self.s.store.unblock([r.ordering_key for r in records if r.ordering_key], announce=False)
+            self.unblocked(records, [])
 
     # ------------------------------------------------------------------ completion buffer
 
@@ -109,13 +120,15 @@ class Completer:
         if not done:
             return False
         unblock = self.take_unblock()
-        completed = self.retrying_write(lambda: self.s.store.complete([h.record for h in done], unblock), done)
+        keys = [r.ordering_key for r in unblock if r.ordering_key]
+        completed = self.retrying_write(lambda: self.s.store.complete([h.record for h in done], keys), done)
         if completed is None:  # gave up: the leases ran out, recovery takes them
             self.return_unblock(unblock)
             with self.s.lock:
                 for h in done:
                     self.s.held.pop(h.record.id, None)
             return True
+        self.unblocked(unblock, done)
         self.completed(done, completed)
         return True
 

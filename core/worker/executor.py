@@ -195,6 +195,8 @@ class Executor:
         s.forget(held)
         s.count(processed=1)
         s.metrics.completed(1)
+        if held.record.ordering_key is not None:  # its key's next record is claimable: look there again
+            s.floors.lower_records([held.record])
 
 
 def is_handler_thread(thread: threading.Thread) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 from core.backend import WorkerStore
 from core.config import Settings
 from core.errors import ProcessorError
+from core.floors import Floors
 from core.metrics import Metrics
 from core.record import Record
 from core.worker.wake import Wake
@@ -136,6 +137,8 @@ class RunState:
         self.ready_cv = threading.Condition(threading.Lock())
         self.claiming = 0  # claim statements under way whose records are not dispatched yet
         self.grace_deadline: float | None = None
+        # Where this run's claims start (core/floors.py), shared by its claimers.
+        self.floors = Floors()
 
     def stop(self, grace_seconds: float | None = None) -> None:
         """Stop claiming; let in-flight records finish for ``grace_seconds``, then release the rest."""

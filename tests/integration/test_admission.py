@@ -12,6 +12,7 @@ import pytest
 
 from core import DistributedProcessor, QueueFull, RetryPolicy
 from core.enqueue import KEY_GAP
+from core.floors import start_params
 from tests.procs.ledger import ensure_ledger, ledger_handler
 from tests.support import wait_until
 
@@ -286,7 +287,8 @@ def test_claim_with_every_key_busy_reads_only_key_heads(processor: DistributedPr
     params = {
         "queues": ["default"], "batch": 100, "instance_id": "x", "lease_seconds": 30, "token": None,
         "done_ids": "{}", "done_tokens": "{}", "unblock_keys": [], "channels": [], "nqueues": [],
-        "default_key_concurrency": 1, "default_block_on_failure": False,
+        "default_key_concurrency": 1, "default_block_on_failure": False, "announce": False,
+        **start_params(["default"]),
     }
     with db.transaction(force_rollback=True):  # EXPLAIN ANALYZE really claims: roll it back
         plan = db.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + processor.q.claim, params).fetchone()

@@ -12,6 +12,7 @@ import pytest
 from psycopg import sql
 
 from core import DistributedProcessor
+from core.floors import start_params
 from tests.support import Server, unique_name
 
 
@@ -55,7 +56,8 @@ def _plan(p: DistributedProcessor, db: Any, queues: list[str]) -> dict[str, Any]
     params = {
         "queues": queues, "batch": 100, "instance_id": "explain", "lease_seconds": 30, "token": None,
         "done_ids": "{}", "done_tokens": "{}", "unblock_keys": [], "channels": [], "nqueues": [],
-        "default_key_concurrency": 1, "default_block_on_failure": False,
+        "default_key_concurrency": 1, "default_block_on_failure": False, "announce": False,
+        **start_params(queues),
     }
     stmt = p.q.claim
     row = db.execute("EXPLAIN (FORMAT JSON) " + stmt, params).fetchone()
@@ -121,7 +123,10 @@ _STATEMENT_PARAMS: dict[str, dict[str, Any]] = {
         "done_tokens": "{00000000-0000-0000-0000-000000000001,00000000-0000-0000-0000-000000000001,"
                        "00000000-0000-0000-0000-000000000001}",
         "unblock_keys": ["k1", "k2"], "channels": ["c"], "nqueues": ["default"],
-        "default_key_concurrency": 1, "default_block_on_failure": False,
+        "default_key_concurrency": 1, "default_block_on_failure": False, "announce": True,
+        # a claimer's floors: the seek the index scans start from, and the events since its last claim
+        "floor_np": [0, 0, 0], "floor_at": ["2026-01-01T00:00:00+00:00"] * 3, "floor_id": [100, 200, 300],
+        "since": "2026-01-01T00:00:00+00:00",
     },
     "heartbeat": {"instance_id": "explain", "registered": True, "lease_seconds": 30, "ids": [1, 2],
                   "tokens": ["00000000-0000-0000-0000-000000000001"] * 2},
@@ -131,6 +136,7 @@ _STATEMENT_PARAMS: dict[str, dict[str, Any]] = {
     "recover_orphans": {"batch": 1000},
     "key_heads": {"keys": ["k1", "k2"], "queue": "default", "priority": 0, "run_at": None},
     "unblock_sweep": {"after": "", "keys": 1000},
+    "prune_floor_events": {"after": 0, "older_than": 60, "batch": 5000},
     "prune_instances": {"retention": 86400},
     "list_instances": {"include_stopped": True},
     "queue_status_active": {"queue": None},

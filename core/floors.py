@@ -1,0 +1,158 @@
+"""Claim floors: where each queue's claim scan starts, so that claims stay fast under a pinned MVCC horizon.
+
+While a snapshot older than the work stays open (a pg_dump, a report, an idle-in-transaction session), the
+dead index entries of every record claimed since cannot be removed, and a scan of the pending index from its
+start steps over all of them. A claim instead starts at a *floor*: a position in claim order
+(``-priority, run_at, id``) below which none of its claimable records is known to wait; the index seeks
+straight there (a row comparison on one-direction columns, migration 0005).
+
+One :class:`Floors` serves a family of claimers (the claimers of one ``run()``, or one processor's
+``claim_records`` calls). What moves a floor:
+
+* up, after a claim, to the first record it claimed (the scan saw nothing claimable before it), but never
+  within ``FLOOR_LAG`` of the claim's clock: a producer's records carry its transaction's start as run_at and
+  become visible at its commit, so a floor may only pass positions older than any short transaction;
+* down, by the claimers themselves, to records their own statements made claimable: the next record of a key
+  they completed or unblocked comes after that record in claim order;
+* down, by floor events (``claim_floor_events``) that other statements announce when they put a claimable
+  record below other instances' floors: inserts with a priority other than 0, an explicit earlier run_at,
+  or a transaction longer than ``ANNOUNCE_AFTER``; recovered, released and operator-retried records; heads
+  unblocked by an operator's cancel or limit change, or by the maintenance sweep; keyed records that end
+  failed or cancelled. Each claim reads its queues' events of the last seconds;
+* to the start, every ``FLOOR_RESET_SECONDS``, which bounds how long anything else can wait below a floor
+  (a record another claimer had locked when its statement failed, an event lost to a commit slower than
+  ``EVENT_SETTLE``, a key's next record placed before its predecessor in claim order).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from core.record import Record
+
+# A position in claim order: (-priority, run_at, id), smaller first.
+Position = tuple[int, datetime, int]
+
+START: Position = (-(2**31) - 1, datetime(1, 1, 1, tzinfo=timezone.utc), 0)  # below every record
+FLOOR_LAG = 0.5  # seconds: a floor never passes positions younger than this (producer transactions)
+ANNOUNCE_AFTER = 0.25  # seconds: a producer transaction longer than this announces its first record
+EVENT_SETTLE = 2.0  # seconds: events are read again this long (an event written just before a slow commit)
+FLOOR_RESET_SECONDS = 5.0  # every claimer family scans from the start this often
+
+
+def position(record: Record) -> Position:
+    return (-record.priority, record.run_at, record.id)
+
+
+def must_announce(priority: int, run_at: datetime | None, elapsed: float) -> bool:
+    """Whether an insert must announce its first record to the claimers (see the module docstring)."""
+    if priority != 0 or elapsed > ANNOUNCE_AFTER:
+        return True
+    return run_at is not None and run_at - datetime.now(timezone.utc) < timedelta(seconds=2)
+
+
+@dataclass
+class Ticket:
+    """The floors one claim statement starts from, and what the family knew when it started."""
+
+    queues: list[str]
+    floors: list[Position]
+    since: datetime
+    versions: list[int]
+    started: float  # monotonic
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "floor_np": [f[0] for f in self.floors],
+            "floor_at": [f[1] for f in self.floors],
+            "floor_id": [f[2] for f in self.floors],
+            "since": self.since,
+        }
+
+
+def start_params(queues: Sequence[str]) -> dict[str, Any]:
+    """Parameters of a claim that scans from the start and reads no events (no floors kept)."""
+    return {"floor_np": [START[0]] * len(queues), "floor_at": [START[1]] * len(queues),
+            "floor_id": [START[2]] * len(queues), "since": START[1]}
+
+
+class Floors:
+    """The floors of one family of claimers, per queue. Thread-safe."""
+
+    def __init__(self, *, lag: float | None = None, reset_every: float | None = None) -> None:
+        self.lag = FLOOR_LAG if lag is None else lag
+        self.reset_every = FLOOR_RESET_SECONDS if reset_every is None else reset_every
+        self._lock = threading.Lock()
+        self._floor: dict[str, Position] = {}
+        self._version: dict[str, int] = {}  # bumped by every lowering: an advance must not undo one
+        self._offset: float | None = None  # database clock minus time.monotonic(), learned from claims
+        self._seen_until = 0.0  # monotonic start of the latest finished claim: its snapshot saw older events
+        self._last_reset = time.monotonic()
+        self.resets = 0  # test signal
+
+    def ticket(self, queues: Sequence[str]) -> Ticket:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last_reset >= self.reset_every:
+                self._floor.clear()
+                self._last_reset = now
+                self.resets += 1
+            if self._offset is None or not self._seen_until:
+                since = START[1]
+            else:
+                since = self._db_time(self._seen_until) - timedelta(seconds=EVENT_SETTLE)
+            return Ticket(list(queues), [self._floor.get(q, START) for q in queues], since,
+                          [self._version.get(q, 0) for q in queues], now)
+
+    def advance(self, ticket: Ticket, claimed: Sequence[Record]) -> None:
+        """After a claim: each queue's floor moves up to the first record claimed from it (within the lag)."""
+        finished = time.monotonic()
+        first: dict[str, Record] = {}
+        for rec in claimed:
+            f = first.get(rec.queue)
+            if f is None or position(rec) < position(f):
+                first[rec.queue] = rec
+        with self._lock:
+            if claimed:
+                # claimed_at is the database's clock during the statement, at or before its end
+                offset = max(c.claimed_at for c in claimed).timestamp() - finished
+                self._offset = offset
+            self._seen_until = max(self._seen_until, ticket.started)
+            for q, version in zip(ticket.queues, ticket.versions, strict=True):
+                head = first.get(q)
+                if head is None:
+                    continue
+                r = head
+                pos = position(r)
+                cap = (pos[0], r.claimed_at - timedelta(seconds=self.lag), 0)
+                new = min(pos, cap)
+                if self._version.get(q, 0) == version:
+                    self._floor[q] = new
+                else:  # lowered meanwhile: keep the lowering
+                    self._floor[q] = min(self._floor.get(q, START), new)
+
+    def lower(self, positions: Iterable[tuple[str, Position]]) -> None:
+        """Records became claimable at these positions: the family's next claims look there again."""
+        with self._lock:
+            for q, pos in positions:
+                current = self._floor.get(q)
+                if current is not None and pos < current:
+                    self._floor[q] = pos
+                self._version[q] = self._version.get(q, 0) + 1
+
+    def lower_records(self, records: Iterable[Record]) -> None:
+        """Lower to records whose keys' next records are now claimable (completed, or claimed and unblocked)."""
+        self.lower((r.queue, position(r)) for r in records if r.ordering_key is not None)
+
+    def floor(self, queue: str) -> Position:
+        with self._lock:
+            return self._floor.get(queue, START)
+
+    def _db_time(self, monotonic: float) -> datetime:
+        assert self._offset is not None
+        return datetime.fromtimestamp(monotonic + self._offset, timezone.utc)
