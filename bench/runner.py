@@ -406,6 +406,29 @@ class Bench:
         self.add(Row("keys", "10,000 ordering keys", rate, "rec/s", keyless, "keyless drain",
                      target=">= 0.7x", met=rate / keyless >= 0.7, extra={"runs": keyed_runs}))
 
+    def _pinned_drain(self, n: int) -> float:
+        """Drain ``n`` records with W=2 while one REPEATABLE READ transaction, opened before they were added,
+        holds the horizon (as a pg_dump or a report would): no dead version of theirs can be removed."""
+        with psycopg.connect(self.dsn) as holder:
+            holder.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            holder.execute("SELECT 1").fetchone()  # the snapshot is taken here
+            try:
+                return self._fill_and_drain("ours", 2, n)
+            finally:
+                holder.rollback()
+
+    def suite_horizon(self) -> None:
+        n = 50_000 if self.quick else 1_000_000
+        print(f"horizon: {n:,} records drained by run() with W=2, with a horizon pinned since before they were"
+              " added, and without")
+        pairs = 1 if self.quick else 2
+        free_runs, held_runs = self._alternate(pairs, partial(self._fill_and_drain, "ours", 2, n),
+                                               partial(self._pinned_drain, n), swap=True)
+        free, held = statistics.median(free_runs), statistics.median(held_runs)
+        self.add(Row("horizon", "W=2 run(), horizon free", free, "rec/s", extra={"runs": free_runs, "n": n}))
+        self.add(Row("horizon", "W=2 run(), horizon pinned", held, "rec/s", free, "horizon free",
+                     target=">= 0.8x", met=held / free >= 0.8, extra={"runs": held_runs, "n": n}))
+
     def suite_pooling(self) -> None:
         """What transaction pooling costs: run() through a real PgBouncer in transaction mode versus direct."""
         from tests.servers import PgBouncer
@@ -549,7 +572,7 @@ def find_server() -> tuple[str, str]:
     return embedded.start(ROOT / ".dproc" / f"bench-pgdata-{embedded.embedded_major()}"), "embedded PostgreSQL"
 
 
-SUITES = ("drain", "enqueue", "latency", "table", "keys", "pooling", "memory")
+SUITES = ("drain", "enqueue", "latency", "table", "keys", "horizon", "pooling", "memory")
 
 
 def main(argv: list[str] | None = None) -> int:

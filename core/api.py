@@ -340,11 +340,18 @@ class ProcessorAPI(SettingsView):
         """A health report that never raises: ``status`` is ``healthy``, ``degraded`` or ``unhealthy``.
 
         Unreachable database, missing schema: unhealthy (with the reason). Slow round trip, callers waiting
-        for pool connections, or (optionally) a pending backlog older than ``pending_age_degraded_s``:
-        degraded.
+        for pool connections, a snapshot or slot holding the MVCC horizon back longer than
+        ``horizon_warning_seconds`` (the reason names it), or (optionally) a pending backlog older than
+        ``pending_age_degraded_s``: degraded.
         """
         return health_report(self.store, self.instance_id, self.facts, timeout=timeout,
-                             latency_degraded_ms=latency_degraded_ms, pending_age_degraded_s=pending_age_degraded_s)
+                             latency_degraded_ms=latency_degraded_ms, pending_age_degraded_s=pending_age_degraded_s,
+                             horizon_warning_seconds=self.settings.horizon_warning_seconds)
+
+    def horizon(self) -> dict[str, Any]:
+        """What holds back the database's MVCC horizon and for how long, and the queue table's dead row
+        versions (the ``horizon`` part of :meth:`health_check`)."""
+        return self.store.horizon()
 
     def ready(self) -> tuple[bool, str | None]:
         """Readiness for probes: (ready, reason when not)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -13,6 +14,32 @@ from core.record import Record
 
 MAX_BATCH = 10_000
 MAX_QUEUE_NAME = 200
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``45s``, ``30m``, ``12h``, ``7d``, ``2w`` -> seconds (ValueError otherwise)."""
+    m = _DURATION.fullmatch(text)
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 45s, 30m, 12h, 7d)")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_optional_duration(text: str) -> float | None:
+    """A duration, or ``none`` / ``off`` for no limit."""
+    return None if text.strip().lower() in ("none", "off", "never", "") else parse_duration(text)
+
+
+def seconds_or_none(name: str, value: object) -> float | None:
+    """A number of seconds (or a timedelta) above zero, or None; ConfigurationError-free: InvalidArgument."""
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise InvalidArgument(f"{name} must be a positive number of seconds, a timedelta or None, got {value!r}")
+    return float(value)
 
 
 def positive_int(name: str, value: object, *, allow_zero: bool = False, maximum: int | None = None) -> int:

@@ -10,12 +10,12 @@ import argparse
 import faulthandler
 import logging
 import os
-import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from core.checks import parse_duration
 from core.commands import COMMANDS, EXIT_ERROR, CliError
 from core.config import KNOBS, RUN_KNOBS, Knob
 from core.dsn import redact
@@ -35,15 +35,6 @@ def _env_bool(name: str) -> bool:
     return str(_env(name, "")).lower() in ("1", "true", "yes", "on")
 
 
-def parse_duration(text: str) -> float:
-    """``90``, ``45s``, ``30m``, ``12h``, ``7d``, ``2w`` -> seconds."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 45s, 30m, 12h, 7d)")
-    factor = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
-    return float(m.group(1)) * factor
-
-
 def _number(kind: Callable[[str], Any], *, positive: bool = True) -> Callable[[str], Any]:
     """An argparse type: a number of ``kind`` above zero (or, with ``positive=False``, not below it)."""
     def convert(text: str) -> Any:
@@ -54,6 +45,17 @@ def _number(kind: Callable[[str], Any], *, positive: bool = True) -> Callable[[s
         if value < 0 or (positive and value == 0):
             raise argparse.ArgumentTypeError(f"must be {'>' if positive else '>='} 0, got {text}")
         return value
+
+    return convert
+
+
+def _typed(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type from a parser that raises ValueError."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
     return convert
 
@@ -88,8 +90,10 @@ def _add(p: argparse.ArgumentParser, flag: str, env: str, help: str, **kw: Any) 
 def _add_knob(p: argparse.ArgumentParser, knob: Knob) -> None:
     """A processor setting as an option: flag, variable, help and default all come from core.config."""
     kw: dict[str, Any] = {"default": knob.default if knob.cli_default is ... else knob.cli_default}
-    if knob.parse is not None:
+    if knob.parse in (int, float):
         kw["type"] = _number(knob.parse, positive=knob.positive)
+    elif knob.parse is not None:
+        kw["type"] = _typed(knob.parse)
     _add(p, knob.flag, str(knob.env), knob.help, **kw)
 
 
@@ -146,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("cleanup", help="recover orphaned records (expired leases, dead instances) once")
 
     pg = sub.add_parser("purge", help="delete finished records older than a duration, in bounded batches")
-    _add(pg, "--older-than", "DP_PURGE_OLDER_THAN", "age, e.g. 7d, 12h", type=parse_duration, default="7d")
+    _add(pg, "--older-than", "DP_PURGE_OLDER_THAN", "age, e.g. 7d, 12h", type=_typed(parse_duration), default="7d")
     _add(pg, "--batch", "DP_PURGE_BATCH", "rows per delete", type=_positive(int), default=5000)
 
     rf = sub.add_parser("retry-failed", help="move failed records back to pending")

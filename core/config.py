@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from core.checks import MAX_BATCH, check_queue_name, positive_int
+from core.checks import MAX_BATCH, check_queue_name, parse_optional_duration, positive_int, seconds_or_none
 from core.dsn import resolve_dsn
 from core.errors import ConfigurationError, InvalidArgument
 from core.instance import new_instance_id
@@ -69,6 +69,10 @@ KNOBS: dict[str, Knob] = _knobs(
     Knob("notify", True, "add_records sends NOTIFY", scope=""),
     Knob("application_name", "distributed-processor", "application_name of the connections", scope=""),
     Knob("instance_retention", 86400.0, "seconds a stopped instance stays in the registry", scope=""),
+    Knob("horizon_warning_seconds", 300.0, "health is degraded while something holds the MVCC horizon back "
+         "longer than this (seconds, or none)", "DP_HORIZON_WARNING_SECONDS", parse_optional_duration, "global"),
+    Knob("retention", 7 * 86400.0, "finished records older than this are deleted by the maintainer (e.g. 7d, "
+         "or none to keep them)", "DP_RETENTION", parse_optional_duration),
 )
 
 # Parameters of run() that the CLI offers too (their defaults are run()'s), and the retry policy's delays.
@@ -82,6 +86,13 @@ RUN_KNOBS: dict[str, Knob] = _knobs(
     Knob("retry_max_delay", RetryPolicy.max_delay, "cap of the retry delay in seconds", "DP_RETRY_MAX_DELAY",
          float, positive=False),
 )
+
+
+def optional_seconds(name: str, value: object) -> float | None:
+    try:
+        return seconds_or_none(name, value)
+    except InvalidArgument as exc:
+        raise ConfigurationError(str(exc)) from None
 
 
 def default(name: str) -> Any:
@@ -120,6 +131,8 @@ class Settings:
     application_name: str
     instance_retention: float
     pooling: str
+    horizon_warning_seconds: float | None
+    retention: float | None
 
     @classmethod
     def build(cls, dsn: str | None, *, database: bool = True, **kw: Any) -> Settings:
@@ -179,6 +192,8 @@ class Settings:
             application_name=str(values["application_name"]),
             instance_retention=float(values["instance_retention"]),
             pooling=values["pooling"],
+            horizon_warning_seconds=optional_seconds("horizon_warning_seconds", values["horizon_warning_seconds"]),
+            retention=optional_seconds("retention", values["retention"]),
         )
 
 
@@ -274,3 +289,11 @@ class SettingsView:
     @property
     def schema(self) -> str:
         return self.settings.schema
+
+    @property
+    def horizon_warning_seconds(self) -> float | None:
+        return self.settings.horizon_warning_seconds
+
+    @property
+    def retention(self) -> float | None:
+        return self.settings.retention

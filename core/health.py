@@ -44,6 +44,18 @@ def status_dict(rows: Sequence[CountRow], wanted: Sequence[str]) -> dict[str, An
     return {"queues": queues, "totals": totals, "oldest_pending_age_seconds": max(ages) if ages else None}
 
 
+def holder_text(holder: dict[str, Any]) -> str:
+    """The holder of a pinned horizon in words: what it is and how long it has held it."""
+    age = f"{holder['age_seconds']:.0f}s"
+    if holder["kind"] == "slot":
+        return f"replication slot {holder['name']!r} (seen holding it for {age})"
+    if holder["kind"] == "prepared":
+        return f"prepared transaction {holder['name']!r} (prepared {age} ago)"
+    if holder["kind"] == "walsender":
+        return f"walsender pid {holder['pid']} (hot_standby_feedback; seen holding it for {age})"
+    return f"backend pid {holder['pid']} ({holder['application_name'] or 'no application_name'}, {age})"
+
+
 def health_report(
     store: Store,
     instance_id: str,
@@ -52,6 +64,7 @@ def health_report(
     timeout: float,
     latency_degraded_ms: float,
     pending_age_degraded_s: float | None,
+    horizon_warning_seconds: float | None = None,
 ) -> dict[str, Any]:
     """The report of ``health_check()``; never raises (an exception is the reason it is unhealthy)."""
     report: dict[str, Any] = {
@@ -75,11 +88,20 @@ def health_report(
         age = report["queues"]["oldest_pending_age_seconds"]
         if pending_age_degraded_s is not None and age is not None and age > pending_age_degraded_s:
             reasons.append(f"oldest pending record is {age:.0f}s old")
+        horizon = report.get("horizon") or {}
+        holder = horizon.get("holder")
+        if horizon_warning_seconds is not None and holder and holder["age_seconds"] > horizon_warning_seconds:
+            reasons.append(f"MVCC horizon held back for {holder['age_seconds']:.0f}s > {horizon_warning_seconds:g}s"
+                           f" by {holder_text(holder)}; {horizon.get('dead_tuples')} dead row versions in the"
+                           " queue table")
         report["status"] = "degraded" if reasons else "healthy"
     except Exception as exc:  # a health probe reports, it never raises
         reasons.append(f"{type(exc).__name__}: {redact(str(exc)).strip()}")
         report["status"] = "unhealthy"
     return report
+
+
+HOLDER_COLUMNS = ("kind", "pid", "application_name", "name", "age_seconds", "xid_age")
 
 
 class Health:
@@ -88,6 +110,8 @@ class Health:
     def __init__(self, db: Database) -> None:
         self.db = db
         self.q = db.q
+        # When this process first saw a walsender's or a slot's xmin: the server keeps no time for those.
+        self._first_seen: dict[tuple[str, str, str], float] = {}
 
     def counts(self, queue: str | None) -> list[CountRow]:
         return self.db.with_retry(lambda conn: self._counts_on(conn, queue))
@@ -126,7 +150,37 @@ class Health:
                 return None
             with conn.transaction():
                 self._time_limit(conn, deadline)
-                return self._counts_on(conn, None)
+                counts = self._counts_on(conn, None)
+                report["horizon"] = self._horizon_on(conn)
+            return counts
+
+    def horizon(self) -> dict[str, Any]:
+        """Who holds back the database's MVCC horizon, and for how long (the oldest holder first)."""
+        return self.db.with_retry(self._horizon_on)
+
+    def _horizon_on(self, conn: Any) -> dict[str, Any]:
+        now = time.monotonic()
+        holders = []
+        seen = set()
+        for kind, pid, app, name, age, xid_age, xmin in conn.execute(self.q.horizon_holders).fetchall():
+            if age is None:  # a walsender or a slot: its age is how long this process has seen that xmin
+                key = (str(kind), str(name if kind == "slot" else pid), str(xmin))
+                seen.add(key)
+                age = now - self._first_seen.setdefault(key, now)
+            holders.append(dict(zip(HOLDER_COLUMNS, (kind, pid, app, name, round(float(age), 3), int(xid_age)),
+                                    strict=True)))
+        for key in [k for k in self._first_seen if k not in seen]:
+            del self._first_seen[key]
+        tuples = conn.execute(self.q.table_tuples, {"table": self.q.records_table}).fetchone()
+        oldest = max(holders, key=lambda h: h["age_seconds"], default=None)
+        return {
+            "age_seconds": oldest["age_seconds"] if oldest else 0.0,
+            "holder": oldest,
+            "holders": holders,
+            "live_tuples": int(tuples[0]) if tuples else None,
+            "dead_tuples": int(tuples[1]) if tuples else None,
+            "last_autovacuum": tuples[2].isoformat() if tuples and tuples[2] else None,
+        }
 
     def _time_limit(self, conn: Any, deadline: float) -> None:
         remaining = max(0.1, deadline - time.monotonic())

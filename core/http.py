@@ -99,6 +99,10 @@ class HealthServer:
             return
         for name, q in status["queues"].items():
             self.p.metrics.queue_depth.labels(queue=name).set(q["pending"])
+        try:
+            self.p.metrics.horizon_age.set(self.p.horizon()["age_seconds"])
+        except Exception:  # a gauge is best effort; /health reports the cause
+            return
 
     @staticmethod
     def _json(code: int, body: dict[str, Any]) -> tuple[int, str, bytes]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 
 from psycopg_pool import ConnectionPool
 
@@ -57,6 +58,8 @@ class DistributedProcessor(ProcessorAPI):
         application_name: str = default("application_name"),
         instance_retention: float = default("instance_retention"),
         pooling: str = default("pooling"),
+        horizon_warning_seconds: float | None = default("horizon_warning_seconds"),
+        retention: float | timedelta | None = default("retention"),  # noqa: B008 (a float: core.config)
     ) -> None:
         settings = Settings.build(
             dsn, instance_id=instance_id, queue=queue, batch_size=batch_size, lease_seconds=lease_seconds,
@@ -65,7 +68,7 @@ class DistributedProcessor(ProcessorAPI):
             block_on_failure=block_on_failure, copy_threshold=copy_threshold, cleanup_batch=cleanup_batch,
             dead_after=dead_after, heartbeat_interval=heartbeat_interval, cleanup_interval=cleanup_interval,
             notify=notify, application_name=application_name, instance_retention=instance_retention,
-            pooling=pooling,
+            pooling=pooling, horizon_warning_seconds=horizon_warning_seconds, retention=retention,
         )
         facts = ProcessFacts()
         # Every statement borrows through self.connection, so a subclass overriding it sees all of them.

@@ -20,6 +20,9 @@ from core.queries import channel_for
 from core.record import AddResult, Record
 from core.recovery import Recovery
 
+RETENTION_BATCH = 5000
+RETENTION_BATCHES = 4
+
 
 class PostgresStore:
     """The records of one database, for one processor instance."""
@@ -88,6 +91,14 @@ class PostgresStore:
     def recover(self) -> int:
         return self.recovery.recover()
 
+    def retain(self) -> int:
+        retention = self.settings.retention
+        if retention is None:
+            return 0
+        # A few bounded batches per maintenance round, each its own statement (SKIP LOCKED, by the finished
+        # index): a backlog of expired rows goes over several rounds without one long transaction.
+        return self.admin.purge(retention, RETENTION_BATCH, RETENTION_BATCHES)
+
     def cancel(self, ids: list[int]) -> dict[int, str]:
         return self.admin.cancel(ids)
 
@@ -122,6 +133,9 @@ class PostgresStore:
 
     def ready(self) -> tuple[bool, str | None]:
         return self.health.ready()
+
+    def horizon(self) -> dict[str, Any]:
+        return self.health.horizon()
 
     def close(self) -> None:
         self.db.close()

@@ -32,3 +32,38 @@ SELECT instance_id, hostname, pid, version, started_at, last_heartbeat_at, stopp
   FROM {instances} i
  WHERE %(include_stopped)s OR status IN ('running', 'stopping')
  ORDER BY started_at;
+
+-- name: horizon_holders
+-- What holds back this database's MVCC horizon, oldest first: backends of this database with a snapshot or
+-- a transaction id (and walsenders, whose hot_standby_feedback holds every database back), prepared
+-- transactions, replication slots with an xmin (a logical slot's catalog_xmin holds back the catalogs
+-- only, not the queue). Ages in seconds where the server knows them: a transaction's start, a prepared
+-- transaction's time; a walsender's or a slot's is measured by the caller from when it first saw that xmin.
+-- Catalog views only: the same cost at any table size.
+SELECT kind, pid, application_name, name, age_seconds, xid_age, xmin FROM (
+    SELECT CASE WHEN a.backend_type = 'walsender' THEN 'walsender' ELSE 'backend' END AS kind, a.pid,
+           a.application_name, a.usename::text AS name,
+           CASE WHEN a.backend_type = 'walsender' THEN NULL
+                ELSE extract(epoch FROM now() - coalesce(a.xact_start, a.query_start)) END AS age_seconds,
+           greatest(age(a.backend_xmin), age(a.backend_xid)) AS xid_age,
+           coalesce(a.backend_xmin, a.backend_xid)::text AS xmin
+      FROM pg_stat_activity a
+     WHERE (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL) AND a.pid <> pg_backend_pid()
+       AND (a.datname = current_database() OR a.backend_type = 'walsender')
+    UNION ALL
+    SELECT 'prepared', NULL, NULL, p.gid, extract(epoch FROM now() - p.prepared), age(p.transaction),
+           p.transaction::text
+      FROM pg_prepared_xacts p
+     WHERE p.database = current_database()
+    UNION ALL
+    SELECT 'slot', s.active_pid, NULL, s.slot_name, NULL, age(s.xmin), s.xmin::text
+      FROM pg_replication_slots s
+     WHERE s.xmin IS NOT NULL
+) h
+ ORDER BY xid_age DESC, age_seconds DESC NULLS LAST
+ LIMIT 5;
+
+-- name: table_tuples
+-- Live and dead row versions of the queue table, from the statistics collector (no scan).
+SELECT n_live_tup, n_dead_tup, last_autovacuum, last_vacuum FROM pg_stat_user_tables
+ WHERE relid = to_regclass(%(table)s);

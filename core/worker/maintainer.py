@@ -24,6 +24,9 @@ class Maintainer:
         while not s.finished.wait(wait):
             try:
                 s.store.recover()
+                purged = s.store.retain()
+                if purged:
+                    log.info("deleted finished records past the retention", extra={"deleted": purged})
             except DatabaseUnavailable as exc:
                 log.warning("cleanup failed", extra={"error": str(exc)})
             except Exception:
