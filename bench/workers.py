@@ -2,7 +2,8 @@
 
     python -m bench.workers raw|bare|ours|latency DSN BATCH
 
-``raw``: the two-statement loop over ``processing_queue`` (the ceiling for the same rows); ``bare``: the same
+``raw``: the two-statement loop over ``processing_queue`` (the ceiling for the same rows, in the pending
+index's order); ``bare``: the same
 loop over a three-column table; ``ours``: ``DistributedProcessor.run`` with a no-op handler; ``latency``: run()
 printing ``start <id> <unix time>`` as each handler starts. Each prints ``ready`` once connected, waits for a
 line on stdin (the start gun; ``latency`` instead runs until it reads ``stop``), then prints one JSON line.
@@ -22,7 +23,7 @@ import psycopg
 CLAIM = {
     "raw": "UPDATE processing_queue SET status = 'processing' WHERE id IN ("
            " SELECT id FROM processing_queue WHERE queue = 'default' AND status = 'pending' AND NOT key_blocked"
-           " ORDER BY priority DESC, run_at, id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, payload",
+           " ORDER BY - priority::bigint, run_at, id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, payload",
     "bare": "UPDATE bench_raw SET status = 'processing' WHERE id IN ("
             " SELECT id FROM bench_raw WHERE status = 'pending' ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)"
             " RETURNING id, payload",

@@ -103,11 +103,13 @@ class Claims:
             **(ticket.params() if ticket is not None else start_params(queues)),
         }
         # Binary results: timestamps, UUIDs and integers decode several times faster than from text.
-        rows = conn.execute(self.q.claim, params, binary=True).fetchall()
+        rows = self.db.execute_raw(conn, "claim", params, binary=True).fetchall()
         completed = int(rows[0][-1]) if rows else 0
         if not rows or rows[0][0] is None:
             return [], completed
         new, head = tuple.__new__, (token,)
+        if ticket is not None:  # where each queue's floor moves: its first pending record, seen unlocked
+            ticket.seen = {r[1]: (r[13], r[14], r[15]) for r in rows if r[13] is not None}
         return [new(Record, r[:6] + head + r[6:13]) for r in rows], completed
 
     def unblock(self, keys: Iterable[str], *, announce: bool = True) -> None:

@@ -231,6 +231,24 @@ class Database:
         else:
             self._generic.discard(conn)
 
+    def execute_raw(self, conn: Conn, name: str, params: dict[str, Any], *,
+                    binary: bool = False) -> psycopg.Cursor[tuple[Any, ...]]:
+        """Run statement ``name`` with server-side placeholders (no client-side parsing: see Queries.raw).
+
+        A connection wrapped by other code (whatever ``borrow`` yields that is not a psycopg connection, such
+        as a fault injector) gets the statement through its own ``execute``, so it sees this one too."""
+        if not isinstance(conn, psycopg.Connection):
+            return conn.execute(getattr(self.q, name), params, binary=binary)  # type: ignore[unreachable]
+        text, names = self.q.raw(name)
+        cursor = psycopg.RawCursor(conn)
+        args = [params[n] for n in names]
+        if isinstance(conn, TransactionPooled) and conn.info.transaction_status == TransactionStatus.IDLE:
+            # as TransactionPooled.execute does: the settings and the statement in one pipelined transaction
+            with conn.pipeline(), conn.transaction():
+                cursor.execute(text, args, binary=binary)
+            return cursor
+        return cursor.execute(text, args, binary=binary)
+
     def with_retry(self, op: Callable[[Conn], T], *, attempts: int = 3) -> T:
         """Run an idempotent operation, retrying on a broken connection with a short backoff."""
         delay = 0.05

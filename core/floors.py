@@ -9,8 +9,10 @@ straight there (a row comparison on one-direction columns, migration 0005).
 One :class:`Floors` serves a family of claimers (the claimers of one ``run()``, or one processor's
 ``claim_records`` calls). What moves a floor:
 
-* up, after a claim, to the first record it claimed (the scan saw nothing claimable before it), but never
-  within ``FLOOR_LAG`` of the claim's clock: a producer's records carry its transaction's start as run_at and
+* up, after a claim, to the first pending record the claim saw from its floor on, read without a lock (not
+  its first claimed record: SKIP LOCKED hides a record another claim holds, and that claim may reject it
+  because its key is busy; a floor moved past it would hide it from every claimer), but never within
+  ``FLOOR_LAG`` of the claim's clock: a producer's records carry its transaction's start as run_at and
   become visible at its commit, so a floor may only pass positions older than any short transaction;
 * down, by the claimers themselves, to records their own statements made claimable: the next record of a key
   they completed or unblocked comes after that record in claim order;
@@ -29,7 +31,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -43,6 +45,7 @@ FLOOR_LAG = 0.5  # seconds: a floor never passes positions younger than this (pr
 ANNOUNCE_AFTER = 0.25  # seconds: a producer transaction longer than this announces its first record
 EVENT_SETTLE = 2.0  # seconds: events are read again this long (an event written just before a slow commit)
 FLOOR_RESET_SECONDS = 5.0  # every claimer family scans from the start this often
+PEEK_EVERY = 4  # a claim looks where the floor may move (and moves it) this often, and after every reset
 
 
 def position(record: Record) -> Position:
@@ -65,6 +68,10 @@ class Ticket:
     since: datetime
     versions: list[int]
     started: float  # monotonic
+    peek: bool = True  # the claim looks for the first pending record (the floor moves only when it did)
+    # Per queue, the first pending record the claim saw from its floor on (with no lock: one another claim
+    # holds and may reject is seen too); the floor moves there.
+    seen: dict[str, Position] = field(default_factory=dict)
 
     def params(self) -> dict[str, Any]:
         return {
@@ -72,13 +79,14 @@ class Ticket:
             "floor_at": [f[1] for f in self.floors],
             "floor_id": [f[2] for f in self.floors],
             "since": self.since,
+            "peek": self.peek,
         }
 
 
 def start_params(queues: Sequence[str]) -> dict[str, Any]:
     """Parameters of a claim that scans from the start and reads no events (no floors kept)."""
     return {"floor_np": [START[0]] * len(queues), "floor_at": [START[1]] * len(queues),
-            "floor_id": [START[2]] * len(queues), "since": START[1]}
+            "floor_id": [START[2]] * len(queues), "since": START[1], "peek": False}
 
 
 class Floors:
@@ -93,6 +101,7 @@ class Floors:
         self._offset: float | None = None  # database clock minus time.monotonic(), learned from claims
         self._seen_until = 0.0  # monotonic start of the latest finished claim: its snapshot saw older events
         self._last_reset = time.monotonic()
+        self._claims = 0
         self.resets = 0  # test signal
 
     def ticket(self, queues: Sequence[str]) -> Ticket:
@@ -106,11 +115,14 @@ class Floors:
                 since = START[1]
             else:
                 since = self._db_time(self._seen_until) - timedelta(seconds=EVENT_SETTLE)
-            return Ticket(list(queues), [self._floor.get(q, START) for q in queues], since,
-                          [self._version.get(q, 0) for q in queues], now)
+            floors = [self._floor.get(q, START) for q in queues]
+            self._claims += 1
+            peek = self._claims % PEEK_EVERY == 0 or START in floors
+            return Ticket(list(queues), floors, since, [self._version.get(q, 0) for q in queues], now, peek=peek)
 
     def advance(self, ticket: Ticket, claimed: Sequence[Record]) -> None:
-        """After a claim: each queue's floor moves up to the first record claimed from it (within the lag)."""
+        """After a claim that peeked: each queue's floor moves up to the first pending record the claim saw,
+        never within the lag of the claim's clock."""
         finished = time.monotonic()
         first: dict[str, Record] = {}
         for rec in claimed:
@@ -125,10 +137,11 @@ class Floors:
             self._seen_until = max(self._seen_until, ticket.started)
             for q, version in zip(ticket.queues, ticket.versions, strict=True):
                 head = first.get(q)
-                if head is None:
+                seen = ticket.seen.get(q)
+                if head is None or seen is None:  # did not peek (or saw nothing): the floor stays
                     continue
                 r = head
-                pos = position(r)
+                pos = min(position(r), seen)
                 cap = (pos[0], r.claimed_at - timedelta(seconds=self.lag), 0)
                 new = min(pos, cap)
                 if self._version.get(q, 0) == version:
@@ -147,7 +160,14 @@ class Floors:
 
     def lower_records(self, records: Iterable[Record]) -> None:
         """Lower to records whose keys' next records are now claimable (completed, or claimed and unblocked)."""
-        self.lower((r.queue, position(r)) for r in records if r.ordering_key is not None)
+        lowest: dict[str, Position] = {}
+        for r in records:  # per queue, the lowest keyed record: one comparison per record, one lowering
+            if r.ordering_key is not None:
+                pos = (-r.priority, r.run_at, r.id)
+                if r.queue not in lowest or pos < lowest[r.queue]:
+                    lowest[r.queue] = pos
+        if lowest:
+            self.lower(lowest.items())
 
     def floor(self, queue: str) -> Position:
         with self._lock:

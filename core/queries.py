@@ -25,6 +25,7 @@ TABLES = {
 }
 
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 
 
 @lru_cache(maxsize=1)
@@ -70,6 +71,24 @@ class Queries:
             for name, text in raw_statements().items()
         }
         self.records_table = f"{sql.Identifier(schema).as_string()}.processing_queue"
+        self._raw: dict[str, tuple[str, tuple[str, ...]]] = {}
+
+    def raw(self, name: str) -> tuple[str, tuple[str, ...]]:
+        """Statement ``name`` with PostgreSQL's own ``$n`` placeholders, and the parameter names in their
+        order: run through a ``psycopg.RawCursor``, it is not parsed on the client at all (psycopg caches
+        its parse of a ``%(name)s`` query only up to 4 KB)."""
+        cached = self._raw.get(name)
+        if cached is None:
+            names: list[str] = []
+
+            def number(m: re.Match[str]) -> str:
+                if m.group(1) not in names:
+                    names.append(m.group(1))
+                return f"${names.index(m.group(1)) + 1}"
+
+            text = _PLACEHOLDER.sub(number, self._statements[name]).replace("%%", "%")
+            cached = self._raw[name] = (text, tuple(names))
+        return cached
 
     def __getattr__(self, name: str) -> str:
         try:

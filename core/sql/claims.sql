@@ -62,7 +62,7 @@ notified AS (
      WHERE EXISTS (SELECT 1 FROM done WHERE done.ordering_key IS NOT NULL)
 ),
 picked AS (
-    SELECT c.id
+    SELECT c.id, qn.name AS queue, fs.np AS fs_np, fs.run_at AS fs_at, fs.id AS fs_id
       FROM unnest(%(queues)s::text[], %(floor_np)s::bigint[], %(floor_at)s::timestamptz[], %(floor_id)s::bigint[])
            AS qn(name, np, at, id)
      CROSS JOIN LATERAL (
@@ -74,6 +74,17 @@ picked AS (
                 SELECT e.np, e.run_at, e.record_id FROM {floor_events} e
                  WHERE e.queue = qn.name AND e.created_at > %(since)s) f
          ORDER BY 1, 2, 3 LIMIT 1) fl
+     -- The first pending record from the floor on, looked at without a lock: where the caller's floor moves
+     -- to. Not the first record claimed: a record another claim holds locked (and may reject, its key busy)
+     -- is skipped by SKIP LOCKED, and a floor moved past it would hide it from every claimer. Only when the
+     -- caller asks (peek): a floor moved every few claims is close enough.
+     LEFT JOIN LATERAL (
+        SELECT - r.priority::bigint AS np, r.run_at, r.id
+          FROM {records} r
+         WHERE %(peek)s AND r.queue = qn.name AND r.status = 'pending' AND NOT r.key_blocked
+           AND r.run_at <= now() AND (- r.priority::bigint, r.run_at, r.id) >= (fl.np, fl.at, fl.id)
+         ORDER BY - r.priority::bigint, r.run_at, r.id
+         LIMIT 1) fs ON true
      CROSS JOIN LATERAL (
         SELECT l.id, l.priority, l.run_at
           -- Lock first, then test the key: a row another claim holds or has just taken is skipped by its
@@ -145,9 +156,14 @@ claimed AS (
     RETURNING t.id, t.queue, t.payload, t.priority, t.attempts, t.max_attempts, t.claimed_at,
               t.lease_expires_at, t.run_at, t.created_at, t.ordering_key, t.dedupe_key, t.cancel_requested
 )
-SELECT claimed.*, (SELECT count(*) FROM done) + 0 * (SELECT count(*) FROM notified) AS completed
+SELECT claimed.*, picked.fs_np, picked.fs_at, picked.fs_id,
+       (SELECT count(*) FROM done) + 0 * (SELECT count(*) FROM notified) AS completed
   FROM (SELECT 1) AS one
   LEFT JOIN claimed ON true
+  -- The floor's peek on one row per queue (fewer values to decode); both sides are the statement's own
+  -- few rows, never the table.
+  LEFT JOIN (SELECT DISTINCT ON (p.queue) p.* FROM picked p ORDER BY p.queue, p.id) picked
+         ON picked.id = claimed.id
  ORDER BY claimed.priority DESC, claimed.run_at, claimed.id;
 
 -- name: fail

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from core import DistributedProcessor
-from core.floors import Floors
+from core.floors import Floors, position
 from core.record import Record
 from tests.servers import Cluster
 from tests.support import wait_until
@@ -49,8 +49,8 @@ def _pending_scan_blocks(db: Any, p: DistributedProcessor, floors: dict[str, Any
             found += scans(child)
         return found
 
-    (scan,) = scans(plan[0][0]["Plan"])
-    return int(scan["Shared Hit Blocks"]) + int(scan["Shared Read Blocks"])
+    # the claim's scan and the floor's peek, both from the floor
+    return sum(int(s["Shared Hit Blocks"]) + int(s["Shared Read Blocks"]) for s in scans(plan[0][0]["Plan"]))
 
 
 def test_claims_under_a_pinned_horizon_seek_their_floor(
@@ -73,7 +73,9 @@ def _raise_floor(p: DistributedProcessor, queue: str = "default") -> None:
     """Put the processor's floor above every due record, as a claimer whose scans passed them would have it."""
     now = datetime.now(timezone.utc)  # the claim's clock: the floor reads events from a little before it
     far = Record(2**62, queue, {}, -(2**31) + 1, 1, 1, uuid.uuid4(), now, LATER, LATER, LATER)
-    p.floors.advance(p.floors.ticket([queue]), [far])
+    ticket = p.floors.ticket([queue])
+    ticket.seen = {queue: position(far)}  # as a claim that peeked and saw nothing pending before it
+    p.floors.advance(ticket, [far])
     assert p.floors.floor(queue) > (0, datetime.now(timezone.utc), 0)
 
 
