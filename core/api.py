@@ -239,9 +239,15 @@ class ProcessorAPI(SettingsView):
             metadata=metadata or {},
             claimers=claimers,
         )
-        worker = Worker(self.store, self.settings, self.metrics, options)
-        self.worker = worker
-        summary = worker.run()
+        claimers = max(1, claimers)
+        run_store = self.store.for_run(claimers=claimers, handler_slots=concurrency if transactional else 0,
+                                       listen_to=options.queues if listen else [])
+        try:
+            worker = Worker(run_store, self.settings, self.metrics, options)
+            self.worker = worker
+            summary = worker.run()
+        finally:
+            run_store.close()
         log.info("run finished", extra={"instance_id": self.instance_id, **summary.as_dict()})
         return summary
 

@@ -35,22 +35,21 @@ class NewRecords:
     dedupe_while: str
 
 
-class Wakeable(Protocol):
-    def set(self) -> None: ...
-
-
 class Listener(Protocol):
-    """Turns inserts into wake-ups of the claim loop (a hint: the loop polls regardless)."""
+    """What a run listens with, for probes and tests: NOTIFY is a hint, the claim loop polls regardless."""
 
     connected: threading.Event  # set while it listens
+    reconnects: int
 
-    def start(self) -> None: ...
-
-    def stop(self, timeout: float = 5.0) -> None: ...
+    @property
+    def backend_pid(self) -> int | None: ...
 
 
 class WorkerStore(Protocol):
-    """What the worker loop needs: claim, the fenced outcome writes, heartbeats, recovery, the registry."""
+    """What the worker loop needs for one run: claim and the fenced outcome writes; heartbeats, recovery,
+    retention and the registry (one thread at a time: the service loop); transactions for handlers."""
+
+    listener: Listener | None  # what it listens with (None: the poll alone)
 
     def claim(
         self, done: Sequence[Record], size: int, queues: list[str], unblock: Sequence[str],
@@ -74,11 +73,11 @@ class WorkerStore(Protocol):
 
     def release(self, records: Sequence[Record], reason: str) -> int: ...
 
+    def any_due(self, queues: list[str]) -> bool: ...
+
     def heartbeat(self, records: Sequence[Record], *, registered: bool) -> tuple[set[int], set[int]]:
         """Beat the registry row and extend leases; (ids still held, ids whose cancel was requested)."""
         ...
-
-    def any_due(self, queues: list[str]) -> bool: ...
 
     def recover(self) -> int:
         """Recover orphaned records (expired leases, dead instances); how many."""
@@ -92,6 +91,14 @@ class WorkerStore(Protocol):
 
     def set_instance_status(self, status: str) -> None: ...
 
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for a notification of an insert; whether one (or a reconnect) came."""
+        ...
+
+    def interrupt(self) -> None:
+        """End a ``wait`` under way at once (the run is stopping)."""
+        ...
+
     def transaction(self) -> AbstractContextManager[Any]:
         """A transaction for a transactional handler: yields the connection it is called with."""
         ...
@@ -100,13 +107,42 @@ class WorkerStore(Protocol):
         """Fenced completion inside the caller's transaction (``transaction()``)."""
         ...
 
-    def listen(self, queues: list[str], wake: Wakeable) -> Listener | None:
-        """A listener that wakes ``wake`` on inserts into ``queues``, or None when there is none."""
+    def check_budget(self) -> None:
+        """Raise ConfigurationError when the run can never get the connections it needs."""
         ...
 
+    def close(self) -> None: ...
 
-class Store(WorkerStore, Protocol):
-    """Everything the facade needs besides the worker's part: inserts, operator actions, observation."""
+
+class Store(Protocol):
+    """Everything the facade needs: inserts, claims and outcomes, operator actions, observation, and a
+    store for each ``run()`` (:meth:`for_run`)."""
+
+    def for_run(self, *, claimers: int, handler_slots: int, listen_to: Sequence[str]) -> WorkerStore:
+        """The connections of one run: ``claimers`` for claims, one for the service loop, ``handler_slots``
+        for transactional handlers; LISTEN for inserts into ``listen_to``."""
+        ...
+
+    def claim(
+        self, done: Sequence[Record], size: int, queues: list[str], unblock: Sequence[str],
+        floors: Floors | None = None, announce: bool = False,
+    ) -> tuple[list[Record], int]: ...
+
+    def unblock(self, keys: Iterable[str], *, announce: bool = True) -> None: ...
+
+    def complete(self, records: Sequence[Record], unblock: Sequence[str] = (), announce: bool = False) -> int: ...
+
+    def fail(self, records: Sequence[Record], error: BaseException | str, retryable: bool) -> list[tuple[int, str]]: ...
+
+    def release(self, records: Sequence[Record], reason: str) -> int: ...
+
+    def heartbeat(self, records: Sequence[Record], *, registered: bool) -> tuple[set[int], set[int]]: ...
+
+    def recover(self) -> int: ...
+
+    def register(self, metadata: dict[str, Any] | None) -> None: ...
+
+    def set_instance_status(self, status: str) -> None: ...
 
     def add(self, batch: NewRecords) -> AddResult: ...
 
@@ -135,5 +171,7 @@ class Store(WorkerStore, Protocol):
     def horizon(self) -> dict[str, Any]:
         """Who holds back the MVCC horizon (``health_check()["horizon"]``)."""
         ...
+
+    def retain(self) -> int: ...
 
     def close(self) -> None: ...

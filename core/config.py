@@ -15,6 +15,7 @@ from core.checks import MAX_BATCH, check_queue_name, parse_optional_duration, po
 from core.dsn import resolve_dsn
 from core.errors import ConfigurationError, InvalidArgument
 from core.instance import new_instance_id
+from core.payloads import MAX_PAYLOAD_BYTES
 from core.retry import RetryPolicy
 
 POOLING_MODES = ("session", "transaction")
@@ -71,6 +72,8 @@ KNOBS: dict[str, Knob] = _knobs(
     Knob("instance_retention", 86400.0, "seconds a stopped instance stays in the registry", scope=""),
     Knob("horizon_warning_seconds", 300.0, "health is degraded while something holds the MVCC horizon back "
          "longer than this (seconds, or none)", "DP_HORIZON_WARNING_SECONDS", parse_optional_duration, "global"),
+    Knob("max_payload_bytes", MAX_PAYLOAD_BYTES, "largest payload accepted, in bytes of JSON",
+         "DP_MAX_PAYLOAD_BYTES", int, "global"),
     Knob("retention", 7 * 86400.0, "finished records older than this are deleted by the maintainer (e.g. 7d, "
          "or none to keep them)", "DP_RETENTION", parse_optional_duration),
 )
@@ -133,6 +136,7 @@ class Settings:
     pooling: str
     horizon_warning_seconds: float | None
     retention: float | None
+    max_payload_bytes: int
 
     @classmethod
     def build(cls, dsn: str | None, *, database: bool = True, **kw: Any) -> Settings:
@@ -150,7 +154,8 @@ class Settings:
         try:
             batch_size = positive_int("batch_size", values["batch_size"], maximum=MAX_BATCH)
             ints = {name: positive_int(name, values[name]) for name in
-                    ("max_attempts", "pool_max", "key_concurrency", "copy_threshold", "cleanup_batch")}
+                    ("max_attempts", "pool_max", "key_concurrency", "copy_threshold", "cleanup_batch",
+                     "max_payload_bytes")}
             pool_min = positive_int("pool_min", values["pool_min"], allow_zero=True)
         except InvalidArgument as exc:
             raise ConfigurationError(str(exc)) from None
@@ -194,6 +199,7 @@ class Settings:
             pooling=values["pooling"],
             horizon_warning_seconds=optional_seconds("horizon_warning_seconds", values["horizon_warning_seconds"]),
             retention=optional_seconds("retention", values["retention"]),
+            max_payload_bytes=ints["max_payload_bytes"],
         )
 
 
@@ -297,3 +303,7 @@ class SettingsView:
     @property
     def retention(self) -> float | None:
         return self.settings.retention
+
+    @property
+    def max_payload_bytes(self) -> int:
+        return self.settings.max_payload_bytes

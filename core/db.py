@@ -7,6 +7,7 @@ opens a connection of its own. Connection failures become :class:`DatabaseUnavai
 
 from __future__ import annotations
 
+import contextvars
 import math
 import threading
 import time
@@ -33,7 +34,7 @@ T = TypeVar("T")
 Conn = psycopg.Connection[tuple[Any, ...]]
 
 
-def _configure_connection(conn: Conn) -> None:
+def configure_connection(conn: Conn) -> None:
     set_json_loads(loads, conn)
 
 
@@ -75,6 +76,30 @@ class TransactionPooled(psycopg.Connection[tuple[Any, ...]]):
 
 Borrow = Callable[..., AbstractContextManager[Conn]]
 
+# The database a borrow through a processor's connection() draws from: the processor's own pool unless a role
+# of a run (its claims, its service connection, its handlers) routes the borrow to its own (see routed()).
+ROUTE: contextvars.ContextVar[Database | None] = contextvars.ContextVar("dp_route", default=None)
+
+
+def routed(db: Database, via: Borrow) -> Borrow:
+    """A borrow for ``db`` that passes through ``via`` (a processor's connection(), which callers may wrap)
+    and draws from ``db``."""
+
+    @contextmanager
+    def borrow(timeout: float | None = None, *, internal: bool = False) -> Iterator[Conn]:
+        token: contextvars.Token[Database | None] | None = ROUTE.set(db)
+        try:
+            with via(timeout, internal=internal) as conn:
+                assert token is not None
+                ROUTE.reset(token)  # the route is for this borrow only, not for what the caller does with it
+                token = None
+                yield conn
+        finally:
+            if token is not None:
+                ROUTE.reset(token)
+
+    return borrow
+
 
 class Database:
     """The pool of one database and the settings our statements run with. Opens lazily, thread-safe.
@@ -84,10 +109,14 @@ class Database:
     fault-injection tests override).
     """
 
-    def __init__(self, settings: Settings, dsn: str | None = None, borrow: Borrow | None = None) -> None:
+    def __init__(self, settings: Settings, dsn: str | None = None, borrow: Borrow | None = None, *,
+                 size: tuple[int, int] | None = None, name: str = "") -> None:
         self.settings = settings
         self.dsn = dsn or settings.dsn
         self.borrow: Borrow = borrow or self.connection
+        # (min, max) connections of the pool; default the settings' pool_min and pool_max
+        self.size = size or (settings.pool_min, settings.pool_max)
+        self.name = name
         self.q = Queries(settings.schema)
         self._pool: ConnectionPool[Conn] | None = None
         self._pool_lock = threading.Lock()
@@ -147,15 +176,15 @@ class Database:
                 self._pool = ConnectionPool(
                     self.dsn,
                     connection_class=self._connection_class(),
-                    min_size=s.pool_min,
-                    max_size=s.pool_max,
+                    min_size=self.size[0],
+                    max_size=self.size[1],
                     kwargs=self.connection_kwargs(),
                     open=False,
                     timeout=s.connect_timeout,
-                    name=f"dp-{s.instance_id}",
+                    name=f"dp-{s.instance_id}{'-' + self.name if self.name else ''}",
                     reconnect_timeout=max(60.0, s.connect_timeout),
                     max_idle=300.0,
-                    configure=_configure_connection,
+                    configure=configure_connection,
                 )
                 self._pool.open(wait=False)
             return self._pool
@@ -180,9 +209,9 @@ class Database:
         s = self.settings
         if isinstance(exc, PoolTimeout) and pool is not None:
             stats = pool.get_stats()
-            if stats.get("pool_size", 0) >= s.pool_max and stats.get("pool_available", 0) == 0:
+            if stats.get("pool_size", 0) >= self.size[1] and stats.get("pool_available", 0) == 0:
                 return PoolExhausted(
-                    f"all {s.pool_max} pooled connections stayed busy for {s.connect_timeout:g}s "
+                    f"all {self.size[1]} pooled connections stayed busy for {s.connect_timeout:g}s "
                     f"(requests waiting: {stats.get('requests_waiting', 0)})"
                 )
         error = DatabaseUnavailable(f"database {redact(self.dsn)} unavailable: {str(exc).strip()}")

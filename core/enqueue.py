@@ -71,7 +71,8 @@ class Enqueuer:
         use_copy = n >= self.db.settings.copy_threshold and not has_dedupe
         # COPY encodes as it streams (the server parses one chunk while the next is encoded); an invalid
         # payload then aborts the COPY and rolls the transaction back, so nothing is written either way.
-        texts = [] if use_copy else [encode_payload(i, p) for i, p in enumerate(batch.payloads)]
+        limit = self.db.settings.max_payload_bytes
+        texts = [] if use_copy else [encode_payload(i, p, limit) for i, p in enumerate(batch.payloads)]
         # A broken connection is not retried (during COMMIT it is unknown whether the batch landed); a
         # deadlock or serialization failure rolled everything back, so that is retried.
         for attempt in range(3):
@@ -177,6 +178,7 @@ class Enqueuer:
 
     def _insert_copy(self, conn: Conn, batch: NewRecords, blocked: list[bool]) -> AddResult:
         items, n = batch.payloads, len(batch.payloads)
+        limit = self.db.settings.max_payload_bytes
         if self._sequence is None:
             row = conn.execute(self.q.records_sequence, {"table": self.q.records_table}).fetchone()
             self._sequence = str(row[0]) if row else None
@@ -197,7 +199,7 @@ class Enqueuer:
             for start in range(0, n, COPY_CHUNK):
                 lines = []
                 for i in range(start, min(n, start + COPY_CHUNK)):
-                    text = encode_payload(i, items[i]).replace("\\", "\\\\")  # COPY text doubles a backslash
+                    text = encode_payload(i, items[i], limit).replace("\\", "\\\\")  # COPY doubles a backslash
                     lines.append(f"{ids[i]}{constant}{key_texts[i]}\t{text}\n")
                 copy.write("".join(lines))
         return AddResult(ids)

@@ -124,25 +124,26 @@ class Floors:
         """After a claim that peeked: each queue's floor moves up to the first pending record the claim saw,
         never within the lag of the claim's clock."""
         finished = time.monotonic()
-        first: dict[str, Record] = {}
-        for rec in claimed:
-            f = first.get(rec.queue)
-            if f is None or position(rec) < position(f):
-                first[rec.queue] = rec
         with self._lock:
             if claimed:
                 # claimed_at is the database's clock during the statement, at or before its end
-                offset = max(c.claimed_at for c in claimed).timestamp() - finished
-                self._offset = offset
+                self._offset = claimed[0].claimed_at.timestamp() - finished
             self._seen_until = max(self._seen_until, ticket.started)
+            if not ticket.seen or not claimed:
+                return  # did not peek, or claimed nothing: the floors stay
+            first: dict[str, Record] = {}
+            for rec in claimed:  # in claim order: each queue's first record is its first occurrence
+                if rec.queue not in first:
+                    first[rec.queue] = rec
+                    if len(first) == len(ticket.queues):
+                        break
             for q, version in zip(ticket.queues, ticket.versions, strict=True):
                 head = first.get(q)
                 seen = ticket.seen.get(q)
-                if head is None or seen is None:  # did not peek (or saw nothing): the floor stays
+                if head is None or seen is None:
                     continue
-                r = head
-                pos = min(position(r), seen)
-                cap = (pos[0], r.claimed_at - timedelta(seconds=self.lag), 0)
+                pos = min(position(head), seen)
+                cap = (pos[0], head.claimed_at - timedelta(seconds=self.lag), 0)
                 new = min(pos, cap)
                 if self._version.get(q, 0) == version:
                     self._floor[q] = new

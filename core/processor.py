@@ -10,7 +10,7 @@ from psycopg_pool import ConnectionPool
 
 from core.api import ProcessorAPI
 from core.config import Settings, default
-from core.db import Conn
+from core.db import ROUTE, Conn
 from core.dsn import redact
 from core.instance import ProcessFacts
 from core.queries import Queries
@@ -60,6 +60,7 @@ class DistributedProcessor(ProcessorAPI):
         pooling: str = default("pooling"),
         horizon_warning_seconds: float | None = default("horizon_warning_seconds"),
         retention: float | timedelta | None = default("retention"),  # noqa: B008 (a float: core.config)
+        max_payload_bytes: int = default("max_payload_bytes"),
     ) -> None:
         settings = Settings.build(
             dsn, instance_id=instance_id, queue=queue, batch_size=batch_size, lease_seconds=lease_seconds,
@@ -69,6 +70,7 @@ class DistributedProcessor(ProcessorAPI):
             dead_after=dead_after, heartbeat_interval=heartbeat_interval, cleanup_interval=cleanup_interval,
             notify=notify, application_name=application_name, instance_retention=instance_retention,
             pooling=pooling, horizon_warning_seconds=horizon_warning_seconds, retention=retention,
+            max_payload_bytes=max_payload_bytes,
         )
         facts = ProcessFacts()
         # Every statement borrows through self.connection, so a subclass overriding it sees all of them.
@@ -96,7 +98,10 @@ class DistributedProcessor(ProcessorAPI):
         ``internal`` is for the processor's own statements: they run with generic plans; a connection handed
         to other code runs with the server's default plan cache mode.
         """
-        with self.store.db.connection(timeout, internal=internal) as conn:
+        # A run's roles route their borrows here to their own pools (core.db.routed): one seam for every
+        # statement, whichever connection it runs on.
+        db = ROUTE.get() or self.store.db
+        with db.connection(timeout, internal=internal) as conn:
             yield conn
 
     def complete_on(self, conn: Conn, records: Sequence[Record], unblock: Iterable[str] = ()) -> int:

@@ -3,25 +3,21 @@ wired to one :class:`Database`. Implements :class:`core.backend.Store`; the faca
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from core.admin import Admin
-from core.backend import CountRow, Listener, NewRecords, Wakeable
+from core.backend import CountRow, NewRecords
 from core.claims import Claims
 from core.config import Settings
-from core.db import Borrow, Conn, Database
+from core.db import Borrow, Database
 from core.enqueue import Enqueuer
 from core.floors import Floors
 from core.health import Health
 from core.instance import ProcessFacts
-from core.queries import channel_for
 from core.record import AddResult, Record
 from core.recovery import Recovery
-
-RETENTION_BATCH = 5000
-RETENTION_BATCHES = 4
+from core.runstore import RETENTION_BATCH, RETENTION_BATCHES, PostgresRun
 
 
 class PostgresStore:
@@ -31,6 +27,7 @@ class PostgresStore:
         self, settings: Settings, facts: ProcessFacts, dsn: str | None = None, borrow: Borrow | None = None
     ) -> None:
         self.settings = settings
+        self.facts = facts
         self.db = Database(settings, dsn, borrow)
         self.enqueuer = Enqueuer(self.db)
         self.claims = Claims(self.db)
@@ -67,24 +64,11 @@ class PostgresStore:
     def any_due(self, queues: list[str]) -> bool:
         return self.claims.any_due(queues)
 
-    @contextmanager
-    def transaction(self) -> Iterator[Conn]:
-        with self.db.borrow() as conn, conn.transaction():
-            yield conn
-
-    def complete_in(self, conn: Any, records: Sequence[Record]) -> int:
-        # Our completion statement with its generic plan; the handler's own statements ran with the
-        # session's defaults (LOCAL: back to them at commit).
-        self.db.set_plan_mode(conn, generic=True, local=True)
-        return self.claims.complete_in(conn, records)
-
-    def listen(self, queues: list[str], wake: Wakeable) -> Listener | None:
+    def for_run(self, *, claimers: int, handler_slots: int, listen_to: Sequence[str]) -> PostgresRun:
         # LISTEN is session state: under transaction pooling the jittered poll is the only wake-up.
-        if not self.settings.notify or self.db.transaction_pooling:
-            return None
-        from core.worker.listener import PgListener
-
-        return PgListener(self.db, [channel_for(self.settings.schema, q) for q in queues], wake)
+        listen = [] if not self.settings.notify or self.db.transaction_pooling else list(listen_to)
+        return PostgresRun(self.settings, self.facts, self.db.dsn, claimers=claimers, handler_slots=handler_slots,
+                           listen_to=listen, via=self.db.borrow)
 
     # ------------------------------------------------------------------ recovery, admin, registry
 
@@ -95,8 +79,6 @@ class PostgresStore:
         retention = self.settings.retention
         if retention is None:
             return 0
-        # A few bounded batches per maintenance round, each its own statement (SKIP LOCKED, by the finished
-        # index): a backlog of expired rows goes over several rounds without one long transaction.
         return self.admin.purge(retention, RETENTION_BATCH, RETENTION_BATCHES)
 
     def cancel(self, ids: list[int]) -> dict[int, str]:

@@ -43,3 +43,9 @@ SELECT to_regclass(%(table)s) IS NOT NULL;
 -- name: alembic_revision
 -- The revision a migrated schema is at (migrate.current_revision).
 SELECT version_num FROM {alembic_version};
+
+-- name: connection_budget
+-- What the server can give one more client: its max_connections less the slots kept for superusers, and
+-- how many are in use now.
+SELECT current_setting('max_connections')::int - current_setting('superuser_reserved_connections')::int,
+       (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend');

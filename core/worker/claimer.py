@@ -41,7 +41,7 @@ class Claimer:
             seen = s.wake.generation
             # Finished records waiting for their completion do not take room: this claim carries them.
             with s.lock:
-                room = s.capacity - len(s.held) + buf.pending()
+                room = s.capacity() - len(s.held) + buf.pending()
             # Claim full batches: a trickle of small claims costs a round trip each. A partial batch is
             # claimed only when every handler has run dry.
             waiting = len(s.ready)

@@ -29,8 +29,6 @@ class Executor:
         self.is_async = inspect.iscoroutinefunction(self.handler)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._async_slots: asyncio.Semaphore | None = None
-        # Moving average of handler time (seconds), for chunk sizes; starts pessimistic: one record at a time.
-        self._handler_avg = CHUNK_SECONDS
 
     def start(self) -> None:
         if self.is_async:
@@ -86,7 +84,8 @@ class Executor:
         many as fit in CHUNK_SECONDS of their measured time (a hand-off between threads costs more than a
         handler that returns in microseconds)."""
         fair = waiting // self.concurrency
-        by_time = int(CHUNK_SECONDS / max(self._handler_avg, 1e-7))
+        # Nothing measured yet: pessimistic, one record at a time.
+        by_time = int(CHUNK_SECONDS / max(self.s.handler_avg or CHUNK_SECONDS, 1e-7))
         return max(1, min(waiting, max(fair, by_time)))
 
     def _execute_chunk(self, chunk: list[Held]) -> None:
@@ -120,7 +119,7 @@ class Executor:
                 self._give_back(chunk[i + 1:])
                 break
         if durations:
-            self._handler_avg = 0.7 * self._handler_avg + 0.3 * (sum(durations) / len(durations))
+            self.s.observe(sum(durations) / len(durations), len(durations))
             self.s.metrics.observe_handlers(durations)
         if ok:
             self.completer.add_done(ok)
@@ -157,6 +156,7 @@ class Executor:
                 await self.handler(held.record)
             except BaseException as exc:
                 error = exc
+            self.s.observe(time.perf_counter() - t0)
             self.s.metrics.observe_handler(time.perf_counter() - t0)
         held.finished = True
         self.s.outcomes.put(Outcome(held, error))
@@ -172,6 +172,7 @@ class Executor:
             self._run_transactional(held)  # the transaction writes the outcome itself
         finally:
             current.reset(token)
+        self.s.observe(time.perf_counter() - t0)
         self.s.metrics.observe_handler(time.perf_counter() - t0)
 
     def _run_transactional(self, held: Held) -> None:

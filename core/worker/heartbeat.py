@@ -1,13 +1,12 @@
 """Heartbeats: the instance's registry row and the leases of every held record, extended in one round trip;
-records that come back lost stop being ours; handlers past their timeout are failed."""
+records that come back lost stop being ours; handlers past their timeout are failed. The service loop
+(:mod:`.service`) calls :meth:`Heartbeat.beat` every heartbeat interval."""
 
 from __future__ import annotations
 
 import logging
-import random
 import time
 
-from core.errors import DatabaseUnavailable
 from core.worker.completer import Completer
 from core.worker.state import HandlerTimeout, RunState
 
@@ -18,19 +17,6 @@ class Heartbeat:
     def __init__(self, state: RunState, completer: Completer) -> None:
         self.s = state
         self.completer = completer
-
-    def run(self) -> None:
-        s = self.s
-        interval = s.settings.heartbeat_interval
-        while not s.finished.is_set():
-            if s.finished.wait(interval * random.uniform(0.9, 1.0)):
-                return
-            try:
-                self.beat()
-            except DatabaseUnavailable as exc:
-                log.warning("heartbeat failed", extra={"error": str(exc)})
-            except Exception:  # keep beating whatever happens
-                log.exception("heartbeat error")
 
     def beat(self) -> None:
         """Extend the leases of every held record; forget those that come back lost; check timeouts."""

@@ -5,9 +5,10 @@ One role per thread, each with its own stop condition:
 * claimers (the calling thread and ``claimers - 1`` more) claim while there is room (:mod:`.claimer`);
 * handler threads run handlers, or one event-loop thread runs coroutine handlers (:mod:`.executor`);
 * the completer writes outcomes in batches, one fenced statement per batch (:mod:`.completer`);
-* the heartbeat extends the leases of every held record and the instance's heartbeat (:mod:`.heartbeat`);
-* the maintainer recovers orphaned records on a jittered interval (:mod:`.maintainer`);
-* the listener turns NOTIFY into wake-ups (:mod:`.listener`); a jittered poll runs regardless.
+* the service loop (:mod:`.service`), on the run's one service connection: heartbeats extend the leases of
+  every held record and the instance's heartbeat (:mod:`.heartbeat`), maintenance recovers orphaned records
+  and applies the retention (:mod:`.maintainer`), and NOTIFY turns into wake-ups in between; a jittered poll
+  runs regardless.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from core.worker.completer import Completer
 from core.worker.executor import Executor, is_handler_thread
 from core.worker.heartbeat import Heartbeat
 from core.worker.maintainer import Maintainer
+from core.worker.service import Service
 from core.worker.state import Held, RunOptions, RunState, RunSummary
 from core.worker.wake import Wake
 
@@ -49,7 +51,8 @@ class Worker:
         self.claimer = Claimer(s, self.completer, self.executor)
         self.heartbeat = Heartbeat(s, self.completer)
         self.maintainer = Maintainer(s)
-        self.listener: Listener | None = None
+        self.service = Service(s, self.heartbeat, self.maintainer)
+        self.listener: Listener | None = store.listener
         self.signals_seen = 0
 
     # ------------------------------------------------------------------ what callers and probes see
@@ -91,10 +94,6 @@ class Worker:
 
     def ticked_within(self, seconds: float) -> bool:
         return time.monotonic() - self.state.last_tick <= seconds
-
-    def beat(self) -> None:
-        """One heartbeat now (tests call it instead of waiting for the interval)."""
-        self.heartbeat.beat()
 
     # ------------------------------------------------------------------ signal handling
 
@@ -140,16 +139,13 @@ class Worker:
         return s.summary
 
     def _start_services(self) -> None:
+        # The service connection is the main thread's until the service loop starts (and after it ends).
+        self.store.check_budget()
         if self.options.register:
             self.store.register(self.options.metadata)
         self.executor.start()
         self._spawn("dp-completer", self.completer.run)
-        self._spawn("dp-heartbeat", self.heartbeat.run)
-        self._spawn("dp-maintenance", self.maintainer.run)
-        if self.options.listen:
-            self.listener = self.store.listen(self.options.queues, self.state.wake)
-            if self.listener is not None:
-                self.listener.start()
+        self._spawn("dp-service", self.service.run)
 
     def _spawn(self, name: str, target: Callable[[], Any]) -> None:
         thread = threading.Thread(target=target, name=f"{name}-{self.state.settings.instance_id}", daemon=True)
@@ -205,10 +201,9 @@ class Worker:
             if t.name.startswith("dp-completer"):
                 t.join(timeout=10)
         s.finished.set()
+        self.store.interrupt()
         with s.ready_cv:
             s.ready_cv.notify_all()
-        if self.listener is not None:
-            self.listener.stop()
         self.executor.stop()
         for t in self._threads:
             if is_handler_thread(t):

@@ -21,6 +21,10 @@ from core.worker.wake import Wake
 
 Handler = Callable[..., Any]
 
+# A record held for a handler should start within this share of its lease (heartbeats extend it meanwhile,
+# but no record should depend on them for long): the prefetch is bounded by the measured handler rate.
+PREFETCH_LEASE_SHARE = 0.25
+
 
 class HandlerTimeout(ProcessorError, TimeoutError):
     """A handler ran longer than its per-record timeout; the record was failed and its late result fenced."""
@@ -120,8 +124,10 @@ class RunState:
         # none expires while it waits; and no new claim starts while a whole batch still waits for a handler,
         # so slow handlers never hoard records that idle instances could take.
         prefetch = options.prefetch
-        self.capacity = options.concurrency + (
+        self.capacity_limit = options.concurrency + (
             (2 + self.claimers) * settings.batch_size if prefetch is None else prefetch)
+        # Moving average of one handler call (seconds), measured by the executor; None until the first.
+        self.handler_avg: float | None = None
         self.summary = RunSummary()
         self.stopping = threading.Event()  # no new claims
         self.aborted = threading.Event()  # grace over: release what is still held
@@ -139,6 +145,22 @@ class RunState:
         self.grace_deadline: float | None = None
         # Where this run's claims start (core/floors.py), shared by its claimers.
         self.floors = Floors()
+
+    def capacity(self) -> int:
+        """How many records the run may hold: those running, and a prefetch that can start within a share of
+        the lease at the measured handler rate (nothing measured yet: only what can start at once)."""
+        concurrency = self.options.concurrency
+        avg = self.handler_avg
+        if avg is None:
+            return min(self.capacity_limit, concurrency)
+        startable = concurrency / max(avg, 1e-7) * self.settings.lease_seconds * PREFETCH_LEASE_SHARE
+        return int(min(self.capacity_limit, concurrency + max(1.0, startable)))
+
+    def observe(self, seconds: float, n: int = 1) -> None:
+        """``n`` handler calls took ``seconds`` on average."""
+        avg = self.handler_avg
+        weight = min(1.0, 0.3 * n)
+        self.handler_avg = seconds if avg is None else (1 - weight) * avg + weight * seconds
 
     def stop(self, grace_seconds: float | None = None) -> None:
         """Stop claiming; let in-flight records finish for ``grace_seconds``, then release the rest."""

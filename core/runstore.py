@@ -1,0 +1,163 @@
+"""The connections of one ``run()`` against one database, behind :class:`core.backend.WorkerStore`.
+
+A run holds no more than it needs, and no role waits for another's connection:
+
+* ``claimers`` pooled connections for the claim statements (the completer's and the shutdown's outcome
+  writes share them: short statements of the same kind);
+* one dedicated connection for the service loop: heartbeats, maintenance, the registry and LISTEN, so a
+  heartbeat never waits behind handler work;
+* ``handler_slots`` pooled connections for transactional handlers, one per handler thread, never shared with
+  claims or heartbeats.
+
+A plain run therefore holds ``claimers + 1`` connections (3 by default), a transactional one
+``claimers + 1 + concurrency``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from core.admin import Admin
+from core.backend import Listener
+from core.claims import Claims
+from core.config import Settings
+from core.db import Borrow, Conn, Database, routed
+from core.dedicated import DedicatedDatabase
+from core.errors import ConfigurationError
+from core.floors import Floors
+from core.instance import ProcessFacts
+from core.queries import channel_for
+from core.record import Record
+from core.recovery import Recovery
+
+log = logging.getLogger("core.runstore")
+
+RETENTION_BATCH = 5000
+RETENTION_BATCHES = 4
+
+
+def connections_needed(claimers: int, handler_slots: int) -> int:
+    return claimers + 1 + handler_slots
+
+
+class PostgresRun:
+    """A worker's store for one run (see the module docstring)."""
+
+    def __init__(self, settings: Settings, facts: ProcessFacts, dsn: str, *, claimers: int, handler_slots: int,
+                 listen_to: Sequence[str] = (), via: Borrow | None = None) -> None:
+        self.settings = settings
+        self.claims_db = Database(settings, dsn, size=(claimers, claimers), name="claims")
+        self.handler_db = Database(settings, dsn, size=(0, handler_slots), name="handlers") if handler_slots \
+            else None
+        channels = [channel_for(settings.schema, q) for q in listen_to]
+        self.service_db = DedicatedDatabase(settings, dsn, channels=channels)
+        if via is not None:  # every statement passes through the processor's connection() (core.db.routed)
+            for db in (self.claims_db, self.handler_db, self.service_db):
+                if db is not None:
+                    db.borrow = routed(db, via)
+        self.claims = Claims(self.claims_db)
+        service_claims = Claims(self.service_db)
+        self.service_claims = service_claims
+        self.recovery = Recovery(self.service_db, service_claims)
+        self.admin = Admin(self.service_db, service_claims, facts)
+        self.claimers, self.handler_slots = claimers, handler_slots
+        self.needed = connections_needed(claimers, handler_slots)
+        self.listener: Listener | None = self.service_db if channels else None
+
+    def check_budget(self) -> None:
+        """Refuse a run the server can never hold: more connections than its max_connections allows."""
+        if self.settings.pooling == "transaction":
+            return  # the pooler multiplexes; the server's limit says nothing about ours
+        row = self.service_db.with_retry(lambda conn: conn.execute(self.service_db.q.connection_budget).fetchone())
+        if row is None:
+            return
+        allowed, in_use = int(row[0]), int(row[1])
+        parts = f"{self.claimers} for claims, 1 for heartbeats and maintenance" + (
+            f", {self.handler_slots} for transactional handlers" if self.handler_slots else "")
+        if self.needed > allowed:
+            raise ConfigurationError(
+                f"this run needs {self.needed} connections ({parts}) but the server allows {allowed}"
+                " (max_connections less superuser_reserved_connections): lower the concurrency or the claimers,"
+                " or put PgBouncer in front (pooling='transaction')")
+        if self.needed > allowed - in_use + 1:  # +1: the service connection checking is already one of them
+            log.warning("the server may not have the connections this run needs",
+                        extra={"needed": self.needed, "allowed": allowed, "in_use": in_use})
+
+    # ------------------------------------------------------------------ the claim connections
+
+    def claim(self, done: Sequence[Record], size: int, queues: list[str], unblock: Sequence[str],
+              floors: Floors | None = None, announce: bool = False) -> tuple[list[Record], int]:
+        return self.claims.claim(done, size, queues, unblock, floors, announce)
+
+    def unblock(self, keys: Iterable[str], *, announce: bool = True) -> None:
+        self.claims.unblock(keys, announce=announce)
+
+    def complete(self, records: Sequence[Record], unblock: Sequence[str] = (), announce: bool = False) -> int:
+        return self.claims.complete(records, unblock, announce)
+
+    def fail(self, records: Sequence[Record], error: BaseException | str, retryable: bool) -> list[tuple[int, str]]:
+        return self.claims.fail(records, error, retryable)
+
+    def release(self, records: Sequence[Record], reason: str) -> int:
+        return self.claims.release(records, reason)
+
+    def any_due(self, queues: list[str]) -> bool:
+        return self.claims.any_due(queues)
+
+    # ------------------------------------------------------------------ the service connection
+
+    def heartbeat(self, records: Sequence[Record], *, registered: bool) -> tuple[set[int], set[int]]:
+        return self.service_claims.heartbeat(records, registered=registered)
+
+    def recover(self) -> int:
+        return self.recovery.recover()
+
+    def retain(self) -> int:
+        retention = self.settings.retention
+        if retention is None:
+            return 0
+        # A few bounded batches per maintenance round, each its own statement (SKIP LOCKED, by the finished
+        # index): a backlog of expired rows goes over several rounds without one long transaction.
+        return self.admin.purge(retention, RETENTION_BATCH, RETENTION_BATCHES)
+
+    def register(self, metadata: dict[str, Any] | None) -> None:
+        self.admin.register(metadata)
+
+    def set_instance_status(self, status: str) -> None:
+        self.admin.set_instance_status(status)
+
+    def wait(self, timeout: float) -> bool:
+        return self.service_db.wait(timeout)
+
+    def interrupt(self) -> None:
+        # A notification of our own ends the service loop's wait (best effort: it ends on its own anyway).
+        if not self.service_db.channels or not self.service_db.connected.is_set():
+            return
+        try:
+            with self.claims_db.borrow(timeout=1.0, internal=True) as conn:
+                conn.execute(self.claims_db.q.notify, {"channel": self.service_db.channels[0], "queue": ""})
+        except Exception:
+            log.debug("could not interrupt the service wait", exc_info=True)
+
+    # ------------------------------------------------------------------ the handlers' connections
+
+    @contextmanager
+    def transaction(self) -> Iterator[Conn]:
+        db = self.handler_db or self.claims_db
+        with db.borrow() as conn, conn.transaction():
+            yield conn
+
+    def complete_in(self, conn: Any, records: Sequence[Record]) -> int:
+        # Our completion statement with its generic plan; the handler's own statements ran with the
+        # session's defaults (LOCAL: back to them at commit).
+        self.claims_db.set_plan_mode(conn, generic=True, local=True)
+        return self.claims.complete_in(conn, records)
+
+    def close(self) -> None:
+        self.service_db.close()
+        self.claims_db.close()
+        if self.handler_db is not None:
+            self.handler_db.close()

@@ -1,0 +1,60 @@
+"""The service loop: heartbeats, maintenance and notifications, on the run's one service connection.
+
+Between its statements it waits for NOTIFY (a hint: the claim loop also polls) at most a quarter of a second
+at a time, so a heartbeat is never late by more than that, and never waits behind handler work: the
+handlers and the claims have connections of their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+from core.errors import DatabaseUnavailable
+from core.worker.heartbeat import Heartbeat
+from core.worker.maintainer import Maintainer
+from core.worker.state import RunState
+
+log = logging.getLogger("core.worker")
+
+WAIT_SLICE = 0.25  # seconds: the longest wait for a notification between two looks at the clock
+
+
+class Service:
+    def __init__(self, state: RunState, heartbeat: Heartbeat, maintainer: Maintainer) -> None:
+        self.s = state
+        self.heartbeat = heartbeat
+        self.maintainer = maintainer
+
+    def run(self) -> None:
+        s = self.s
+        beat_every, clean_every = s.settings.heartbeat_interval, s.settings.cleanup_interval
+        now = time.monotonic()
+        next_beat = now + beat_every * random.uniform(0.9, 1.0)
+        # A random first delay spreads the cleaners of instances started together.
+        next_clean = now + clean_every * random.uniform(0.1, 1.0)
+        failures = 0
+        while not s.finished.is_set():
+            try:
+                timeout = min(WAIT_SLICE, max(0.0, min(next_beat, next_clean) - time.monotonic()))
+                if s.store.listener is None:
+                    s.finished.wait(timeout)  # nothing to listen for: the poll finds new records
+                elif s.store.wait(timeout):
+                    s.wake.set()  # an insert (or a reconnect: notifications may have been missed)
+                now = time.monotonic()
+                if now >= next_beat:
+                    next_beat = now + beat_every * random.uniform(0.9, 1.0)
+                    self.heartbeat.beat()
+                if now >= next_clean:
+                    next_clean = now + clean_every * random.uniform(0.8, 1.2)
+                    self.maintainer.maintain()
+                failures = 0
+            except DatabaseUnavailable as exc:
+                failures += 1
+                if failures == 1 or failures % 20 == 0:
+                    log.warning("service connection unavailable; retrying", extra={"error": str(exc)[:300]})
+                s.finished.wait(min(2.0, 0.05 * 2**failures))
+            except Exception:  # keep serving whatever happens
+                log.exception("service loop error")
+                s.finished.wait(0.5)
