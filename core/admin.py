@@ -4,6 +4,7 @@ instance registry, against one database."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from core.claims import Claims
@@ -58,15 +59,21 @@ class Admin:
                 return total
 
     def purge(self, older_than: float, batch: int, max_batches: int | None) -> int:
-        total, rounds = 0, 0
+        return sum(step() for step in self.purge_steps(older_than, batch, max_batches))
+
+    def purge_steps(self, older_than: float, batch: int, max_batches: int | None) -> Iterator[Callable[[], int]]:
+        """The batches of :meth:`purge`, one statement per step (each returns how many rows it deleted)."""
         params = {"older_than": older_than, "batch": batch}
-        while max_batches is None or rounds < max_batches:
-            n = self.db.with_retry(lambda conn: conn.execute(self.q.purge, params).rowcount)
-            total += n
+        last = [batch]
+
+        def one() -> int:
+            last[0] = self.db.with_retry(lambda conn: conn.execute(self.q.purge, params).rowcount)
+            return last[0]
+
+        rounds = 0
+        while (max_batches is None or rounds < max_batches) and last[0] >= batch:
+            yield one
             rounds += 1
-            if n < batch:
-                break
-        return total
 
     # ------------------------------------------------------------------ admission settings
 

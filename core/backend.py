@@ -8,7 +8,7 @@ only, never on the facade.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -79,12 +79,9 @@ class WorkerStore(Protocol):
         """Beat the registry row and extend leases; (ids still held, ids whose cancel was requested)."""
         ...
 
-    def recover(self) -> int:
-        """Recover orphaned records (expired leases, dead instances); how many."""
-        ...
-
-    def retain(self) -> int:
-        """Delete finished records older than the retention, a bounded number of batches; how many."""
+    def maintenance(self) -> Iterator[Callable[[], int]]:
+        """One maintenance round (recovery of orphaned records, then the retention of finished ones), as steps
+        of one statement each: the service loop runs them one at a time between heartbeats."""
         ...
 
     def register(self, metadata: dict[str, Any] | None) -> None: ...

@@ -16,7 +16,7 @@ A plain run therefore holds ``claimers + 1`` connections (3 by default), a trans
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -50,8 +50,8 @@ class PostgresRun:
                  listen_to: Sequence[str] = (), via: Borrow | None = None) -> None:
         self.settings = settings
         self.claims_db = Database(settings, dsn, size=(claimers, claimers), name="claims")
-        self.handler_db = Database(settings, dsn, size=(0, handler_slots), name="handlers") if handler_slots \
-            else None
+        self.handler_db = (Database(settings, dsn, size=(handler_slots, handler_slots), name="handlers")
+                           if handler_slots else None)
         channels = [channel_for(settings.schema, q) for q in listen_to]
         self.service_db = DedicatedDatabase(settings, dsn, channels=channels)
         if via is not None:  # every statement passes through the processor's connection() (core.db.routed)
@@ -112,16 +112,12 @@ class PostgresRun:
     def heartbeat(self, records: Sequence[Record], *, registered: bool) -> tuple[set[int], set[int]]:
         return self.service_claims.heartbeat(records, registered=registered)
 
-    def recover(self) -> int:
-        return self.recovery.recover()
-
-    def retain(self) -> int:
-        retention = self.settings.retention
-        if retention is None:
-            return 0
-        # A few bounded batches per maintenance round, each its own statement (SKIP LOCKED, by the finished
-        # index): a backlog of expired rows goes over several rounds without one long transaction.
-        return self.admin.purge(retention, RETENTION_BATCH, RETENTION_BATCHES)
+    def maintenance(self) -> Iterator[Callable[[], int]]:
+        # Recovery, then a few bounded batches of retention (each its own statement, SKIP LOCKED, by the
+        # finished index: a backlog of expired rows goes over several rounds without one long transaction).
+        yield from self.recovery.steps()
+        if self.settings.retention is not None:
+            yield from self.admin.purge_steps(self.settings.retention, RETENTION_BATCH, RETENTION_BATCHES)
 
     def register(self, metadata: dict[str, Any] | None) -> None:
         self.admin.register(metadata)
@@ -153,8 +149,10 @@ class PostgresRun:
     def complete_in(self, conn: Any, records: Sequence[Record]) -> int:
         # Our completion statement with its generic plan; the handler's own statements ran with the
         # session's defaults (LOCAL: back to them at commit).
-        self.claims_db.set_plan_mode(conn, generic=True, local=True)
-        return self.claims.complete_in(conn, records)
+        # Pipelined: the setting and the completion cost one round trip, not two (it shows over a slow link).
+        with conn.pipeline():
+            self.claims_db.set_plan_mode(conn, generic=True, local=True)
+            return self.claims.complete_in(conn, records)
 
     def close(self) -> None:
         self.service_db.close()

@@ -31,6 +31,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     PrimaryKeyConstraint,
+    SmallInteger,
     Table,
     Text,
     func,
@@ -140,14 +141,18 @@ claim_floor_events = Table(
 Index("ix_claim_floor_events_queue", claim_floor_events.c.queue, claim_floor_events.c.created_at)
 
 # Running totals of finished records per queue and status, kept by a statement-level trigger so that
-# health probes and stats never count millions of finished rows.
+# health probes and stats never count millions of finished rows. Split into STATS_SLOTS rows per queue and
+# status (a transaction adds to its backend's slot): one row would be locked by every completing transaction
+# until its commit, and transactional handlers, whose completions commit with their own work, queued on it.
+STATS_SLOTS = 16
 queue_stats = Table(
     "queue_stats",
     metadata,
     Column("queue", Text, nullable=False),
     Column("status", Text, nullable=False),
+    Column("slot", SmallInteger, nullable=False, server_default=text("0")),
     Column("count", BigInteger, nullable=False, server_default=text("0")),
-    PrimaryKeyConstraint("queue", "status"),
+    PrimaryKeyConstraint("queue", "status", "slot"),
 )
 
 # Per-key concurrency limits; ``pattern`` is a glob (``*``, ``?``), ``like_pattern`` its LIKE form.
@@ -195,15 +200,16 @@ Index(
     postgresql_where=text("status IN ('running', 'stopping')"),
 )
 
-# The trigger that maintains queue_stats. Kept here beside the tables it concerns; the migration installs it.
-# {schema} is replaced by the quoted schema name.
+# The function of the triggers that maintain queue_stats (statement-level, after insert, update and delete;
+# migration 0001 creates them): this version, with slots, is installed by 0006. {schema} is replaced by the
+# quoted schema name.
 STATS_TRIGGER_SQL = """
 CREATE OR REPLACE FUNCTION {schema}.dp_track_finished() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
 BEGIN
     IF TG_OP = 'UPDATE' THEN
-        INSERT INTO {schema}.queue_stats AS s (queue, status, count)
-        SELECT queue, status, sum(delta) FROM (
+        INSERT INTO {schema}.queue_stats AS s (queue, status, slot, count)
+        SELECT queue, status, pg_backend_pid() % 16, sum(delta) FROM (
             SELECT queue, status, 1 AS delta FROM dp_new
              WHERE status IN ('completed', 'failed', 'cancelled')
             UNION ALL
@@ -212,35 +218,25 @@ BEGIN
         ) d
         GROUP BY queue, status HAVING sum(delta) <> 0
         ORDER BY queue, status
-        ON CONFLICT (queue, status) DO UPDATE SET count = s.count + EXCLUDED.count;
+        ON CONFLICT (queue, status, slot) DO UPDATE SET count = s.count + EXCLUDED.count;
     ELSIF TG_OP = 'DELETE' THEN
-        INSERT INTO {schema}.queue_stats AS s (queue, status, count)
-        SELECT queue, status, -count(*) FROM dp_old
+        INSERT INTO {schema}.queue_stats AS s (queue, status, slot, count)
+        SELECT queue, status, pg_backend_pid() % 16, -count(*) FROM dp_old
          WHERE status IN ('completed', 'failed', 'cancelled')
         GROUP BY queue, status
         ORDER BY queue, status
-        ON CONFLICT (queue, status) DO UPDATE SET count = s.count + EXCLUDED.count;
+        ON CONFLICT (queue, status, slot) DO UPDATE SET count = s.count + EXCLUDED.count;
     ELSE
-        INSERT INTO {schema}.queue_stats AS s (queue, status, count)
-        SELECT queue, status, count(*) FROM dp_new
+        INSERT INTO {schema}.queue_stats AS s (queue, status, slot, count)
+        SELECT queue, status, pg_backend_pid() % 16, count(*) FROM dp_new
          WHERE status IN ('completed', 'failed', 'cancelled')
         GROUP BY queue, status
         ORDER BY queue, status
-        ON CONFLICT (queue, status) DO UPDATE SET count = s.count + EXCLUDED.count;
+        ON CONFLICT (queue, status, slot) DO UPDATE SET count = s.count + EXCLUDED.count;
     END IF;
     RETURN NULL;
 END
 $fn$;
-
-CREATE TRIGGER dp_track_finished_update AFTER UPDATE ON {schema}.processing_queue
-    REFERENCING OLD TABLE AS dp_old NEW TABLE AS dp_new
-    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.dp_track_finished();
-CREATE TRIGGER dp_track_finished_delete AFTER DELETE ON {schema}.processing_queue
-    REFERENCING OLD TABLE AS dp_old
-    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.dp_track_finished();
-CREATE TRIGGER dp_track_finished_insert AFTER INSERT ON {schema}.processing_queue
-    REFERENCING NEW TABLE AS dp_new
-    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.dp_track_finished();
 """
 
 DROP_STATS_TRIGGER_SQL = """

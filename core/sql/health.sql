@@ -20,9 +20,11 @@ SELECT queue, 'processing', count(*), NULL, 0
  GROUP BY queue;
 
 -- name: queue_status_finished
-SELECT queue, status, count AS n
+-- The finished counts, summed over their slots (see schema.py: queue_stats).
+SELECT queue, status, sum(count)::bigint AS n
   FROM {stats}
- WHERE %(queue)s::text IS NULL OR queue = %(queue)s::text;
+ WHERE %(queue)s::text IS NULL OR queue = %(queue)s::text
+ GROUP BY queue, status;
 
 -- name: list_instances
 SELECT instance_id, hostname, pid, version, started_at, last_heartbeat_at, stopped_at, status, metadata,

@@ -29,26 +29,24 @@ class Service:
 
     def run(self) -> None:
         s = self.s
-        beat_every, clean_every = s.settings.heartbeat_interval, s.settings.cleanup_interval
-        now = time.monotonic()
-        next_beat = now + beat_every * random.uniform(0.9, 1.0)
-        # A random first delay spreads the cleaners of instances started together.
-        next_clean = now + clean_every * random.uniform(0.1, 1.0)
+        beat_every = s.settings.heartbeat_interval
+        next_beat = time.monotonic() + beat_every * random.uniform(0.9, 1.0)
         failures = 0
         while not s.finished.is_set():
             try:
-                timeout = min(WAIT_SLICE, max(0.0, min(next_beat, next_clean) - time.monotonic()))
+                # While a maintenance round is under way its next step follows at once; else wait for the
+                # next heartbeat or maintenance round, listening meanwhile.
+                due = min(next_beat, self.maintainer.next_round)
+                timeout = 0.0 if self.maintainer.busy else min(WAIT_SLICE, max(0.0, due - time.monotonic()))
                 if s.store.listener is None:
                     s.finished.wait(timeout)  # nothing to listen for: the poll finds new records
                 elif s.store.wait(timeout):
                     s.wake.set()  # an insert (or a reconnect: notifications may have been missed)
-                now = time.monotonic()
-                if now >= next_beat:
-                    next_beat = now + beat_every * random.uniform(0.9, 1.0)
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + beat_every * random.uniform(0.9, 1.0)
                     self.heartbeat.beat()
-                if now >= next_clean:
-                    next_clean = now + clean_every * random.uniform(0.8, 1.2)
-                    self.maintainer.maintain()
+                else:
+                    self.maintainer.step()  # one statement at most: the next heartbeat is never late for it
                 failures = 0
             except DatabaseUnavailable as exc:
                 failures += 1

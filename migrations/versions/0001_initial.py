@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-from core.schema import DROP_STATS_TRIGGER_SQL, STATS_TRIGGER_SQL
+from core.schema import DROP_STATS_TRIGGER_SQL
 
 revision: str = "0001_initial"
 down_revision: str | None = None
@@ -21,6 +21,55 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 TS = sa.DateTime(timezone=True)
+
+
+# The finished-count trigger as this revision installed it (one row per queue and status; 0006 splits the
+# counts into slots). {schema} is replaced by the quoted schema name.
+STATS_TRIGGER_SQL = """
+CREATE OR REPLACE FUNCTION {schema}.dp_track_finished() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        INSERT INTO {schema}.queue_stats AS s (queue, status, count)
+        SELECT queue, status, sum(delta) FROM (
+            SELECT queue, status, 1 AS delta FROM dp_new
+             WHERE status IN ('completed', 'failed', 'cancelled')
+            UNION ALL
+            SELECT queue, status, -1 FROM dp_old
+             WHERE status IN ('completed', 'failed', 'cancelled')
+        ) d
+        GROUP BY queue, status HAVING sum(delta) <> 0
+        ORDER BY queue, status
+        ON CONFLICT (queue, status) DO UPDATE SET count = s.count + EXCLUDED.count;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO {schema}.queue_stats AS s (queue, status, count)
+        SELECT queue, status, -count(*) FROM dp_old
+         WHERE status IN ('completed', 'failed', 'cancelled')
+        GROUP BY queue, status
+        ORDER BY queue, status
+        ON CONFLICT (queue, status) DO UPDATE SET count = s.count + EXCLUDED.count;
+    ELSE
+        INSERT INTO {schema}.queue_stats AS s (queue, status, count)
+        SELECT queue, status, count(*) FROM dp_new
+         WHERE status IN ('completed', 'failed', 'cancelled')
+        GROUP BY queue, status
+        ORDER BY queue, status
+        ON CONFLICT (queue, status) DO UPDATE SET count = s.count + EXCLUDED.count;
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+
+CREATE TRIGGER dp_track_finished_update AFTER UPDATE ON {schema}.processing_queue
+    REFERENCING OLD TABLE AS dp_old NEW TABLE AS dp_new
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.dp_track_finished();
+CREATE TRIGGER dp_track_finished_delete AFTER DELETE ON {schema}.processing_queue
+    REFERENCING OLD TABLE AS dp_old
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.dp_track_finished();
+CREATE TRIGGER dp_track_finished_insert AFTER INSERT ON {schema}.processing_queue
+    REFERENCING NEW TABLE AS dp_new
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.dp_track_finished();
+"""
 
 
 def _quoted_schema() -> str:
