@@ -123,6 +123,7 @@ class Database:
         # Pooled connections currently set to generic plans (see connection()).
         self._generic: weakref.WeakSet[Conn] = weakref.WeakSet()
         self._closed = False
+        self.last_connect_error: str | None = None  # why the pool's latest connection attempt failed
 
     # ------------------------------------------------------------------ connections
 
@@ -190,16 +191,27 @@ class Database:
             return self._pool
 
     def _connection_class(self) -> type[Conn]:
-        if not self.transaction_pooling:
-            return psycopg.Connection
-        s = self.settings
+        s, db = self.settings, self
+        base: type[Conn] = TransactionPooled if self.transaction_pooling else psycopg.Connection
 
-        class Pooled(TransactionPooled):
+        class Pooled(base):  # type: ignore[valid-type,misc]
             settings_query = self.q.transaction_settings
             settings_params = {
                 "statement_timeout": str(int(s.statement_timeout * 1000)) if s.statement_timeout else "0",
                 "idle_timeout": "60000",
             }
+
+            @classmethod
+            def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
+                # The pool retries in the background and a waiter only sees a timeout: keep why connecting
+                # fails (a name that does not resolve, a refused port, a full server) for the error message.
+                try:
+                    conn = super().connect(conninfo, **kwargs)
+                except psycopg.Error as exc:
+                    db.last_connect_error = " ".join(str(exc).split())
+                    raise
+                db.last_connect_error = None
+                return conn
 
         return Pooled
 
@@ -214,7 +226,9 @@ class Database:
                     f"all {self.size[1]} pooled connections stayed busy for {s.connect_timeout:g}s "
                     f"(requests waiting: {stats.get('requests_waiting', 0)})"
                 )
-        error = DatabaseUnavailable(f"database {redact(self.dsn)} unavailable: {str(exc).strip()}")
+        cause = f" (last attempt: {self.last_connect_error})" if isinstance(exc, PoolTimeout) and \
+            self.last_connect_error else ""
+        error = DatabaseUnavailable(f"database {redact(self.dsn)} unavailable: {str(exc).strip()}{cause}")
         # A pool timeout already waited the whole connect timeout: retrying would only multiply the wait.
         error.retryable = not isinstance(exc, PoolTimeout)
         return error

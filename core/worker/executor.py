@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from core.errors import DatabaseUnavailable
 from core.record import Record
 from core.worker.completer import Completer
 from core.worker.state import Held, LeaseLost, Outcome, RunState, current
+
+log = logging.getLogger("core.worker")
 
 # Handler time one thread runs back to back before other threads get the rest of what it took.
 CHUNK_SECONDS = 0.002
@@ -176,23 +180,41 @@ class Executor:
         self.s.metrics.observe_handler(time.perf_counter() - t0)
 
     def _run_transactional(self, held: Held) -> None:
-        """Handler and completion share one transaction: both commit or neither does."""
+        """Handler and completion share one transaction: both commit or neither does.
+
+        A transaction that cannot start, or whose connection breaks, rolled everything back: that is the
+        database's fault, not the handler's, so the record is tried again (within half its lease, the
+        heartbeats keep it meanwhile), not failed; past that, it is left to recovery."""
         s = self.s
-        try:
-            with s.store.transaction() as conn:
-                self.handler(held.record, conn)
-                held.completing = True
-                updated = s.store.complete_in(conn, [held.record])
-                if updated == 0:
-                    raise LeaseLost(f"record {held.record.id}: lease lost before commit; handler work rolled back")
-        except LeaseLost:
-            s.forget(held)
-            s.count(lost_leases=1)
-            return
-        except BaseException as exc:
-            held.finished = True
-            s.outcomes.put(Outcome(held, exc))
-            return
+        deadline = time.monotonic() + s.settings.lease_seconds / 2
+        delay = 0.1
+        while True:
+            try:
+                with s.store.transaction() as conn:
+                    self.handler(held.record, conn)
+                    held.completing = True
+                    updated = s.store.complete_in(conn, [held.record])
+                    if updated == 0:
+                        raise LeaseLost(f"record {held.record.id}: lease lost before commit; handler work rolled back")
+            except LeaseLost:
+                s.forget(held)
+                s.count(lost_leases=1)
+                return
+            except DatabaseUnavailable as exc:
+                held.completing = False
+                if time.monotonic() + delay > deadline or s.aborted.is_set() or held.abandoned:
+                    log.warning("transaction of record %s kept failing; left to recovery", held.record.id,
+                                extra={"error": str(exc)[:300]})
+                    s.forget(held)
+                    return
+                s.aborted.wait(delay)  # a stop ends the wait at once
+                delay = min(delay * 2, 2.0)
+                continue
+            except BaseException as exc:
+                held.finished = True
+                s.outcomes.put(Outcome(held, exc))
+                return
+            break
         s.forget(held)
         s.count(processed=1)
         s.metrics.completed(1)

@@ -37,6 +37,7 @@ def main() -> int:
         batch_size=args.batch,
         retry=RetryPolicy(base_delay=0.05, max_delay=0.2, jitter=0),
         pool_max=args.concurrency + 4,
+        application_name=f"ledger-{args.instance}",  # a test can tell this process's backends apart
     ) as p:
         inner = ledger_handler(p, args.instance)
 
