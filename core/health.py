@@ -15,6 +15,7 @@ from core.backend import CountRow, Store
 from core.constants import STATUSES
 from core.db import Database
 from core.dsn import redact
+from core.errors import DatabaseUnavailable
 from core.instance import ProcessFacts
 
 _INSTANCE_COLUMNS = (
@@ -130,12 +131,25 @@ class Health:
 
     def probe(self, report: dict[str, Any], timeout: float) -> list[CountRow] | None:
         """The database part of the health report, within ``timeout`` seconds in all."""
-        db, q = self.db, self.q
+        db = self.db
         report["database"].update(**db.target(), schema=db.settings.schema)
         deadline = time.monotonic() + timeout
         pool = db.ensure_pool()
         report["pool"] = pool.get_stats()
-        with db.borrow(timeout=timeout, internal=True) as conn:
+        try:
+            return self._probe_once(report, deadline)
+        except DatabaseUnavailable as exc:
+            # A pooled connection the server has since closed fails on first use: that says nothing about
+            # the database (its peers are likely broken too, all cut at once), so the probe asks once more
+            # on a connection known good, as long as time is left.
+            if not exc.retryable or time.monotonic() >= deadline:
+                raise
+            pool.check()  # drops every idle connection that is broken too (one round trip each)
+            return self._probe_once(report, deadline)
+
+    def _probe_once(self, report: dict[str, Any], deadline: float) -> list[CountRow] | None:
+        db, q = self.db, self.q
+        with db.borrow(timeout=max(deadline - time.monotonic(), 0.1), internal=True) as conn:
             started = time.perf_counter()
             with conn.transaction():
                 self._time_limit(conn, deadline)

@@ -150,9 +150,11 @@ class WorkerProcs:
     def __init__(self) -> None:
         self.procs: dict[str, subprocess.Popen[str]] = {}
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None,
+              prefix: list[str] | None = None) -> subprocess.Popen[str]:
+        """Start ``python argv`` (after ``prefix``, a command that execs the rest, such as ``unshare``)."""
         proc = subprocess.Popen(
-            [sys.executable, *argv], cwd=ROOT, env={**os.environ, **(env or {})},
+            [*(prefix or []), sys.executable, *argv], cwd=ROOT, env={**os.environ, **(env or {})},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         self.procs[name] = proc

@@ -62,3 +62,27 @@ def work(record: Any) -> None:
     except psycopg.OperationalError:
         conn.close()
         raise
+
+
+_limit_lock = threading.Lock()
+_limited = False
+
+
+def hog(record: Any) -> None:
+    """``work``, in a process whose address space is capped (RLIMIT_AS, set on the first call: what the
+    process had then plus ``DP_TEST_HEADROOM_MB``); ``payload['hog']`` bytes are asked for first, which the
+    cap refuses with MemoryError."""
+    global _limited
+    with _limit_lock:
+        if not _limited:
+            import resource
+
+            import psutil
+
+            cap = psutil.Process().memory_info().vms + int(os.environ.get("DP_TEST_HEADROOM_MB", "384")) * 2**20
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+            _limited = True
+    if record.payload.get("hog"):
+        block = bytearray(int(record.payload["hog"]))
+        block[-1] = 1
+    work(record)
