@@ -210,10 +210,29 @@ def _fill(path: Path) -> int:
     return written
 
 
+def _accepts(server: Cluster) -> bool:
+    try:
+        server.execute("SELECT 1")
+    except psycopg.Error:
+        return False
+    return True
+
+
+def _switch_wal_until_down(server: Cluster) -> None:
+    with psycopg.connect(server.dsn(), autocommit=True, application_name="wal-switcher") as conn:
+        for _ in range(200):
+            try:
+                conn.execute("SELECT pg_switch_wal(), txid_current()")
+            except psycopg.OperationalError:
+                return
+    raise AssertionError("the server kept writing WAL on a full disk")
+
+
 def test_a_full_disk_refuses_writes_whole_and_the_work_resumes(fleet: Fleet) -> None:
     """The server's data on a small tmpfs, filled up mid-drain: an enqueue fails with DatabaseUnavailable
-    and none of its batch is stored; with the space back (and the server restarted, if it stopped), the
-    workers finish everything, each record completed once."""
+    and none of its batch is stored; then the server PANICs (a WAL segment it cannot write). With the space
+    back (and the server restarted, if its own restart failed), the same workers, never restarted, finish
+    everything, each record completed once."""
     with _tmpfs(160) as base:
         server = Cluster("diskfull", base=base, settings={
             "max_wal_size": "'16MB'", "min_wal_size": "'4MB'", "wal_keep_size": "0",
@@ -245,8 +264,15 @@ def test_a_full_disk_refuses_writes_whole_and_the_work_resumes(fleet: Fleet) -> 
                         errors.append(exc)
                         break
             assert errors, "a full disk refused an enqueue"
+            assert isinstance(errors[0], DatabaseUnavailable) and "No space left" in str(errors[0]), errors
+            # A new WAL segment that cannot be written is a PANIC: the server stops every backend. Switching
+            # segments past those kept for reuse (the workers write WAL meanwhile) gets there at once.
+            _switch_wal_until_down(server)
+            assert "PANIC" in server.log.read_text(encoding="utf-8", errors="replace")
             filler.unlink()
-            if server.pid() is None:  # a WAL write that cannot be made stops the server (PANIC)
+            # The postmaster restarts after a PANIC by itself, unless its crash recovery failed for space too.
+            wait_until(lambda: server.pid() is None or _accepts(server), 60, message="server back or stopped")
+            if server.pid() is None:
                 server.start()
             with psycopg.connect(dsn, autocommit=True) as db:
                 per_batch = dict(db.execute(
@@ -256,6 +282,7 @@ def test_a_full_disk_refuses_writes_whole_and_the_work_resumes(fleet: Fleet) -> 
                 assert len(per_batch) >= stored_batches
                 total = first + 500 * len(per_batch)
                 wait_until(lambda: unfinished(db) == 0, 90, interval=0.2, message="drained with the space back")
+                assert len(fleet.alive()) == 1, "the worker survived the PANIC"
                 _summaries(fleet)
                 _assert_completed_once(db, total)
         finally:
