@@ -11,6 +11,7 @@ import re
 import threading
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from typing import Any, TypeVar
 
 from core.backend import Store
@@ -25,6 +26,7 @@ from core.metrics import Metrics
 from core.payloads import serialise
 from core.record import AddResult, Record
 from core.worker import Handler, RunOptions, RunSummary, Worker
+from core.worker.fanout import Fanout
 
 log = logging.getLogger("core.processor")
 
@@ -42,7 +44,7 @@ class ProcessorAPI(SettingsView):
         self.store = store
         self.facts = facts
         self.metrics = Metrics(settings.instance_id)
-        self.worker: Worker | None = None
+        self.worker: Worker | Fanout | None = None
         # Where claim_records' scans start (core/floors.py); a run() keeps floors of its own.
         self.floors = Floors()
 
@@ -240,14 +242,20 @@ class ProcessorAPI(SettingsView):
             claimers=claimers,
         )
         claimers = max(1, claimers)
-        run_store = self.store.for_run(claimers=claimers, handler_slots=concurrency if transactional else 0,
-                                       listen_to=options.queues if listen else [])
+        runs = self.store.for_run(claimers=claimers, handler_slots=concurrency if transactional else 0,
+                                  listen_to=options.queues if listen else [])
+        parts = list(runs) if isinstance(runs, Sequence) else [runs]  # several: one per shard
         try:
-            worker = Worker(run_store, self.settings, self.metrics, options)
+            worker: Worker | Fanout
+            if isinstance(runs, Sequence):
+                worker = Fanout([partial(Worker, run, self.settings, self.metrics) for run in parts], options)
+            else:
+                worker = Worker(runs, self.settings, self.metrics, options)
             self.worker = worker
             summary = worker.run()
         finally:
-            run_store.close()
+            for run in parts:
+                run.close()
         log.info("run finished", extra={"instance_id": self.instance_id, **summary.as_dict()})
         return summary
 
@@ -330,7 +338,11 @@ class ProcessorAPI(SettingsView):
         unknown = [s for s in wanted if s not in STATUSES]
         if unknown:
             raise InvalidArgument(f"unknown status filter {unknown}; valid statuses are {list(STATUSES)}")
-        return status_dict(self.store.counts(queue), wanted)
+        out = status_dict(self.store.counts(queue), wanted)
+        per_shard = getattr(self.store, "shard_counts", None)  # several databases: each one's counts too
+        if per_shard is not None:
+            out["shards"] = {shard: status_dict(rows, wanted) for shard, rows in per_shard(queue).items()}
+        return out
 
     def list_instances(self, *, include_stopped: bool = False) -> list[dict[str, Any]]:
         """Registered instances with their heartbeat and how many records each holds."""

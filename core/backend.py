@@ -115,9 +115,12 @@ class Store(Protocol):
     """Everything the facade needs: inserts, claims and outcomes, operator actions, observation, and a
     store for each ``run()`` (:meth:`for_run`)."""
 
-    def for_run(self, *, claimers: int, handler_slots: int, listen_to: Sequence[str]) -> WorkerStore:
+    def for_run(
+        self, *, claimers: int, handler_slots: int, listen_to: Sequence[str]
+    ) -> WorkerStore | Sequence[WorkerStore]:
         """The connections of one run: ``claimers`` for claims, one for the service loop, ``handler_slots``
-        for transactional handlers; LISTEN for inserts into ``listen_to``."""
+        for transactional handlers; LISTEN for inserts into ``listen_to``. Several databases (shards): one
+        such run for each, worked side by side (:class:`core.worker.fanout.Fanout`)."""
         ...
 
     def claim(

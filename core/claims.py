@@ -107,10 +107,10 @@ class Claims:
         completed = int(rows[0][-1]) if rows else 0
         if not rows or rows[0][0] is None:
             return [], completed
-        new, head = tuple.__new__, (token,)
+        new, head, tail = tuple.__new__, (token,), (self.db.shard,)
         if ticket is not None:  # where each queue's floor moves: its first pending record, seen unlocked
             ticket.seen = {r[1]: (r[13], r[14], r[15]) for r in rows if r[13] is not None}
-        return [new(Record, r[:6] + head + r[6:13]) for r in rows], completed
+        return [new(Record, r[:6] + head + r[6:13] + tail) for r in rows], completed
 
     def unblock(self, keys: Iterable[str], *, announce: bool = True) -> None:
         """Make each key's earliest pending record claimable (after a claim or a cancel), through the claim

@@ -117,6 +117,7 @@ class Database:
         # (min, max) connections of the pool; default the settings' pool_min and pool_max
         self.size = size or (settings.pool_min, settings.pool_max)
         self.name = name
+        self.shard = 0  # which shard this database is (core/sharded.py); stamped on the records it claims
         self.q = Queries(settings.schema)
         self._pool: ConnectionPool[Conn] | None = None
         self._pool_lock = threading.Lock()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from psycopg import errors as pg_errors
@@ -61,6 +61,8 @@ class Enqueuer:
         self.db = db
         self.q = db.q
         self._sequence: str | None = None  # the id sequence, looked up on the first COPY
+        # Run first in each insert's transaction (a shard checks that the batch is still its own: core/sharded.py)
+        self.guard: Callable[[Conn, NewRecords], None] | None = None
 
     def add(self, batch: NewRecords) -> AddResult:
         """Insert ``batch`` atomically: ids in input order; ``QueueFull`` rolls the whole batch back."""
@@ -92,6 +94,8 @@ class Enqueuer:
         # Records claims may have passed already are announced to them (core/floors.py).
         announce = must_announce(batch.priority, batch.run_at, 0.0)
         with conn.transaction():
+            if self.guard is not None:
+                self.guard(conn, batch)
             blocked = [False] * n
             if has_dedupe:
                 conn.execute(q.lock_dedupe_keys, {"queue": queue, "keys": batch.dedupes})

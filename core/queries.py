@@ -22,6 +22,10 @@ TABLES = {
     "demo_ledger": "dproc_demo_ledger",
     "alembic_version": "alembic_version",
     "floor_events": "claim_floor_events",
+    "shard_identity": "shard_identity",
+    "shard_map": "shard_map",
+    "shard_moves": "shard_moves",
+    "shard_ids_function": "dp_set_shard_ids",  # a function, schema-qualified the same way
 }
 
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)

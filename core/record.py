@@ -28,6 +28,7 @@ class Record(NamedTuple):
     ordering_key: str | None = None
     dedupe_key: str | None = None
     cancel_requested: bool = False
+    shard: int = 0  # the number of the shard it was claimed from (0 without shards)
 
     @property
     def is_last_attempt(self) -> bool:

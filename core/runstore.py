@@ -47,16 +47,17 @@ class PostgresRun:
     """A worker's store for one run (see the module docstring)."""
 
     def __init__(self, settings: Settings, facts: ProcessFacts, dsn: str, *, claimers: int, handler_slots: int,
-                 listen_to: Sequence[str] = (), via: Borrow | None = None) -> None:
+                 listen_to: Sequence[str] = (), via: Borrow | None = None, shard: int = 0) -> None:
         self.settings = settings
         self.claims_db = Database(settings, dsn, size=(claimers, claimers), name="claims")
         self.handler_db = (Database(settings, dsn, size=(handler_slots, handler_slots), name="handlers")
                            if handler_slots else None)
         channels = [channel_for(settings.schema, q) for q in listen_to]
         self.service_db = DedicatedDatabase(settings, dsn, channels=channels)
-        if via is not None:  # every statement passes through the processor's connection() (core.db.routed)
-            for db in (self.claims_db, self.handler_db, self.service_db):
-                if db is not None:
+        for db in (self.claims_db, self.handler_db, self.service_db):
+            if db is not None:
+                db.shard = shard
+                if via is not None:  # every statement passes through the processor's connection() (core.db.routed)
                     db.borrow = routed(db, via)
         self.claims = Claims(self.claims_db)
         service_claims = Claims(self.service_db)

@@ -200,6 +200,60 @@ Index(
     postgresql_where=text("status IN ('running', 'stopping')"),
 )
 
+# Shards (docs/scale-out.md): which shard this database is (one row, written when a sharded processor first
+# migrates it), and the partition map every shard carries a copy of. A record with an ordering or dedupe key
+# lives on the shard its key's partition maps to; ``version`` orders the copies (the highest wins), ``moving``
+# stops producers of the partition while its records move.
+shard_identity = Table(
+    "shard_identity",
+    metadata,
+    Column("singleton", Boolean, nullable=False, server_default=text("true")),
+    Column("shard_no", Integer, nullable=False),
+    Column("accepting", Boolean, nullable=False, server_default=text("true")),
+    Column("created_at", TS, nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("singleton"),
+    CheckConstraint("singleton", name="singleton"),
+    CheckConstraint("shard_no >= 0", name="shard_no"),
+)
+
+shard_map = Table(
+    "shard_map",
+    metadata,
+    Column("partition", Integer, nullable=False),
+    Column("shard_no", Integer, nullable=False),
+    Column("version", BigInteger, nullable=False, server_default=text("1")),
+    Column("moving", Boolean, nullable=False, server_default=text("false")),
+    PrimaryKeyConstraint("partition"),
+)
+
+# Moves between shards committed on their target (core/shardmove.py): what resolves a move's in-doubt
+# prepared transaction on the source after a crash.
+shard_moves = Table(
+    "shard_moves",
+    metadata,
+    Column("move_id", Text, nullable=False),
+    Column("records", Integer, nullable=False),
+    Column("created_at", TS, nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("move_id"),
+)
+
+# Sets the id sequence of a shard: every id it hands out is congruent to its number modulo the stride (the
+# most shards there may be), above every id it holds, so ids are unique across shards and a record moved to
+# another shard keeps its id. {schema} is replaced by the quoted schema name.
+SHARD_FUNCTION_SQL = """
+CREATE OR REPLACE FUNCTION {schema}.dp_set_shard_ids(shard integer, stride integer) RETURNS bigint
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    next_id bigint;
+BEGIN
+    SELECT (coalesce(max(id), 0) / stride + 1) * stride + shard INTO next_id FROM {schema}.processing_queue;
+    EXECUTE format('ALTER TABLE %s.processing_queue ALTER COLUMN id SET INCREMENT BY %s RESTART WITH %s',
+                   '{schema}', stride, next_id);
+    RETURN next_id;
+END
+$fn$;
+"""
+
 # The function of the triggers that maintain queue_stats (statement-level, after insert, update and delete;
 # migration 0001 creates them): this version, with slots, is installed by 0006. {schema} is replaced by the
 # quoted schema name.

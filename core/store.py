@@ -29,6 +29,8 @@ class PostgresStore:
         self.settings = settings
         self.facts = facts
         self.db = Database(settings, dsn, borrow)
+        # A run's statements pass through the caller's borrow too (core.db.routed), when it gave one.
+        self.via = borrow
         self.enqueuer = Enqueuer(self.db)
         self.claims = Claims(self.db)
         self.recovery = Recovery(self.db, self.claims)
@@ -68,7 +70,7 @@ class PostgresStore:
         # LISTEN is session state: under transaction pooling the jittered poll is the only wake-up.
         listen = [] if not self.settings.notify or self.db.transaction_pooling else list(listen_to)
         return PostgresRun(self.settings, self.facts, self.db.dsn, claimers=claimers, handler_slots=handler_slots,
-                           listen_to=listen, via=self.db.borrow)
+                           listen_to=listen, via=self.via, shard=self.db.shard)
 
     # ------------------------------------------------------------------ recovery, admin, registry
 

@@ -1,0 +1,140 @@
+"""The shards of a sharded processor: each database's number (``shard_identity``), the partition map copies,
+and setting a database up as a shard (numbered, ids strided, the map copied). See docs/scale-out.md."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from core.errors import ConfigurationError, DatabaseUnavailable
+from core.sharding import MAX_SHARDS, PARTITIONS, ShardMap
+from core.store import PostgresStore
+
+log = logging.getLogger("core.shards")
+
+
+class Topology:
+    """The shard stores, their numbers once known, and the partition map (re-read when a shard says the
+    map moved on)."""
+
+    def __init__(self, stores: Sequence[PostgresStore]) -> None:
+        if len(stores) > MAX_SHARDS:
+            raise ConfigurationError(f"at most {MAX_SHARDS} shards, got {len(stores)}")
+        self.stores = list(stores)
+        self._numbers: dict[int, int] = {}  # list index -> shard number
+        self._map: ShardMap | None = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ numbers
+
+    def number(self, index: int) -> int:
+        """The shard number of ``stores[index]`` (read once from its database)."""
+        n = self._numbers.get(index)
+        if n is None:
+            store = self.stores[index]
+            row = store.db.with_retry(lambda conn: conn.execute(store.db.q.shard_identity).fetchone())
+            if row is None:
+                raise ConfigurationError(f"shard {store.db.target()} is not set up as a shard: run migrate()")
+            n = self._numbers[index] = int(row[0])
+            store.db.shard = n
+        return n
+
+    def store_of(self, shard_no: int) -> PostgresStore:
+        for i in range(len(self.stores)):
+            try:
+                if self.number(i) == shard_no:
+                    return self.stores[i]
+            except DatabaseUnavailable:
+                continue
+        raise DatabaseUnavailable(f"shard {shard_no} is not reachable (or not configured)")
+
+    def known(self) -> dict[int, PostgresStore]:
+        """{shard number: store} of every shard whose number could be read (a shard down since the start
+        is left out until it answers)."""
+        out = {}
+        for i, store in enumerate(self.stores):
+            try:
+                out[self.number(i)] = store
+            except DatabaseUnavailable:
+                continue
+        return out
+
+    # ------------------------------------------------------------------ the map
+
+    def shard_map(self, *, refresh: bool = False) -> ShardMap:
+        with self._lock:
+            if self._map is not None and not refresh:
+                return self._map
+        copies, errors = [], []
+        for store in self.stores:
+            try:
+                copies.append(_rows(store, "shard_map_read"))
+            except DatabaseUnavailable as exc:
+                errors.append(exc)
+        merged = ShardMap.merge(copies)
+        if not merged.complete:
+            if errors:
+                raise errors[0]
+            raise ConfigurationError("the shards carry no partition map: run migrate()")
+        with self._lock:
+            self._map = merged
+        return merged
+
+    # ------------------------------------------------------------------ setup
+
+    def set_up(self) -> None:
+        """Number every shard that has no number yet (the lowest free numbers, in configuration order),
+        stride its ids, and give every shard the map (the first one: partition p on shard p mod n)."""
+        taken: dict[int, int] = {}
+        for i, store in enumerate(self.stores):
+            rows = _rows(store, "shard_identity")
+            row = rows[0] if rows else None
+            if row is not None:
+                if int(row[0]) in taken.values():
+                    raise ConfigurationError(f"two configured databases are both shard {row[0]}")
+                taken[i] = int(row[0])
+        free = (n for n in range(MAX_SHARDS) if n not in taken.values())
+        for i, store in enumerate(self.stores):
+            if i in taken:
+                continue
+            n = next(free)
+            with store.db.connection(internal=True) as conn, conn.transaction():
+                conn.execute(store.db.q.shard_identity_claim, {"shard_no": n})
+                conn.execute(store.db.q.shard_set_ids, {"shard_no": n, "stride": MAX_SHARDS})
+            taken[i] = n
+            log.info("database set up as a shard", extra={"shard": n, "target": store.db.target()})
+        self._numbers = dict(taken)
+        for i, store in enumerate(self.stores):
+            store.db.shard = taken[i]
+        copies = [_rows(s, "shard_map_read") for s in self.stores]
+        if not any(copies):  # a new deployment: the first map, partition p on the (p mod n)-th shard
+            numbers = sorted(taken.values())
+            self.write_map({p: numbers[p % len(numbers)] for p in range(PARTITIONS)}, version=1)
+        else:  # a shard added: it gets the map the others carry
+            merged = ShardMap.merge(copies)
+            for store, rows in zip(self.stores, copies, strict=True):
+                if not rows:
+                    self._copy_map(store, merged)
+        self.shard_map(refresh=True)
+
+    def _copy_map(self, store: PostgresStore, m: ShardMap) -> None:
+        with store.db.connection(internal=True) as conn, conn.transaction():
+            for p in range(PARTITIONS):
+                conn.execute(store.db.q.shard_map_put, {"partition": p, "shard_no": m.owner[p],
+                                                        "version": m.version[p], "moving": m.moving[p]})
+
+    def write_map(self, owners: dict[int, int], *, version: int, moving: bool = False,
+                  stores: Sequence[PostgresStore] | None = None) -> None:
+        """Set partitions' owners at ``version`` on every shard (or ``stores``)."""
+        for store in stores if stores is not None else self.stores:
+            with store.db.connection(internal=True) as conn, conn.transaction():
+                for p, owner in sorted(owners.items()):
+                    conn.execute(store.db.q.shard_map_put, {"partition": p, "shard_no": owner, "version": version,
+                                                            "moving": moving})
+
+
+def _rows(store: PostgresStore, statement: str) -> list[tuple[Any, ...]]:
+    q = getattr(store.db.q, statement)
+    return store.db.with_retry(lambda conn: conn.execute(q).fetchall())
