@@ -1,0 +1,16 @@
+"""A testing kit: :class:`InMemoryProcessor` (the API and behaviour of :class:`core.DistributedProcessor`,
+in memory) and :class:`FakeClock` (time that passes when a test says so).
+
+``run()`` of an in-memory processor is the real worker loop, in threads; transactional handlers, which are
+called with a database connection, are refused with :class:`NoDatabase`, as are ``connection()`` and
+``complete_on()``. Several processors over the same :class:`MemoryTables` are instances of one queue.
+"""
+
+from __future__ import annotations
+
+from core.testing.clock import FakeClock
+from core.testing.errors import NoDatabase
+from core.testing.memory import InMemoryProcessor
+from core.testing.tables import MemoryTables
+
+__all__ = ["FakeClock", "InMemoryProcessor", "MemoryTables", "NoDatabase"]
