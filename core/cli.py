@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Without --dsn / DATABASE_URL, an embedded PostgreSQL is started under ./.dproc/pgdata.",
     )
     _add(parser, "--dsn", "DATABASE_URL", "PostgreSQL DSN")
+    shards = _env("DP_SHARDS")
+    parser.add_argument("--shard", action="append", metavar="DSN",
+                        default=shards.split() if shards else None,
+                        help="a shard's DSN, repeatable: several databases behind one processor, instead of --dsn"
+                             " (env DP_SHARDS, whitespace-separated)")
     for knob in KNOBS.values():
         if knob.scope == "global":
             _add_knob(parser, knob)
@@ -157,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--id", type=int, action="append", dest="ids", help="record id (repeatable)")
     _add(rf, "--error-pattern", "DP_ERROR_PATTERN", "only records whose last_error matches this regex")
     _add(rf, "--queue", "DP_QUEUE", "only this queue")
+
+    sh = sub.add_parser("shards", help="shards: status, add (rebalance onto new ones), retire one")
+    sh_sub = sh.add_subparsers(dest="shards_command", required=True, metavar="ACTION", parser_class=_Parser)
+    _add(sh_sub.add_parser("status", help="each shard's partitions, records and in-doubt moves"), "--json",
+         "DP_JSON", "print JSON", action="store_true")
+    sh_sub.add_parser("add", help="set up the configured shards that are new, then move partitions onto them")
+    rt = sh_sub.add_parser("retire", help="move every record of a shard to the others; it takes no new ones")
+    rt.add_argument("shard_no", type=int, help="the shard's number (see `dproc shards status`)")
 
     dm = sub.add_parser("demo", help="show the product: 3 worker processes drain sample records, with proof")
     _add(dm, "--count", "DP_DEMO_COUNT", "records to enqueue", type=_positive(int), default=3000)

@@ -29,7 +29,12 @@ class CliError(Exception):
 
 
 def resolve_dsn(args: argparse.Namespace, *, announce: bool = True) -> str:
-    """The DSN from --dsn / DATABASE_URL, else an embedded server (started, migrated, and announced)."""
+    """The DSN from --dsn / DATABASE_URL, else an embedded server (started, migrated, and announced).
+    With --shard / DP_SHARDS: the first shard's (the processor gets them all)."""
+    if getattr(args, "shard", None):
+        if args.dsn:
+            raise CliError("give --dsn or --shard, not both")
+        return str(args.shard[0])
     if args.dsn:
         return str(args.dsn)
     from core import embedded
@@ -70,6 +75,8 @@ def _processor(args: argparse.Namespace, dsn: str, **kw: Any) -> Any:
     from core.processor import DistributedProcessor
 
     kw.setdefault("connect_timeout", args.connect_timeout)
+    if getattr(args, "shard", None):
+        return DistributedProcessor(shards=list(args.shard), schema=args.schema, pooling=args.pooling, **kw)
     return DistributedProcessor(dsn, schema=args.schema, pooling=args.pooling, **kw)
 
 
@@ -80,6 +87,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from core.migrate import upgrade
 
     dsn = resolve_dsn(args)
+    if args.shard:
+        with _processor(args, dsn) as p:
+            p.migrate()
+        print(f"migrated {len(args.shard)} shards (schema {args.schema}) to head")
+        return EXIT_OK
     upgrade(dsn, args.schema, connect_timeout=args.connect_timeout)
     print(f"migrated {redact(dsn)} (schema {args.schema}) to head")
     return EXIT_OK
@@ -220,7 +232,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    dsn = resolve_dsn(args, announce=False) if args.dsn else None
+    dsn = resolve_dsn(args, announce=False) if args.dsn or args.shard else None
     if dsn is None:
         raise CliError("no database: pass --dsn or set DATABASE_URL")
     with _processor(args, dsn, connect_timeout=min(args.timeout, args.connect_timeout)) as p:
@@ -260,6 +272,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(resolve_dsn(args), args.schema, count=args.count, workers=args.workers, work_ms=args.work_ms)
 
 
+def cmd_shards(args: argparse.Namespace) -> int:
+    from core.shardcommands import shards_command
+
+    if not args.shard:
+        raise CliError("no shards: pass --shard DSN (repeatable) or set DP_SHARDS")
+    with _processor(args, resolve_dsn(args)) as p:
+        return shards_command(p, args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "migrate": cmd_migrate,
     "run": cmd_run,
@@ -270,4 +291,5 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "purge": cmd_purge,
     "retry-failed": cmd_retry_failed,
     "demo": cmd_demo,
+    "shards": cmd_shards,
 }

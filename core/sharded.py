@@ -14,6 +14,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 from core.backend import CountRow, NewRecords
@@ -37,6 +38,22 @@ REROUTE_SECONDS = 30.0  # how long an insert waits for a partition that is movin
 
 class Rerouted(Exception):
     """A shard refused part of a batch: the map moved on (or the shard is retiring). Routed again."""
+
+
+class ShardRun(PostgresRun):
+    """One shard's part of a run: learns the shard's number when its worker starts (a shard down when the
+    run began is numbered when it answers), so every record it claims says where it came from."""
+
+    def __init__(self, *args: Any, resolve: Callable[[], int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._resolve = resolve
+
+    def check_budget(self) -> None:
+        shard = self._resolve()  # DatabaseUnavailable / SchemaNotMigrated: the worker starts again later
+        for db in (self.claims_db, self.handler_db, self.service_db):
+            if db is not None:
+                db.shard = shard
+        super().check_budget()
 
 
 class ShardedStore:
@@ -212,12 +229,10 @@ class ShardedStore:
 
     def for_run(self, *, claimers: int, handler_slots: int, listen_to: Sequence[str]) -> list[PostgresRun]:
         """One run per shard (``run()`` works each with claimers and handler threads of its own)."""
-        for i in range(len(self.stores)):
-            try:
-                self.topology.number(i)
-            except DatabaseUnavailable:
-                log.warning("shard unreachable at the start of a run", extra={"target": self.stores[i].db.target()})
-        return [s.for_run(claimers=claimers, handler_slots=handler_slots, listen_to=listen_to) for s in self.stores]
+        listen = [] if not self.settings.notify or self.db.transaction_pooling else list(listen_to)
+        return [ShardRun(self.settings, self.facts, s.db.dsn, claimers=claimers, handler_slots=handler_slots,
+                         listen_to=listen, resolve=partial(self.topology.number, i))
+                for i, s in enumerate(self.stores)]
 
     # ------------------------------------------------------------------ ids and queues: every shard
 

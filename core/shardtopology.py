@@ -8,7 +8,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from core.errors import ConfigurationError, DatabaseUnavailable
+from core.errors import ConfigurationError, DatabaseUnavailable, SchemaNotMigrated
 from core.sharding import MAX_SHARDS, PARTITIONS, ShardMap
 from core.store import PostgresStore
 
@@ -36,7 +36,7 @@ class Topology:
             store = self.stores[index]
             row = store.db.with_retry(lambda conn: conn.execute(store.db.q.shard_identity).fetchone())
             if row is None:
-                raise ConfigurationError(f"shard {store.db.target()} is not set up as a shard: run migrate()")
+                raise SchemaNotMigrated(f"database {store.db.target()} is not set up as a shard yet: run migrate()")
             n = self._numbers[index] = int(row[0])
             store.db.shard = n
         return n
@@ -46,7 +46,7 @@ class Topology:
             try:
                 if self.number(i) == shard_no:
                     return self.stores[i]
-            except DatabaseUnavailable:
+            except (DatabaseUnavailable, SchemaNotMigrated):
                 continue
         raise DatabaseUnavailable(f"shard {shard_no} is not reachable (or not configured)")
 
@@ -57,7 +57,7 @@ class Topology:
         for i, store in enumerate(self.stores):
             try:
                 out[self.number(i)] = store
-            except DatabaseUnavailable:
+            except (DatabaseUnavailable, SchemaNotMigrated):
                 continue
         return out
 

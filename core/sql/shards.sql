@@ -38,3 +38,72 @@ ON CONFLICT (partition) DO UPDATE
 
 -- name: shard_set_accepting
 UPDATE {shard_identity} SET accepting = %(accepting)s;
+
+-- name: move_routing_keys
+-- The routing keys of this shard's unfinished records, once each (the mover hashes them to partitions).
+SELECT DISTINCT coalesce(ordering_key, dedupe_key) FROM {records}
+ WHERE status IN ('pending', 'processing') AND coalesce(ordering_key, dedupe_key) IS NOT NULL;
+
+-- name: move_lock_keys
+-- Every pending record of these keys, locked: a claim under way is waited for, and its rows are then seen
+-- as they are now (claimed ones are no longer pending). Rows as JSON, for the other shard's insert.
+SELECT id, coalesce(ordering_key, dedupe_key), to_jsonb(t) FROM {records} t
+ WHERE status = 'pending'
+   AND (ordering_key = ANY(%(keys)s::text[]) OR (ordering_key IS NULL AND dedupe_key = ANY(%(keys)s::text[])))
+ ORDER BY id
+   FOR UPDATE;
+
+-- name: move_busy_keys
+-- Which of these keys has a record running here (a key moves only while none of its records runs).
+SELECT DISTINCT coalesce(ordering_key, dedupe_key) FROM {records}
+ WHERE status = 'processing'
+   AND (ordering_key = ANY(%(keys)s::text[]) OR (ordering_key IS NULL AND dedupe_key = ANY(%(keys)s::text[])));
+
+-- name: move_lock_keyless
+SELECT id, NULL::text, to_jsonb(t) FROM {records} t
+ WHERE status = 'pending' AND ordering_key IS NULL AND dedupe_key IS NULL
+ ORDER BY id
+ LIMIT %(limit)s
+   FOR UPDATE SKIP LOCKED;
+
+-- name: move_delete
+DELETE FROM {records} WHERE id = ANY(%(ids)s::bigint[]) AND status = 'pending';
+
+-- name: move_insert
+-- The rows as the source shard had them (same schema: the row type is the table's).
+INSERT INTO {records}
+SELECT * FROM jsonb_populate_recordset(NULL::{records}, %(rows)s::jsonb);
+
+-- name: move_announce
+-- Moved records are claimable below this shard's claimers' floors (core/floors.py): announced.
+INSERT INTO {floor_events} (queue, np, run_at, record_id)
+SELECT DISTINCT ON (queue) queue, - priority::bigint, run_at, id FROM {records}
+ WHERE id = ANY(%(ids)s::bigint[]) AND status = 'pending' AND NOT key_blocked
+ ORDER BY queue, - priority::bigint, run_at, id;
+
+-- name: move_log
+INSERT INTO {shard_moves} (move_id, records) VALUES (%(move_id)s, %(records)s);
+
+-- name: move_logged
+SELECT count(*) FROM {shard_moves} WHERE move_id = %(move_id)s;
+
+-- name: move_prepared
+-- Moves' prepared transactions in this database (a mover that died between its two commits leaves them).
+SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE 'dp-move:%%' ORDER BY gid;
+
+-- name: move_lock
+-- One mover at a time per deployment: a session lock on every shard it touches.
+SELECT pg_try_advisory_lock(%(key)s::bigint);
+
+-- name: move_unlock
+SELECT pg_advisory_unlock(%(key)s::bigint);
+
+-- name: move_unfinished
+-- How many unfinished records of these keys this shard still has.
+SELECT count(*) FROM {records}
+ WHERE status IN ('pending', 'processing')
+   AND (ordering_key = ANY(%(keys)s::text[]) OR (ordering_key IS NULL AND dedupe_key = ANY(%(keys)s::text[])));
+
+-- name: move_unfinished_keyless
+SELECT count(*) FROM {records}
+ WHERE status IN ('pending', 'processing') AND ordering_key IS NULL AND dedupe_key IS NULL;

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
-from core.errors import DatabaseUnavailable
+from core.errors import DatabaseUnavailable, SchemaNotMigrated
 from core.worker.loop import Worker
 from core.worker.state import RunOptions, RunSummary
 
@@ -124,7 +124,7 @@ class Fanout:
                     worker.abort()
             try:
                 summary = worker.run()
-            except DatabaseUnavailable as exc:  # the shard did not answer at the start: try again later
+            except (DatabaseUnavailable, SchemaNotMigrated) as exc:  # not reachable, or not set up yet: later
                 with self._lock:
                     _add(self._summary, worker.summary)
                 log.warning("a shard's worker could not start; starting it again", extra={
