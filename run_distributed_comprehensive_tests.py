@@ -3,6 +3,7 @@
 
     python run_distributed_comprehensive_tests.py                   # unit, integration, concurrent, chaos
     python run_distributed_comprehensive_tests.py --type unit
+    python run_distributed_comprehensive_tests.py --type integration   # tests/integration and tests/conformance
     python run_distributed_comprehensive_tests.py --type performance   # short ratio benchmarks
     python run_distributed_comprehensive_tests.py --type integration,concurrent --coverage
     python run_distributed_comprehensive_tests.py --validate-env
@@ -28,6 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 CATEGORIES = ("unit", "integration", "concurrent", "performance", "chaos")
+# The folders under tests/ each category runs: the conformance suite (the in-memory processor against the
+# real one, one process and one database per test) is integration.
+FOLDERS = {"integration": ("integration", "conformance")}
 # "all" is everything a CI run should prove; performance and soak-length cases have their own --type/flag.
 DEFAULT_ALL = ("unit", "integration", "concurrent", "chaos")
 REQUIRED = ("psycopg", "psycopg_pool", "sqlalchemy", "alembic", "psutil", "pytest", "prometheus_client")
@@ -95,7 +99,8 @@ def categories(text: str) -> list[str]:
 
 def build_pytest_args(args: argparse.Namespace, extra: list[str]) -> list[str]:
     runner = ["coverage", "run", "-m", "pytest"] if args.coverage else ["pytest"]
-    cmd = [sys.executable, "-m", *runner, *[str(ROOT / "tests" / c) for c in args.type]]
+    folders = [folder for c in args.type for folder in FOLDERS.get(c, (c,))]
+    cmd = [sys.executable, "-m", *runner, *[str(ROOT / "tests" / f) for f in folders]]
     if not args.soak:
         cmd += ["-m", "not soak"]
     if args.k:

@@ -1,4 +1,5 @@
-"""Fixtures: one real PostgreSQL per session, a migrated template, a fresh database per test."""
+"""Fixtures: one real PostgreSQL per session, a migrated template, a fresh database per test (the first three
+are the installed pytest plugin's: dp_server, dp_template, dp_dsn)."""
 
 from __future__ import annotations
 
@@ -11,27 +12,27 @@ import psycopg
 import pytest
 
 from core import DistributedProcessor
-from core.migrate import upgrade
 from tests.servers import leaked
-from tests.support import Server, find_server, unique_name
+from tests.support import Server, unique_name
 
 CATEGORIES = ("unit", "integration", "concurrent", "performance", "chaos")
+# Folders of tests that belong to a category they are not named after.
+FOLDER_CATEGORY = {"conformance": "integration"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # The folder a test lives in is its category marker.
     for item in items:
         parts = Path(str(item.fspath)).parts
-        for category in CATEGORIES:
-            if category in parts:
-                item.add_marker(getattr(pytest.mark, category))
+        for folder in (*CATEGORIES, *FOLDER_CATEGORY):
+            if folder in parts:
+                item.add_marker(getattr(pytest.mark, FOLDER_CATEGORY.get(folder, folder)))
 
 
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[Server]:
-    server = find_server()
-    yield server
-    server.stop()
+def pg_server(dp_server: Server) -> Server:
+    """The session's server: the plugin's (core/testing/plugin.py, loaded through its entry point)."""
+    return dp_server
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -50,23 +51,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 @pytest.fixture(scope="session")
-def template_db(pg_server: Server) -> Iterator[str]:
-    name = unique_name("dp_tpl")
-    dsn = pg_server.create_database(name)
-    upgrade(dsn)
-    yield name
-    with pg_server.admin() as conn:
-        conn.execute(psycopg.sql.SQL("ALTER DATABASE {} IS_TEMPLATE false").format(psycopg.sql.Identifier(name)))
-    pg_server.drop_database(name)
+def template_db(dp_template: str) -> str:
+    return dp_template
 
 
 @pytest.fixture
-def dsn(pg_server: Server, template_db: str) -> Iterator[str]:
+def dsn(dp_dsn: str) -> str:
     """A fresh, migrated database for this test only."""
-    name = unique_name("dp_t")
-    url = pg_server.create_database(name, template=template_db)
-    yield url
-    pg_server.drop_database(name)
+    return dp_dsn
 
 
 @pytest.fixture
