@@ -232,6 +232,8 @@ class Database:
         error = DatabaseUnavailable(f"database {redact(self.dsn)} unavailable: {str(exc).strip()}{cause}")
         # A pool timeout already waited the whole connect timeout: retrying would only multiply the wait.
         error.retryable = not isinstance(exc, PoolTimeout)
+        # A deadlock or a serialization failure rolled the transaction back: the caller may run it again.
+        error.rolled_back = isinstance(exc, (pg_errors.DeadlockDetected, pg_errors.SerializationFailure))
         return error
 
     @contextmanager

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from psycopg import errors as pg_errors
-
 from core.backend import NewRecords
 from core.db import Conn, Database
-from core.errors import QueueFull
+from core.errors import DatabaseUnavailable, QueueFull
 from core.floors import must_announce
 from core.payloads import copy_text, encode_payload
 from core.queries import channel_for
@@ -77,14 +76,16 @@ class Enqueuer:
         texts = [] if use_copy else [encode_payload(i, p, limit) for i, p in enumerate(batch.payloads)]
         # A broken connection is not retried (during COMMIT it is unknown whether the batch landed); a
         # deadlock or serialization failure rolled everything back, so that is retried.
-        for attempt in range(3):
+        for attempt in range(5):
             try:
                 with self.db.borrow(internal=True) as conn:
                     return self._add_on(conn, batch, texts, use_copy, has_dedupe)
-            except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure):
-                if attempt == 2:
+            except DatabaseUnavailable as exc:
+                # A producer's key-head locks can deadlock with a claim unblocking those heads; the server
+                # rolled the whole batch back, so it is simply run again.
+                if not exc.rolled_back or attempt == 4:
                     raise
-                time.sleep(0.01 * (attempt + 1))
+                time.sleep(0.01 * (attempt + 1) * (1 + random.random()))
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _add_on(self, conn: Conn, batch: NewRecords, texts: list[str], use_copy: bool, has_dedupe: bool) -> AddResult:

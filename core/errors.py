@@ -33,6 +33,9 @@ class DatabaseUnavailable(ProcessorError):
 
     #: False when the connect timeout was already spent waiting: retrying at once would only wait again.
     retryable: bool = True
+    #: True for a deadlock or a serialization failure: the server rolled the transaction back, nothing of it
+    #: was written, and running it again is safe.
+    rolled_back: bool = False
 
 
 class SchemaNotMigrated(ProcessorError):

@@ -25,7 +25,8 @@ TABLES = {
     "shard_identity": "shard_identity",
     "shard_map": "shard_map",
     "shard_moves": "shard_moves",
-    "shard_ids_function": "dp_set_shard_ids",  # a function, schema-qualified the same way
+    "shard_ids_function": "dp_set_shard_ids",  # functions, schema-qualified the same way
+    "raise_ids_function": "dp_raise_ids",
 }
 
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)

@@ -237,19 +237,36 @@ shard_moves = Table(
     PrimaryKeyConstraint("move_id"),
 )
 
-# Sets the id sequence of a shard: every id it hands out is congruent to its number modulo the stride (the
-# most shards there may be), above every id it holds, so ids are unique across shards and a record moved to
-# another shard keeps its id. {schema} is replaced by the quoted schema name.
+# dp_set_shard_ids sets the id sequence of a new shard: every id it hands out is congruent to its number
+# modulo the stride (the most shards there may be), above every id it holds and above ``above`` (the other
+# shards' highest), so ids are unique across shards and a record moved to another shard keeps its id.
+# dp_raise_ids takes ids until the next one is above ``above``: records moved in keep their order before
+# the shard's own later ones (per-key FIFO is id order). It only ever moves the sequence forward, by taking
+# values as any insert does, so it cannot race with inserts. {schema} is replaced by the quoted schema name.
 SHARD_FUNCTION_SQL = """
-CREATE OR REPLACE FUNCTION {schema}.dp_set_shard_ids(shard integer, stride integer) RETURNS bigint
-LANGUAGE plpgsql AS $fn$
+CREATE OR REPLACE FUNCTION {schema}.dp_set_shard_ids(shard integer, stride integer, above bigint)
+RETURNS bigint LANGUAGE plpgsql AS $fn$
 DECLARE
     next_id bigint;
 BEGIN
-    SELECT (coalesce(max(id), 0) / stride + 1) * stride + shard INTO next_id FROM {schema}.processing_queue;
+    SELECT (greatest(coalesce(max(id), 0), above) / stride + 1) * stride + shard INTO next_id
+      FROM {schema}.processing_queue;
     EXECUTE format('ALTER TABLE %s.processing_queue ALTER COLUMN id SET INCREMENT BY %s RESTART WITH %s',
                    '{schema}', stride, next_id);
     RETURN next_id;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION {schema}.dp_raise_ids(above bigint) RETURNS bigint
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    seq text := pg_get_serial_sequence('{schema}.processing_queue', 'id');
+    taken bigint;
+BEGIN
+    LOOP
+        taken := nextval(seq);
+        EXIT WHEN taken > above;
+    END LOOP;
+    RETURN taken;
 END
 $fn$;
 """

@@ -36,7 +36,7 @@ from core.store import PostgresStore
 
 log = logging.getLogger("core.shards")
 
-ROUND_KEYS = 500  # keys per distributed transaction
+ROUND_KEYS = 100  # keys per distributed transaction (each with its history)
 ROUND_KEYLESS = 2000  # keyless records per distributed transaction (retiring a shard)
 MOVER_LOCK = 0x64705F6D6F7665  # 'dp_move': one mover at a time
 PREFIX = "dp-move:"
@@ -146,6 +146,9 @@ class Mover:
                 raise TimeoutError(f"{left} records of the partitions are still on shard {source} after {timeout:g}s")
             if n == 0:
                 time.sleep(0.1)  # only busy keys left: their running records finish first
+        if moved:  # the target's own later records get ids above the ones moved in (FIFO is id order)
+            above = int(_rows(src, "shard_max_id", {})[0][0])
+            dst.db.with_retry(lambda conn: conn.execute(dst.db.q.shard_raise_ids, {"above": above}))
         if partitions:
             order = [dst, *[s for s in self.topology.known().values() if s not in (dst, src)], src]
             self.topology.write_map({p: target for p in partitions}, version=version + 1, stores=order)
@@ -181,21 +184,29 @@ class Mover:
         src_gid, dst_gid = f"{PREFIX}{move_id}:src:{target}", f"{PREFIX}{move_id}:dst:{source}"
         with _connect(src) as a, _connect(dst) as b:
             a.tpc_begin(src_gid)
-            rows = a.execute(getattr(src.db.q, lock), params).fetchall()
-            busy = set()
-            if keys:
-                busy = {r[0] for r in a.execute(src.db.q.move_busy_keys, {"keys": keys}).fetchall()}
-            rows = [r for r in rows if r[1] not in busy]
-            if not rows:
-                a.tpc_rollback()
-                return 0, len(busy)
-            ids = [int(r[0]) for r in rows]
-            deleted = a.execute(src.db.q.move_delete, {"ids": ids}).rowcount
-            if deleted != len(ids):
-                a.tpc_rollback()
-                return 0, len(busy)
-            self.pause()
-            a.tpc_prepare()
+            try:
+                rows = a.execute(getattr(src.db.q, lock), params).fetchall()
+                busy: set[str] = set()
+                if keys:
+                    # In this order: a claim that commits before the count shows in the busy check, one that
+                    # commits later leaves the count above the rows locked.
+                    locked: dict[str, int] = {}
+                    for r in rows:
+                        locked[r[1]] = locked.get(r[1], 0) + 1
+                    counts = dict(a.execute(src.db.q.move_pending_counts, {"keys": keys}).fetchall())
+                    busy = {k for k, n in counts.items() if locked.get(k, 0) != n}
+                    busy |= {r[0] for r in a.execute(src.db.q.move_busy_keys, {"keys": keys}).fetchall()}
+                rows = [r for r in rows if r[1] not in busy]
+                ids = [int(r[0]) for r in rows]
+                if not rows or a.execute(src.db.q.move_delete, {"ids": ids}).rowcount != len(ids):
+                    a.tpc_rollback()
+                    return 0, len(busy)
+                self.pause()
+                a.tpc_prepare()
+            except BaseException:
+                if a.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    a.tpc_rollback()  # nothing prepared yet: nothing in doubt
+                raise
             self.pause()
             b.tpc_begin(dst_gid)
             b.execute(dst.db.q.move_insert, {"rows": json.dumps([r[2] for r in rows])})

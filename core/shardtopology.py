@@ -96,13 +96,15 @@ class Topology:
                     raise ConfigurationError(f"two configured databases are both shard {row[0]}")
                 taken[i] = int(row[0])
         free = (n for n in range(MAX_SHARDS) if n not in taken.values())
+        # a new shard's ids start above every id the others hold (moves then keep per-key id order)
+        above = max(int(_rows(s, "shard_max_id")[0][0]) for s in self.stores)
         for i, store in enumerate(self.stores):
             if i in taken:
                 continue
             n = next(free)
             with store.db.connection(internal=True) as conn, conn.transaction():
                 conn.execute(store.db.q.shard_identity_claim, {"shard_no": n})
-                conn.execute(store.db.q.shard_set_ids, {"shard_no": n, "stride": MAX_SHARDS})
+                conn.execute(store.db.q.shard_set_ids, {"shard_no": n, "stride": MAX_SHARDS, "above": above})
             taken[i] = n
             log.info("database set up as a shard", extra={"shard": n, "target": store.db.target()})
         self._numbers = dict(taken)

@@ -10,7 +10,13 @@ INSERT INTO {shard_identity} (shard_no) VALUES (%(shard_no)s)
 ON CONFLICT (singleton) DO NOTHING;
 
 -- name: shard_set_ids
-SELECT {shard_ids_function}(%(shard_no)s, %(stride)s);
+SELECT {shard_ids_function}(%(shard_no)s, %(stride)s, %(above)s);
+
+-- name: shard_max_id
+SELECT coalesce(max(id), 0) FROM {records};
+
+-- name: shard_raise_ids
+SELECT {raise_ids_function}(%(above)s);
 
 -- name: shard_map_read
 SELECT partition, shard_no, version, moving FROM {shard_map} ORDER BY partition;
@@ -40,18 +46,27 @@ ON CONFLICT (partition) DO UPDATE
 UPDATE {shard_identity} SET accepting = %(accepting)s;
 
 -- name: move_routing_keys
--- The routing keys of this shard's unfinished records, once each (the mover hashes them to partitions).
+-- The routing keys of this shard's records, once each (the mover hashes them to partitions).
 SELECT DISTINCT coalesce(ordering_key, dedupe_key) FROM {records}
- WHERE status IN ('pending', 'processing') AND coalesce(ordering_key, dedupe_key) IS NOT NULL;
+ WHERE coalesce(ordering_key, dedupe_key) IS NOT NULL;
 
 -- name: move_lock_keys
--- Every pending record of these keys, locked: a claim under way is waited for, and its rows are then seen
--- as they are now (claimed ones are no longer pending). Rows as JSON, for the other shard's insert.
+-- The records of these keys (pending and finished: a key's history moves with it), locked, never waiting
+-- (a wait could deadlock with a claim's unblock): a row someone else holds is skipped, and its key then
+-- counts as busy (move_pending_counts). Rows as JSON, for the other shard's insert.
 SELECT id, coalesce(ordering_key, dedupe_key), to_jsonb(t) FROM {records} t
- WHERE status = 'pending'
+ WHERE status <> 'processing'
    AND (ordering_key = ANY(%(keys)s::text[]) OR (ordering_key IS NULL AND dedupe_key = ANY(%(keys)s::text[])))
  ORDER BY id
-   FOR UPDATE;
+   FOR UPDATE SKIP LOCKED;
+
+-- name: move_pending_counts
+-- How many records each key has now, running ones aside: a key whose count differs from the rows locked
+-- has a row someone holds (a claim under way), and waits for a later round.
+SELECT coalesce(ordering_key, dedupe_key), count(*) FROM {records}
+ WHERE status <> 'processing'
+   AND (ordering_key = ANY(%(keys)s::text[]) OR (ordering_key IS NULL AND dedupe_key = ANY(%(keys)s::text[])))
+ GROUP BY 1;
 
 -- name: move_busy_keys
 -- Which of these keys has a record running here (a key moves only while none of its records runs).
@@ -67,7 +82,7 @@ SELECT id, NULL::text, to_jsonb(t) FROM {records} t
    FOR UPDATE SKIP LOCKED;
 
 -- name: move_delete
-DELETE FROM {records} WHERE id = ANY(%(ids)s::bigint[]) AND status = 'pending';
+DELETE FROM {records} WHERE id = ANY(%(ids)s::bigint[]) AND status <> 'processing';
 
 -- name: move_insert
 -- The rows as the source shard had them (same schema: the row type is the table's).
@@ -99,9 +114,9 @@ SELECT pg_try_advisory_lock(%(key)s::bigint);
 SELECT pg_advisory_unlock(%(key)s::bigint);
 
 -- name: move_unfinished
--- How many unfinished records of these keys this shard still has.
+-- How many records of these keys this shard still has.
 SELECT count(*) FROM {records}
- WHERE status IN ('pending', 'processing')
+ WHERE true
    AND (ordering_key = ANY(%(keys)s::text[]) OR (ordering_key IS NULL AND dedupe_key = ANY(%(keys)s::text[])));
 
 -- name: move_unfinished_keyless

@@ -58,7 +58,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.execute(f"DROP FUNCTION IF EXISTS {_schema()}.dp_set_shard_ids(integer, integer)")
+    op.execute(f"DROP FUNCTION IF EXISTS {_schema()}.dp_raise_ids(bigint)")
+    op.execute(f"DROP FUNCTION IF EXISTS {_schema()}.dp_set_shard_ids(integer, integer, bigint)")
     op.drop_table("shard_moves")
     op.drop_table("shard_map")
     op.drop_table("shard_identity")
