@@ -83,7 +83,8 @@ class Recovery:
     def recover_batch(self) -> int:
         """One bounded batch of orphans back in service (or to failed); how many."""
         rows = self.db.with_retry(lambda conn: conn.execute(
-            self.q.recover_orphans, {"batch": self.db.settings.cleanup_batch}).fetchall())
+            self.q.recover_orphans, {"batch": self.db.settings.cleanup_batch,
+                                     "dead_after": self.db.settings.dead_after}).fetchall())
         self._last_batch = len(rows)
         # A keyed record recovered to failed or cancelled may have been its claimer's last: nobody else would
         # make its key's next record claimable.

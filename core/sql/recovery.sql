@@ -22,6 +22,10 @@ DELETE FROM {instances} i
 -- name: recover_orphans
 -- One bounded batch: processing rows whose lease expired or whose instance is dead. SKIP LOCKED so that
 -- every instance can run it at once; the status guard is re-checked on the locked row version.
+-- A dead instance's record claimed less than dead_after ago is not recovered yet: the claim shows the
+-- instance alive later than its last heartbeat (after a failover its claims can come back before its
+-- heartbeats do), and a live instance revives with its next beat. The instance is dead once it showed no
+-- sign of life, heartbeat or claim, for dead_after.
 WITH orphan AS (
     -- Both conditions read the small partial index of in-flight rows, never the finished ones.
     SELECT id
@@ -29,7 +33,8 @@ WITH orphan AS (
      WHERE status = 'processing'
        AND lease_expires_at IS NOT NULL  -- every processing row has one; it names the lease index
        AND (lease_expires_at < now()
-            OR claimed_by IN (SELECT instance_id FROM {instances} WHERE status = 'dead'))
+            OR (claimed_at < now() - %(dead_after)s * interval '1 second'
+                AND claimed_by IN (SELECT instance_id FROM {instances} WHERE status = 'dead')))
      ORDER BY lease_expires_at
      LIMIT %(batch)s
        FOR UPDATE SKIP LOCKED

@@ -275,9 +275,12 @@ class MemoryRecords:
         with t.lock:
             now = t.now()
             dead = {iid for iid, inst in t.instances.items() if inst["status"] == "dead"}
+            # as the statement: a dead instance's record claimed within dead_after waits (a sign of life)
+            claimed_before = now - timedelta(seconds=self.settings.dead_after)
             orphans = sorted(
                 (r for r in (t.rows[i] for i in t.processing)
-                 if r.lease_expires_at is not None and (r.lease_expires_at < now or r.claimed_by in dead)),
+                 if r.lease_expires_at is not None and (r.lease_expires_at < now or (
+                     r.claimed_by in dead and r.claimed_at is not None and r.claimed_at < claimed_before))),
                 key=lambda r: (r.lease_expires_at, r.id))[: self.settings.cleanup_batch]
             for row in orphans:
                 assert row.lease_expires_at is not None

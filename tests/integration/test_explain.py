@@ -117,7 +117,7 @@ def test_status_queries_avoid_the_finished_rows(big_table: DistributedProcessor,
 def test_recovery_reads_only_in_flight_rows(big_table: DistributedProcessor, db: Any) -> None:
     stmt = big_table.q.recover_orphans
     with db.transaction():
-        row = db.execute("EXPLAIN (FORMAT JSON) " + stmt, {"batch": 1000}).fetchone()
+        row = db.execute("EXPLAIN (FORMAT JSON) " + stmt, {"batch": 1000, "dead_after": 30}).fetchone()
     nodes = _nodes(row[0][0]["Plan"])
     seq = [n for _, n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "processing_queue"]
     assert not seq, json.dumps(row[0][0]["Plan"])
@@ -143,7 +143,7 @@ _STATEMENT_PARAMS: dict[str, dict[str, Any]] = {
     "fail": {"ids": [1], "tokens": ["00000000-0000-0000-0000-000000000001"], "delays": [1.0], "retry": True,
              "error": "x", "default_block_on_failure": True},
     "release": {"ids": [1], "tokens": ["00000000-0000-0000-0000-000000000001"], "reason": "x"},
-    "recover_orphans": {"batch": 1000},
+    "recover_orphans": {"batch": 1000, "dead_after": 30},
     "key_heads": {"keys": ["k1", "k2"], "queue": "default", "priority": 0, "run_at": None},
     "unblock_sweep": {"after": "", "keys": 1000},
     "prune_floor_events": {"after": 0, "older_than": 60, "batch": 5000},
