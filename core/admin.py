@@ -55,7 +55,7 @@ class Admin:
         while True:
             n = self.db.with_retry(lambda conn: conn.execute(self.q.retry_failed, params).rowcount)
             total += n
-            if n < batch or ids is not None:
+            if n < batch:  # with ids too: more ids than a batch take several
                 return total
 
     def purge(self, older_than: float, batch: int, max_batches: int | None) -> int:

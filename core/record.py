@@ -38,6 +38,8 @@ class Record(NamedTuple):
 def format_error(error: BaseException | str, limit: int = 2000) -> str:
     """``Type: message`` truncated to ``limit`` characters, for ``last_error``."""
     text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+    # PostgreSQL text cannot hold NUL: a message with one must not make the failure itself fail.
+    text = text.replace("\x00", "\\x00")
     if len(text) > limit:
         text = text[: limit - 14] + " …[truncated]"
     return text

@@ -13,7 +13,8 @@ import concurrent.futures as cf
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 from typing import Any, TypeVar
 
@@ -26,7 +27,7 @@ from core.instance import ProcessFacts
 from core.payloads import encode_payload
 from core.record import AddResult, Record
 from core.runstore import PostgresRun
-from core.sharding import partition_of, routing_key, split_batch
+from core.sharding import merge_counts, partition_of, routing_key, split_batch, subset
 from core.shardtopology import Topology
 from core.store import PostgresStore
 
@@ -103,6 +104,29 @@ class ShardedStore:
         limit = self.settings.max_payload_bytes
         for i, p in enumerate(batch.payloads):  # bad input is refused before any shard is written
             encode_payload(i, p, limit)
+        with self._queue_limit(batch.queue, n):
+            return self._add_routed(batch)
+
+    @contextmanager
+    def _queue_limit(self, queue: str, n: int) -> Iterator[None]:
+        """A queue's limit holds across the shards, exactly: its producers take turns on the home shard,
+        which refuses a batch that the pending records of all shards leave no room for (conservatively:
+        records that turn out deduplicated count too)."""
+        known = self.topology.known()
+        if not known:
+            raise DatabaseUnavailable("no shard is reachable")
+        home = known[min(known)]
+        with home.db.connection(internal=True) as conn, conn.transaction():
+            row = conn.execute(home.db.q.shard_queue_limit, {"queue": queue}).fetchone()
+            if row is not None:
+                limit = int(row[0])
+                depth = sum(_pending_depth(store, queue, limit + 1) for store in self.stores)
+                if depth + n > limit:
+                    raise QueueFull(queue, limit, depth, n)
+            yield
+
+    def _add_routed(self, batch: NewRecords) -> AddResult:
+        n = len(batch.payloads)
         ids: list[int] = [0] * n
         deduplicated: list[int] = []
         todo = list(range(n))
@@ -110,7 +134,7 @@ class ShardedStore:
         refresh = False
         while todo:
             shard_map = self.topology.shard_map(refresh=refresh)
-            sub = _subset(batch, todo)
+            sub = subset(batch, todo)
             split = split_batch(sub.keys, sub.dedupes, shard_map)
             parts = {shard: [todo[i] for i in idx] for shard, idx in split.parts.items()}
             keyless = [todo[i] for i in split.keyless]
@@ -136,7 +160,7 @@ class ShardedStore:
 
     def _add_part(self, shard: int, batch: NewRecords, idx: list[int], ids: list[int],
                   deduplicated: list[int]) -> None:
-        result = self.topology.store_of(shard).add(_subset(batch, idx))
+        result = self.topology.store_of(shard).add(subset(batch, idx))
         for j, rid in enumerate(result):
             ids[idx[j]] = rid
         deduplicated.extend(idx[j] for j in result.deduplicated)
@@ -179,21 +203,23 @@ class ShardedStore:
         if unblock:
             self.unblock(unblock, announce=announce)
         known = self.topology.known()
-        order = sorted(known)
         claimed: list[Record] = []
-        if size <= 0 or not order:
+        if size <= 0 or not known:
             return claimed, completed
-        start = next(self._turn) % len(order)
-        for shard in order[start:] + order[:start]:
-            if len(claimed) >= size:
-                break
+        # Up to ``size`` from every shard, the first ``size`` of them in claim order kept, the rest released
+        # at once (no attempt charged): the order of one database, at a price in writes.
+        for shard, store in sorted(known.items()):
             try:
-                got, _ = known[shard].claim([], size - len(claimed), queues, ())
+                got, _ = store.claim([], size, queues, ())
             except DatabaseUnavailable as exc:  # a shard down costs only its share
                 log.warning("shard unreachable for a claim", extra={"shard": shard, "error": str(exc)[:200]})
                 continue
             claimed.extend(got)
-        return claimed, completed
+        claimed.sort(key=lambda r: (-r.priority, r.run_at, r.id))
+        extra = claimed[size:]
+        if extra:
+            self.release(extra, "claimed by a sharded claim beyond its batch")
+        return claimed[:size], completed
 
     def unblock(self, keys: Iterable[str], *, announce: bool = True) -> None:
         shard_map = self.topology.shard_map()
@@ -279,10 +305,8 @@ class ShardedStore:
         self._each(lambda s: s.set_key_concurrency(pattern, n, block_on_failure))
 
     def set_queue_limit(self, queue: str, n: int | None) -> None:
-        """Split: each shard holds at most its share (n / shards, rounded up); keyless records go on to
-        another shard when one is full, a keyed record's shard is its key's."""
-        share = None if n is None else -(-n // len(self.stores))
-        self._each(lambda s: s.set_queue_limit(queue, share))
+        """Exact across the shards (see :meth:`_queue_limit`); every shard stores it."""
+        self._each(lambda s: s.set_queue_limit(queue, n))
 
     # ------------------------------------------------------------------ observing
 
@@ -363,22 +387,7 @@ class ShardedStore:
             store.close()
 
 
-def _subset(batch: NewRecords, idx: list[int]) -> NewRecords:
-    return NewRecords(
-        payloads=[batch.payloads[i] for i in idx], queue=batch.queue, priority=batch.priority, run_at=batch.run_at,
-        max_attempts=batch.max_attempts, keys=[batch.keys[i] for i in idx], dedupes=[batch.dedupes[i] for i in idx],
-        dedupe_while=batch.dedupe_while,
-    )
-
-
-def merge_counts(parts: Iterable[list[CountRow]]) -> list[CountRow]:
-    """Counts of several shards as one: summed per queue and status, the oldest pending age the oldest."""
-    merged: dict[tuple[str, str], list[Any]] = {}
-    for rows in parts:
-        for queue, status, n, age, due in rows:
-            m = merged.setdefault((queue, status), [queue, status, 0, None, 0])
-            m[2] += n
-            m[4] += due
-            if age is not None and (m[3] is None or age > m[3]):
-                m[3] = age
-    return [(q, s, n, a, d) for q, s, n, a, d in merged.values()]
+def _pending_depth(store: PostgresStore, queue: str, cap: int) -> int:
+    q = store.db.q.pending_depth
+    row = store.db.with_retry(lambda conn: conn.execute(q, {"queue": queue, "cap": cap}).fetchone())
+    return int(row[0]) if row else 0

@@ -11,6 +11,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+from core.backend import CountRow, NewRecords
 
 # Fixed for the life of a deployment: a key's partition never changes, only the partition's shard.
 PARTITIONS = 64
@@ -102,3 +105,25 @@ def rebalanced(owner: Sequence[int], shards: Sequence[int]) -> dict[int, int]:
             if owner[p] != s:
                 moves[p] = s
     return moves
+
+
+def subset(batch: NewRecords, idx: list[int]) -> NewRecords:
+    """The records ``idx`` of a batch, as a batch of their own."""
+    return NewRecords(
+        payloads=[batch.payloads[i] for i in idx], queue=batch.queue, priority=batch.priority, run_at=batch.run_at,
+        max_attempts=batch.max_attempts, keys=[batch.keys[i] for i in idx], dedupes=[batch.dedupes[i] for i in idx],
+        dedupe_while=batch.dedupe_while,
+    )
+
+
+def merge_counts(parts: Iterable[list[CountRow]]) -> list[CountRow]:
+    """Counts of several shards as one: summed per queue and status, the oldest pending age the oldest."""
+    merged: dict[tuple[str, str], list[Any]] = {}
+    for rows in parts:
+        for queue, status, n, age, due in rows:
+            m = merged.setdefault((queue, status), [queue, status, 0, None, 0])
+            m[2] += n
+            m[4] += due
+            if age is not None and (m[3] is None or age > m[3]):
+                m[3] = age
+    return [(q, s, n, a, d) for q, s, n, a, d in merged.values()]

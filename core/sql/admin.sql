@@ -21,7 +21,9 @@ WITH retried AS (
 UPDATE {records}
    SET status = 'pending', run_at = now(), finished_at = NULL, attempts = 0, cancel_requested = false,
        updated_at = now()
- WHERE id IN (
+ -- An id list, not IN (subquery): a semi-join may rescan the locking subquery, each rescan skipping the
+ -- rows already updated, and so take more than the batch.
+ WHERE id = ANY(ARRAY(
     SELECT id FROM {records}
      WHERE status = 'failed'
        AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
@@ -29,7 +31,7 @@ UPDATE {records}
        AND (%(pattern)s::text IS NULL OR last_error ~ %(pattern)s::text)
      ORDER BY id
      LIMIT %(batch)s
-       FOR UPDATE SKIP LOCKED)
+       FOR UPDATE SKIP LOCKED))
    AND status = 'failed'
 RETURNING id, queue, priority, run_at
 ),
@@ -43,13 +45,13 @@ SELECT id FROM retried;
 -- name: purge
 -- One bounded, ordered batch of finished rows older than the cutoff.
 DELETE FROM {records}
- WHERE id IN (
+ WHERE id = ANY(ARRAY(  -- an id list: see retry_failed
     SELECT id FROM {records}
      WHERE status IN ('completed', 'failed', 'cancelled')
        AND finished_at < now() - %(older_than)s * interval '1 second'
      ORDER BY finished_at
      LIMIT %(batch)s
-       FOR UPDATE SKIP LOCKED)
+       FOR UPDATE SKIP LOCKED))
    AND status IN ('completed', 'failed', 'cancelled')
 RETURNING id;
 

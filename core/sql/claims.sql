@@ -246,13 +246,13 @@ reblocked AS (
 SELECT failed.id, failed.status FROM failed;
 
 -- name: release
--- Hand records back at once (graceful shutdown): pending again, the attempt not charged, and announced to
--- other instances' claimers (core/floors.py).
+-- Hand records back at once (graceful shutdown): pending again, the attempt not charged, in their place in
+-- claim order (run_at kept: they were due), and announced to other instances' claimers (core/floors.py).
 WITH released AS (
 UPDATE {records} t
    SET status = 'pending',
        attempts = greatest(t.attempts - 1, 0),
-       run_at = now(),
+       run_at = least(t.run_at, now()),
        lease_token = NULL,
        lease_expires_at = NULL,
        last_error = %(reason)s,

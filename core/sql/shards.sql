@@ -122,3 +122,9 @@ SELECT count(*) FROM {records}
 -- name: move_unfinished_keyless
 SELECT count(*) FROM {records}
  WHERE status IN ('pending', 'processing') AND ordering_key IS NULL AND dedupe_key IS NULL;
+
+-- name: shard_queue_limit
+-- On the queue's home shard (the lowest-numbered): producers of a limited queue take turns, on every shard
+-- (a lock of their own, apart from the row each shard's insert locks), and read the limit.
+SELECT q.max_pending FROM pg_advisory_xact_lock(7118, hashtext(%(queue)s)) l, {queue_limits} q
+ WHERE q.queue = %(queue)s;

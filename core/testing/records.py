@@ -201,7 +201,7 @@ class MemoryRecords:
             now = t.now()
             held = self._held(batch)
             for _, row in held:
-                t.move(row, "pending", now)
+                t.move(row, "pending", min(row.run_at, now))  # its place in claim order kept, as the statement
                 row.attempts = max(row.attempts - 1, 0)
                 row.lease_token = row.lease_expires_at = None
                 row.last_error = reason

@@ -78,7 +78,7 @@ class MemoryStore(MemoryRecords):
                     row.cancel_requested = False
                     row.updated_at = now
             total += len(rows)
-            if len(rows) < batch or ids is not None:
+            if len(rows) < batch:  # as the real one: more ids than a batch take several
                 return total
 
     # ------------------------------------------------------------------ admission settings

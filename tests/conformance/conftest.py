@@ -10,17 +10,20 @@ truthy, which must be so ``s`` seconds on (on the fake clock exactly then; on Po
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol, TypeVar
 
 import pytest
 
+from core import DistributedProcessor
 from core.api import ProcessorAPI
+from core.testing.plugin import processor_options
+from core.testing.postgres import unique_name
 from tests.support import wait_until
 
 T = TypeVar("T")
-BACKENDS = ["memory", "postgres"]
+BACKENDS = ["memory", "postgres", "shards"]
 # A real-time wait ends this long after the moment it waits for, at the latest (a loaded test machine).
 SLACK = 10.0
 
@@ -71,8 +74,23 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+def dp_shards(request: pytest.FixtureRequest, dp_server: Any, dp_template: str) -> Iterator[DistributedProcessor]:
+    """A processor over three shards: three fresh databases of the test server, set up as shards."""
+    names = [unique_name(f"dp_s{i}") for i in range(3)]
+    dsns = [dp_server.create_database(name, template=dp_template) for name in names]
+    try:
+        options = {"connect_timeout": 5, **processor_options(request)}
+        with DistributedProcessor(shards=dsns, **options) as p:
+            p.migrate()  # numbers the shards, writes the partition map
+            yield p
+    finally:
+        for name in names:
+            dp_server.drop_database(name)
+
+
+@pytest.fixture
 def processor(backend: str, request: pytest.FixtureRequest) -> ProcessorAPI:
-    """The backend's processor: the plugin's ``dp_memory`` or ``dp_postgres``."""
+    """The backend's processor: the plugin's ``dp_memory`` or ``dp_postgres``, or three shards."""
     return request.getfixturevalue(f"dp_{backend}")  # type: ignore[no-any-return]
 
 

@@ -94,7 +94,7 @@ def test_a_key_that_blocks_on_failure_waits_for_an_operator(processor: Processor
     strict = processor.add_records([{}, {}], ordering_key="strict-1")
     loose = processor.add_records([{}, {}], ordering_key="loose-1")
     recs = processor.claim_records(10)
-    assert sorted(ids(recs)) == [strict[0], loose[0]]
+    assert sorted(ids(recs)) == sorted([strict[0], loose[0]])  # ids grow with inserts on one database only
     processor.mark_failed(recs, "boom")
     assert ids(processor.claim_records(10)) == [loose[1]]
     assert processor.cancel([strict[0]]) == {strict[0]: "cancelled"}  # the operator gives up on the head

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import pytest
 
@@ -104,7 +105,7 @@ def test_queue_status_counts_per_status_and_queue(processor: ProcessorAPI, clock
     processor.mark_failed(recs[3:4], RuntimeError("later"))  # pending again, due in a minute
     processor.cancel([recs[4].id])  # held: still processing
     clock.advance(0.2)
-    status = processor.get_queue_status()
+    status = shared(processor.get_queue_status())
     assert set(status) == {"queues", "totals", "oldest_pending_age_seconds"}
     assert set(status["queues"]) == {"a", "b"}
     a, b = status["queues"]["a"], status["queues"]["b"]
@@ -123,8 +124,18 @@ def test_queue_status_counts_per_status_and_queue(processor: ProcessorAPI, clock
         processor.get_queue_status(statuses=["done"])
 
 
+def shared(status: dict[str, Any]) -> dict[str, Any]:
+    """The status every backend gives; a sharded processor adds each shard's own (``shards``), which must
+    add up to the totals."""
+    per_shard = status.pop("shards", None)
+    if per_shard is not None:
+        for s in status["totals"]:
+            assert sum(part["totals"][s] for part in per_shard.values()) == status["totals"][s], s
+    return status
+
+
 def test_queue_status_of_an_empty_queue(processor: ProcessorAPI) -> None:
-    assert processor.get_queue_status() == {
+    assert shared(processor.get_queue_status()) == {
         "queues": {}, "totals": dict.fromkeys(("pending", "processing", "completed", "failed", "cancelled"), 0),
         "oldest_pending_age_seconds": None}
     (rid,) = processor.add_records([{}])
@@ -155,3 +166,22 @@ def test_health_check_is_degraded_by_an_old_backlog(processor: ProcessorAPI, clo
     report = processor.health_check(pending_age_degraded_s=0.2)
     assert report["status"] == "degraded"
     assert len(report["reasons"]) == 1 and "oldest pending record" in report["reasons"][0]
+
+
+def test_retry_failed_in_batches_takes_every_id_it_is_given(processor: ProcessorAPI) -> None:
+    rids = processor.add_records([{"n": i} for i in range(7)], max_attempts=1)
+    recs = processor.claim_records(7)
+    assert processor.mark_failed(recs, "boom") == 7
+    assert processor.retry_failed(rids, batch=2) == 7  # four statements of at most two
+    assert counts(processor)["pending"] == 7 and counts(processor)["failed"] == 0
+    recs = processor.claim_records(7)
+    processor.mark_failed(recs, "boom")
+    assert processor.retry_failed(batch=3) == 7
+
+
+def test_an_error_message_with_a_nul_is_stored(processor: ProcessorAPI) -> None:
+    processor.add_records([{}], max_attempts=1)
+    (rec,) = processor.claim_records()
+    assert processor.mark_failed([rec], RuntimeError("bad\x00byte")) == 1  # the failure itself does not fail
+    assert counts(processor)["failed"] == 1
+    assert processor.retry_failed(error_pattern="bad") == 1
