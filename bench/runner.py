@@ -450,6 +450,56 @@ class Bench:
         self.add(Row("pooling", "W=2 run() through PgBouncer, transaction mode", statistics.median(pooled_runs),
                      "rec/s", direct, "direct, session mode", extra={"runs": pooled_runs}))
 
+    def _shard_dbs(self) -> list[str]:
+        """Three more databases of the server, set up once as three shards (keyless records only here, so a
+        subset of them works as one or two shards)."""
+        dsns = []
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            for i in range(3):
+                name = f"{self.dbname}_s{i}"
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+                dsns.append(make_conninfo(self.admin_dsn, dbname=name))
+        with DistributedProcessor(shards=dsns) as p:
+            p.migrate()
+        return dsns
+
+    def _sharded_drain(self, dsns: list[str], n: int) -> float:
+        for dsn in dsns:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("TRUNCATE processing_queue; TRUNCATE queue_stats; TRUNCATE processor_instances")
+        with DistributedProcessor(shards=dsns) as p:
+            for start in range(0, n, 5_000):  # keyless calls go to the shards in turn
+                p.add_records([{"n": g} for g in range(start, min(n, start + 5_000))])
+        for dsn in dsns:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("VACUUM ANALYZE processing_queue")
+        self.settle()
+        return float(self.drain_procs("ours", 2, 100, env={"DPB_SHARDS": "\n".join(dsns)})["rate"])
+
+    def suite_shards(self) -> None:
+        n = 20_000 if self.quick else 90_000
+        print(f"shards: {n:,} keyless records drained by run() with W=2 over 1, 2 and 3 databases of this one"
+              " server (no speed-up expected on one host: what the routing costs)")
+        dsns = self._shard_dbs()
+        try:
+            pairs = 1 if self.quick else 3
+            plain_runs, one_runs = self._alternate(pairs, partial(self._fill_and_drain, "ours", 2, n),
+                                                   partial(self._sharded_drain, dsns[:1], n))
+            plain = statistics.median(plain_runs)
+            self.add(Row("shards", "W=2 run(), one database (dsn=)", plain, "rec/s", extra={"runs": plain_runs}))
+            self.add(Row("shards", "W=2 run(), shards=[1 database]", statistics.median(one_runs), "rec/s", plain,
+                         "one database (dsn=)", extra={"runs": one_runs}))
+            for k in (2, 3):
+                runs = [self._sharded_drain(dsns[:k], n) for _ in range(pairs)]
+                self.add(Row("shards", f"W=2 run(), {k} shards on one server", statistics.median(runs), "rec/s",
+                             plain, "one database (dsn=)", extra={"runs": runs}))
+        finally:
+            with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+                for i in range(3):
+                    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                        sql.Identifier(f"{self.dbname}_s{i}")))
+
     def suite_memory(self) -> None:
         n = 50_000 if self.quick else 1_000_000
         print(f"memory: RSS of one worker process over {n:,} records")
@@ -572,7 +622,7 @@ def find_server() -> tuple[str, str]:
     return embedded.start(ROOT / ".dproc" / f"bench-pgdata-{embedded.embedded_major()}"), "embedded PostgreSQL"
 
 
-SUITES = ("drain", "enqueue", "latency", "table", "keys", "horizon", "pooling", "memory")
+SUITES = ("drain", "enqueue", "latency", "table", "keys", "horizon", "pooling", "shards", "memory")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,7 +52,9 @@ def ours(dsn: str, batch: int) -> int:
 
     cleanup = float(os.environ.get("DPB_CLEANUP", "0")) or None  # profiling: a run without the cleaner
     pooling = os.environ.get("DPB_POOLING", "session")  # "transaction" behind PgBouncer
-    with DistributedProcessor(dsn, batch_size=batch, cleanup_interval=cleanup, pooling=pooling) as p:
+    shards = [s for s in os.environ.get("DPB_SHARDS", "").split("\n") if s]  # several databases: shards=[...]
+    where: dict[str, Any] = {"shards": shards} if shards else {"dsn": dsn}
+    with DistributedProcessor(**where, batch_size=batch, cleanup_interval=cleanup, pooling=pooling) as p:
         p.get_queue_status()  # connected before the gun
         print("ready", flush=True)
         sys.stdin.readline()
