@@ -15,8 +15,7 @@ USER_TESTS = textwrap.dedent('''
     import pytest
 
     from core import RetryPolicy
-    from core.testing import InMemoryProcessor
-    from core.testing.drain import drain
+    from core.testing import InMemoryProcessor, drain
 
 
     def test_memory_with_its_clock(dp_memory, dp_clock):
@@ -42,6 +41,28 @@ USER_TESTS = textwrap.dedent('''
         out = drain(dp_postgres, lambda r: None)
         assert out.completed == list(ids)
         assert dp_postgres.health_check()["database"]["migrated"] is True
+
+
+    # The README's two examples ("Testing your handlers"), as written there.
+    def send_invoice(record):
+        if record.payload["amount"] < 0:
+            raise ValueError("a negative amount")
+
+
+    @pytest.mark.dp_options(retry=RetryPolicy(base_delay=30, jitter=0), max_attempts=3)
+    def test_bad_invoices_fail_after_three_tries(dp_memory):
+        good, bad = dp_memory.add_records([{"amount": 10}, {"amount": -1}])
+        out = drain(dp_memory, send_invoice)          # moves the fake clock past the 30 s and 60 s backoffs
+        assert out.completed == [good] and out.retries == {bad: 2}
+        assert isinstance(out.failed[bad], ValueError)
+        assert dp_memory.get_queue_status()["totals"]["failed"] == 1
+
+
+    def test_invoices_complete_in_order(dp_postgres):
+        ids = dp_postgres.add_records([{"amount": 1}, {"amount": 2}], ordering_key="acct-7")
+        out = drain(dp_postgres, send_invoice)
+        assert out.completed == list(ids)             # per-key order kept
+        assert dp_postgres.health_check()["status"] == "healthy"
 ''')
 
 
@@ -65,7 +86,7 @@ def _run_user_tests(folder: Path, env: dict[str, str], *args: str) -> tuple[int,
 def test_a_users_test_file_gets_both_fixtures_from_the_installed_plugin(tmp_path: Path, pg_server: Server) -> None:
     code, output, pid = _run_user_tests(tmp_path, {"DATABASE_URL": pg_server.admin_dsn})
     assert code == 0, output
-    assert "3 passed" in output
+    assert "5 passed" in output
     plugins = next(line for line in output.splitlines() if line.startswith("plugins:"))
     assert "distributed-processor" in plugins  # loaded as an installed plugin, not from a conftest
     assert list(tmp_path.glob("conftest.py")) == []
@@ -80,7 +101,7 @@ def test_dp_memory_needs_no_database(tmp_path: Path) -> None:
     code, output, _ = _run_user_tests(tmp_path, {"DATABASE_URL": "host=127.0.0.1 port=1 dbname=x user=x",
                                                  "DP_TEST_EMBEDDED": "1",
                                                  "DP_TEST_EMBEDDED_DIR": str(tmp_path / "none")},
-                                      "-k", "memory")
+                                      "-k", "memory or bad_invoices")
     assert code == 0, output
-    assert "2 passed, 1 deselected" in output
+    assert "3 passed, 2 deselected" in output
     assert not (tmp_path / "none").exists()  # no embedded server was started either

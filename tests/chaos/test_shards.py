@@ -266,3 +266,36 @@ def test_partitions_move_to_a_new_shard_under_load_and_a_killed_mover(
     assert any(v == 2 for v in where.values()), "records moved onto the new shard"
     assert _each(three, "SELECT count(*) FROM pg_prepared_xacts") == [[(0,)]] * 3, "no transaction left in doubt"
     _assert_key_order(three)
+
+
+def test_a_retired_shard_hands_over_every_record_and_takes_no_new_ones(shard_dsns: list[str],
+                                                                       workers: WorkerProcs) -> None:
+    _setup(shard_dsns)
+    with DistributedProcessor(shards=shard_dsns) as p:
+        ids: list[int] = []
+        for start in range(0, 3000, 500):
+            ids += p.add_records([{} for _ in range(500)], ordering_key=[f"r-{(start + i) % 60}" for i in range(500)])
+        for _ in range(3):
+            ids += p.add_records([{} for _ in range(100)])  # keyless: one call each shard
+        before = [r[0][0] for r in _each(shard_dsns, "SELECT count(*) FROM processing_queue")]
+        assert before[2] > 0
+        argv = [sys.executable, "-m", "core", "--log-level", "WARNING"]
+        for dsn in shard_dsns:
+            argv += ["--shard", dsn]
+        done = subprocess.run([*argv, "shards", "retire", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert _each(shard_dsns[2:], "SELECT count(*) FROM processing_queue")[0] == [(0,)], "nothing left on it"
+        shard_map = p.store.topology.shard_map(refresh=True)
+        assert shard_map.partitions_of(2) == [] and not any(shard_map.moving)
+        later = p.add_records([{} for _ in range(10)])  # keyless, in turn: never to the retired shard
+        later += p.add_records([{} for _ in range(10)])
+        later += p.add_records([{} for _ in range(10)])
+        assert _each(shard_dsns[2:], "SELECT count(*) FROM processing_queue")[0] == [(0,)]
+    ids += later
+    status = json.loads(subprocess.run([*argv, "shards", "status", "--json"], cwd=ROOT, capture_output=True,
+                                       text=True, timeout=60, check=True).stdout)
+    assert [s["partitions"] for s in status["shards"]] == [32, 32, 0] and status["moving"] == []
+    _start(workers, "w", shard_dsns)
+    wait_until(lambda: _unfinished(shard_dsns) == 0, 60, interval=0.3, message="drained after the retirement")
+    assert all(code == 0 for code, _, _ in workers.terminate_all().values())
+    _assert_each_completed_once(shard_dsns, ids)
