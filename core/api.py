@@ -43,7 +43,7 @@ class ProcessorAPI(SettingsView):
         self.settings = settings
         self.store = store
         self.facts = facts
-        self.metrics = Metrics(settings.instance_id)
+        self.metrics = Metrics(settings.instance_id, sharded=hasattr(store, "shard_counts"))
         self.worker: Worker | Fanout | None = None
         # Where claim_records' scans start (core/floors.py); a run() keeps floors of its own.
         self.floors = Floors()
@@ -248,7 +248,8 @@ class ProcessorAPI(SettingsView):
         try:
             worker: Worker | Fanout
             if isinstance(runs, Sequence):
-                worker = Fanout([partial(Worker, run, self.settings, self.metrics) for run in parts], options)
+                worker = Fanout([partial(Worker, run, self.settings, self.metrics.for_shard(i))
+                                 for i, run in enumerate(parts)], options)
             else:
                 worker = Worker(runs, self.settings, self.metrics, options)
             self.worker = worker

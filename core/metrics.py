@@ -7,6 +7,7 @@ double the series count and a counter's reset is visible without them.
 
 from __future__ import annotations
 
+import copy
 from bisect import bisect_left
 from collections.abc import Callable
 
@@ -15,45 +16,61 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 LABEL = "instance_id"
+SHARD = "shard"
 
 
 class Metrics:
-    """Counters and histograms in a registry of their own, so several processors in one process never clash."""
+    """Counters and histograms in a registry of their own, so several processors in one process never clash.
 
-    def __init__(self, instance_id: str) -> None:
+    A processor over shards labels its series with ``shard`` too (the shard's position in the configured
+    list): :meth:`for_shard` gives each shard's worker its own children of the same families."""
+
+    def __init__(self, instance_id: str, *, sharded: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        labels = {LABEL: instance_id}
+        self.instance_id = instance_id
+        names = [LABEL, SHARD] if sharded else [LABEL]
         r = self.registry
-        self._claimed = Counter(
-            "dp_records_claimed", "Records claimed", [LABEL], registry=r).labels(**labels)
-        self._completed = Counter(
-            "dp_records_completed", "Records completed", [LABEL], registry=r).labels(**labels)
-        self._failed = Counter(
-            "dp_records_failed", "Records that ended failed", [LABEL], registry=r).labels(**labels)
-        self._retried = Counter(
-            "dp_records_retried", "Failures sent back to pending for a retry", [LABEL], registry=r
-        ).labels(**labels)
-        self._lost = Counter(
-            "dp_records_lost_lease", "Records whose lease was lost before the outcome was written", [LABEL],
-            registry=r).labels(**labels)
-        self._claim_latency = Histogram(
-            "dp_claim_seconds", "Claim statement round trip", [LABEL], registry=r,
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-        ).labels(**labels)
-        self._batch = Histogram(
-            "dp_claim_batch_size", "Records per non-empty claim", [LABEL], registry=r,
-            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 5000),
-        ).labels(**labels)
-        self._handler = Histogram(
-            "dp_handler_seconds", "Handler duration", [LABEL], registry=r,
-            buckets=(0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300),
-        ).labels(**labels)
+        self._counters = {
+            "claimed": Counter("dp_records_claimed", "Records claimed", names, registry=r),
+            "completed": Counter("dp_records_completed", "Records completed", names, registry=r),
+            "failed": Counter("dp_records_failed", "Records that ended failed", names, registry=r),
+            "retried": Counter("dp_records_retried", "Failures sent back to pending for a retry", names, registry=r),
+            "lost": Counter("dp_records_lost_lease", "Records whose lease was lost before the outcome was written",
+                            names, registry=r),
+        }
+        self._histograms = {
+            "claim_latency": Histogram(
+                "dp_claim_seconds", "Claim statement round trip", names, registry=r,
+                buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)),
+            "batch": Histogram(
+                "dp_claim_batch_size", "Records per non-empty claim", names, registry=r,
+                buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 5000)),
+            "handler": Histogram(
+                "dp_handler_seconds", "Handler duration", names, registry=r,
+                buckets=(0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300)),
+        }
         self.queue_depth = Gauge("dp_queue_depth", "Pending records per queue", ["queue"], registry=r)
         self.horizon_age = Gauge(
             "dp_horizon_age_seconds", "Age of the oldest snapshot, transaction or slot holding back the database's"
             " MVCC horizon", registry=r)
+        # Held records: one series per instance (all shards' workers together).
         self.in_flight = Gauge("dp_records_in_flight", "Records held by this instance", [LABEL], registry=r)
-        self._in_flight = self.in_flight.labels(**labels)
+        self._in_flight = self.in_flight.labels(**{LABEL: instance_id})
+        self._bind({LABEL: instance_id, SHARD: "all"} if sharded else {LABEL: instance_id})
+
+    def _bind(self, labels: dict[str, str]) -> None:
+        c, h = self._counters, self._histograms
+        self._claimed, self._completed = c["claimed"].labels(**labels), c["completed"].labels(**labels)
+        self._failed, self._retried = c["failed"].labels(**labels), c["retried"].labels(**labels)
+        self._lost = c["lost"].labels(**labels)
+        self._claim_latency, self._batch = h["claim_latency"].labels(**labels), h["batch"].labels(**labels)
+        self._handler = h["handler"].labels(**labels)
+
+    def for_shard(self, index: int) -> Metrics:
+        """The same registry and families, the series of shard ``index`` (a sharded processor's)."""
+        child = copy.copy(self)
+        child._bind({LABEL: self.instance_id, SHARD: str(index)})
+        return child
 
     def observe_claim(self, seconds: float, n: int) -> None:
         self._claim_latency.observe(seconds)

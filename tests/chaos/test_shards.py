@@ -196,6 +196,10 @@ def test_a_shard_down_degrades_only_its_share(clusters: list[Cluster], shard_dsn
         down.start()
     wait_until(lambda: _unfinished(shard_dsns) == 0, 120, interval=0.3, message="drained after the shard returned")
     wait_until(lambda: _health(port).get("status") == "healthy", 30, message="healthy again")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    for i in range(3):  # each shard's worker counts in series of its own
+        assert f'dp_records_completed_total{{instance_id="a",shard="{i}"}}' in metrics, metrics[:2000]
     results = workers.terminate_all()
     assert all(code == 0 for code, _, _ in results.values()), {n: r[2][-800:] for n, r in results.items()}
     _assert_each_completed_once(shard_dsns, ids)
