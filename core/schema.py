@@ -310,6 +310,12 @@ END
 $fn$;
 """
 
+# Migration 0007: the slot may be set for a transaction (``dp.stats_slot``): a move between shards counts its
+# rows in a slot of its own, so a prepared move left by a killed mover locks no row that completions write.
+STATS_TRIGGER_SQL_SLOTTED = STATS_TRIGGER_SQL.replace(
+    "pg_backend_pid() % 16",
+    "coalesce(nullif(current_setting('dp.stats_slot', true), '')::int, pg_backend_pid() % 16)")
+
 DROP_STATS_TRIGGER_SQL = """
 DROP TRIGGER IF EXISTS dp_track_finished_update ON {schema}.processing_queue;
 DROP TRIGGER IF EXISTS dp_track_finished_delete ON {schema}.processing_queue;

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from core.errors import DatabaseUnavailable
-from core.shardmove import rebalance
+from core.shardmove import PREFIX, rebalance
 
 
 def shards_command(p: Any, args: argparse.Namespace) -> int:
@@ -51,7 +51,9 @@ def status(p: Any) -> dict[str, Any]:
         target = f"{t['host']}:{t['port']}/{t['dbname']}"
         try:
             no = topology.number(i)
-            rows = store.db.with_retry(lambda conn, s=store: conn.execute(s.db.q.move_prepared).fetchall())
+            prefix = {"prefix": f"{PREFIX}{store.db.settings.schema}:%"}
+            rows = store.db.with_retry(
+                lambda conn, s=store, pf=prefix: conn.execute(s.db.q.move_prepared, pf).fetchall())
         except DatabaseUnavailable as exc:
             shards.append({"index": i, "target": target, "error": str(exc)[:200]})
             continue

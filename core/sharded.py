@@ -9,7 +9,7 @@ shard; counts and health are summed and reported per shard. A shard that is down
 
 from __future__ import annotations
 
-import concurrent.futures as cf
+import contextlib
 import itertools
 import logging
 import time
@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Any, TypeVar
+
+import psycopg
 
 from core.backend import CountRow, NewRecords
 from core.config import Settings
@@ -27,6 +29,7 @@ from core.instance import ProcessFacts
 from core.payloads import encode_payload
 from core.record import AddResult, Record
 from core.runstore import PostgresRun
+from core.shardhealth import probe_shards
 from core.sharding import merge_counts, partition_of, routing_key, split_batch, subset
 from core.shardtopology import Topology
 from core.store import PostgresStore
@@ -86,7 +89,7 @@ class ShardedStore:
                 raise Rerouted(f"database is not shard {me}")
             parts = sorted({partition_of(rk) for k, d in zip(batch.keys, batch.dedupes, strict=True)
                             if (rk := routing_key(k, d)) is not None})
-            if len(parts) < len(batch.keys) and not row[1]:
+            if not row[1] and any(routing_key(k, d) is None for k, d in zip(batch.keys, batch.dedupes, strict=True)):
                 raise Rerouted(f"shard {me} is retiring: it takes no new keyless records")
             if parts:
                 rows = conn.execute(q.shard_guard_partitions, {"partitions": parts}).fetchall()
@@ -116,14 +119,27 @@ class ShardedStore:
         if not known:
             raise DatabaseUnavailable("no shard is reachable")
         home = known[min(known)]
-        with home.db.connection(internal=True) as conn, conn.transaction():
-            row = conn.execute(home.db.q.shard_queue_limit, {"queue": queue}).fetchone()
-            if row is not None:
-                limit = int(row[0])
+        q = home.db.q
+        if home.db.with_retry(lambda c: c.execute(q.shard_queue_limit_value, {"queue": queue}).fetchone()) is None:
+            yield  # no limit: no turn to take
+            return
+        # The turn is held on a connection of its own (not the pool's, which the insert itself draws from);
+        # it writes nothing, so how its transaction ends never matters to what the insert stored.
+        try:
+            conn = psycopg.connect(home.db.dsn, **{**home.db.connection_kwargs(), "autocommit": False})
+        except psycopg.OperationalError as exc:
+            raise home.db.unavailable(exc) from None
+        try:
+            row = conn.execute(q.shard_queue_limit_turn, {"queue": queue}).fetchone()
+            if row is not None and row[1] is not None:
+                limit = int(row[1])
                 depth = sum(_pending_depth(store, queue, limit + 1) for store in self.stores)
                 if depth + n > limit:
                     raise QueueFull(queue, limit, depth, n)
             yield
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
 
     def _add_routed(self, batch: NewRecords) -> AddResult:
         n = len(batch.payloads)
@@ -153,8 +169,10 @@ class ShardedStore:
             todo, refresh = sorted(retry), True
             if todo:
                 if time.monotonic() > deadline:
-                    raise DatabaseUnavailable(f"{len(todo)} records' partitions stayed in a move for "
-                                              f"{REROUTE_SECONDS:g}s")
+                    error = DatabaseUnavailable(f"{len(todo)} records' partitions stayed in a move for "
+                                                f"{REROUTE_SECONDS:g}s")
+                    error.stored_ids = [i for i in ids if i]  # type: ignore[attr-defined]
+                    raise error
                 time.sleep(0.05)
         return AddResult(ids, sorted(deduplicated))
 
@@ -179,7 +197,13 @@ class ShardedStore:
             try:
                 self._add_part(shard, batch, idx, ids, deduplicated)
                 return
-            except (QueueFull, DatabaseUnavailable, Rerouted) as exc:
+            except DatabaseUnavailable as exc:
+                # Passed on only when nothing can have been stored there: no connection was had, or the
+                # server rolled it back. A connection lost around the commit leaves that unknown.
+                if exc.retryable and not exc.rolled_back:
+                    raise
+                last = exc
+            except (QueueFull, Rerouted) as exc:
                 last = exc
         if isinstance(last, Rerouted) or last is None:
             raise DatabaseUnavailable(f"no shard takes new keyless records ({last})")
@@ -206,20 +230,30 @@ class ShardedStore:
         claimed: list[Record] = []
         if size <= 0 or not known:
             return claimed, completed
-        # Up to ``size`` from every shard, the first ``size`` of them in claim order kept, the rest released
-        # at once (no attempt charged): the order of one database, at a price in writes.
+        # Each shard's first positions in claim order are read (not locked), the first ``size`` of them all
+        # say how many each shard gives, and each shard claims that many: the order of one database, with
+        # no record claimed and handed back (key rules may make a shard give fewer).
+        heads: list[tuple[tuple[int, Any, int], int]] = []
         for shard, store in sorted(known.items()):
             try:
-                got, _ = store.claim([], size, queues, ())
+                rows = _peek(store, queues, size)
             except DatabaseUnavailable as exc:  # a shard down costs only its share
+                log.warning("shard unreachable for a claim", extra={"shard": shard, "error": str(exc)[:200]})
+                continue
+            heads.extend(((int(r[0]), r[1], int(r[2])), shard) for r in rows)
+        heads.sort(key=lambda h: h[0])
+        share: dict[int, int] = {}
+        for _, shard in heads[:size]:
+            share[shard] = share.get(shard, 0) + 1
+        for shard, n in sorted(share.items()):
+            try:
+                got, _ = known[shard].claim([], n, queues, ())
+            except DatabaseUnavailable as exc:
                 log.warning("shard unreachable for a claim", extra={"shard": shard, "error": str(exc)[:200]})
                 continue
             claimed.extend(got)
         claimed.sort(key=lambda r: (-r.priority, r.run_at, r.id))
-        extra = claimed[size:]
-        if extra:
-            self.release(extra, "claimed by a sharded claim beyond its batch")
-        return claimed[:size], completed
+        return claimed, completed
 
     def unblock(self, keys: Iterable[str], *, announce: bool = True) -> None:
         shard_map = self.topology.shard_map()
@@ -335,41 +369,7 @@ class ShardedStore:
         return list(seen.values())
 
     def probe(self, report: dict[str, Any], timeout: float) -> list[CountRow] | None:
-        """Every shard probed at once within ``timeout``; a shard down is a reason (degraded), all down
-        is an error (unhealthy)."""
-        def one(i: int) -> tuple[dict[str, Any], list[CountRow] | None]:
-            part: dict[str, Any] = {"database": {"reachable": False}, "reasons": []}
-            return part, self.stores[i].probe(part, timeout)
-
-        shards: list[dict[str, Any]] = []
-        rows: list[list[CountRow]] = []
-        first_db: dict[str, Any] | None = None
-        with cf.ThreadPoolExecutor(len(self.stores), thread_name_prefix="dp-shard-probe") as pool:
-            futures = [pool.submit(one, i) for i in range(len(self.stores))]
-            for i, fut in enumerate(futures):
-                target = self.stores[i].db.target()
-                entry: dict[str, Any] = {"index": i, **target, "status": "healthy"}
-                try:
-                    part, counts = fut.result(timeout + 1)
-                    entry["shard"] = self.topology.number(i)
-                    first_db = first_db or part["database"]
-                    if counts is None:
-                        entry["status"], entry["reason"] = "unhealthy", "; ".join(part["reasons"]) or "not migrated"
-                    else:
-                        rows.append(counts)
-                        entry["latency_ms"] = part["database"].get("latency_ms")
-                except Exception as exc:  # reported, never raised: the others answer
-                    entry["status"], entry["reason"] = "unhealthy", f"{type(exc).__name__}: {str(exc)[:300]}"
-                if entry["status"] != "healthy":
-                    report["reasons"].append(f"shard {target['host']}:{target['port']}/{target['dbname']}"
-                                             f" unreachable: {entry['reason']}")
-                shards.append(entry)
-        report["shards"] = shards
-        if not rows:
-            raise DatabaseUnavailable("no shard is reachable: " + "; ".join(s.get("reason", "") for s in shards))
-        report["database"].update(first_db or {}, reachable=True, shards=len(self.stores),
-                                  shards_reachable=len(rows))
-        return merge_counts(rows)
+        return probe_shards(self.stores, self.topology, report, timeout)
 
     def ready(self) -> tuple[bool, str | None]:
         answers = [s.ready() for s in self.stores]
@@ -391,3 +391,8 @@ def _pending_depth(store: PostgresStore, queue: str, cap: int) -> int:
     q = store.db.q.pending_depth
     row = store.db.with_retry(lambda conn: conn.execute(q, {"queue": queue, "cap": cap}).fetchone())
     return int(row[0]) if row else 0
+
+
+def _peek(store: PostgresStore, queues: list[str], n: int) -> list[tuple[Any, ...]]:
+    q = store.db.q.shard_peek
+    return store.db.with_retry(lambda conn: conn.execute(q, {"queues": queues, "n": n}).fetchall())

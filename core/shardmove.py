@@ -19,7 +19,7 @@ or doubled: a row leaves A only in the transaction that, by the log, put it on B
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import time
 import uuid
@@ -78,18 +78,20 @@ class Mover:
         """Settle the prepared transactions of moves that did not finish; {'committed': n, 'rolled_back': m}."""
         shards = self.topology.known()
         prepared: dict[int, list[str]] = {}
+        mine = f"{PREFIX}{self.topology.stores[0].db.settings.schema}:"  # this deployment's moves only
         for no, store in shards.items():
             with psycopg.connect(store.db.dsn, **store.db.connection_kwargs()) as conn:
-                prepared[no] = [str(r[0]) for r in conn.execute(store.db.q.move_prepared).fetchall()]
+                prepared[no] = [str(r[0]) for r in conn.execute(store.db.q.move_prepared,
+                                                                {"prefix": mine + "%"}).fetchall()]
         out = {"committed": 0, "rolled_back": 0}
         for no, gids in prepared.items():
             for gid in gids:
-                _, move_id, role, other = gid.split(":")
+                move_id, role, other = gid[len(mine):].split(":")
                 peer = shards.get(int(other))
                 if peer is None:
                     raise ConfigurationError(f"in-doubt move {move_id} involves shard {other}, which is not reachable")
                 if role == "dst":
-                    src_gid = f"{PREFIX}{move_id}:src:{no}"
+                    src_gid = f"{mine}{move_id}:src:{no}"
                     # prepared after its source; the source commits after it: no source, no move
                     commit = src_gid in prepared.get(int(other), [])
                     self._finish(shards[no], gid, commit)
@@ -97,7 +99,7 @@ class Mover:
                         self._finish(peer, src_gid, True)
                         prepared[int(other)].remove(src_gid)
                 else:
-                    dst_gid = f"{PREFIX}{move_id}:dst:{no}"
+                    dst_gid = f"{mine}{move_id}:dst:{no}"
                     if dst_gid in prepared.get(int(other), []):
                         continue  # settled when its destination's entry is
                     with psycopg.connect(peer.db.dsn, **peer.db.connection_kwargs()) as conn:
@@ -146,9 +148,14 @@ class Mover:
                 raise TimeoutError(f"{left} records of the partitions are still on shard {source} after {timeout:g}s")
             if n == 0:
                 time.sleep(0.1)  # only busy keys left: their running records finish first
-        if moved:  # the target's own later records get ids above the ones moved in (FIFO is id order)
+        if partitions or moved:
+            # The target's own later records get ids above the ones moved in (FIFO is id order); also when
+            # this run moved nothing (a killed mover's rounds did), and with no statement timeout: it takes
+            # as long as the gap it closes.
             above = int(_rows(src, "shard_max_id", {})[0][0])
-            dst.db.with_retry(lambda conn: conn.execute(dst.db.q.shard_raise_ids, {"above": above}))
+            with dst.db.connection(internal=True) as conn, conn.transaction():
+                conn.execute(dst.db.q.shard_no_statement_timeout)
+                conn.execute(dst.db.q.shard_raise_ids, {"above": above})
         if partitions:
             order = [dst, *[s for s in self.topology.known().values() if s not in (dst, src)], src]
             self.topology.write_map({p: target for p in partitions}, version=version + 1, stores=order)
@@ -181,22 +188,36 @@ class Mover:
                   params: dict[str, Any], keys: list[str]) -> tuple[int, int]:
         """One distributed transaction (see the module docstring); (records moved, keys left busy)."""
         move_id = uuid.uuid4().hex
-        src_gid, dst_gid = f"{PREFIX}{move_id}:src:{target}", f"{PREFIX}{move_id}:dst:{source}"
+        prefix = f"{PREFIX}{src.db.settings.schema}:{move_id}"
+        src_gid, dst_gid = f"{prefix}:src:{target}", f"{prefix}:dst:{source}"
+        # Finished counts of the moved rows go to a slot of this move's own (the trigger reads dp.stats_slot):
+        # a prepared transaction left by a killed mover then locks no row that completions write.
+        slot = {"slot": str(16 + int(move_id[:8], 16) % 30_000)}  # queue_stats.slot is a smallint
+        busy: set[str] = set()
+        if keys:  # keys with a running record are left out before anything is locked
+            busy = {r[0] for r in _rows(src, "move_busy_keys", {"keys": keys})}
+            keys = [k for k in keys if k not in busy]
+            if not keys:
+                return 0, len(busy)
+            params = {**params, "keys": keys}
         with _connect(src) as a, _connect(dst) as b:
             a.tpc_begin(src_gid)
             try:
+                a.execute(src.db.q.move_stats_slot, slot)
                 rows = a.execute(getattr(src.db.q, lock), params).fetchall()
-                busy: set[str] = set()
                 if keys:
                     # In this order: a claim that commits before the count shows in the busy check, one that
-                    # commits later leaves the count above the rows locked.
+                    # commits later leaves the count above the rows locked. Either way the round is given
+                    # up (its locks released at once) and the key waits for a later one.
                     locked: dict[str, int] = {}
                     for r in rows:
                         locked[r[1]] = locked.get(r[1], 0) + 1
                     counts = dict(a.execute(src.db.q.move_pending_counts, {"keys": keys}).fetchall())
-                    busy = {k for k, n in counts.items() if locked.get(k, 0) != n}
-                    busy |= {r[0] for r in a.execute(src.db.q.move_busy_keys, {"keys": keys}).fetchall()}
-                rows = [r for r in rows if r[1] not in busy]
+                    late = {k for k, n in counts.items() if locked.get(k, 0) != n}
+                    late |= {r[0] for r in a.execute(src.db.q.move_busy_keys, {"keys": keys}).fetchall()}
+                    if late:
+                        a.tpc_rollback()
+                        return 0, len(busy | late)
                 ids = [int(r[0]) for r in rows]
                 if not rows or a.execute(src.db.q.move_delete, {"ids": ids}).rowcount != len(ids):
                     a.tpc_rollback()
@@ -208,13 +229,24 @@ class Mover:
                     a.tpc_rollback()  # nothing prepared yet: nothing in doubt
                 raise
             self.pause()
-            b.tpc_begin(dst_gid)
-            b.execute(dst.db.q.move_insert, {"rows": json.dumps([r[2] for r in rows])})
-            b.execute(dst.db.q.move_announce, {"ids": ids})
-            b.execute(dst.db.q.move_log, {"move_id": move_id, "records": len(ids)})
-            b.tpc_prepare()
+            try:
+                b.tpc_begin(dst_gid)
+                b.execute(dst.db.q.move_stats_slot, slot)
+                # the rows as JSON text, never parsed here: numbers stay exactly as stored
+                b.execute(dst.db.q.move_insert, {"rows": "[" + ",".join(str(r[2]) for r in rows) + "]"})
+                b.execute(dst.db.q.move_announce, {"ids": ids})
+                b.execute(dst.db.q.move_log, {"move_id": move_id, "records": len(ids)})
+                b.tpc_prepare()
+            except BaseException:
+                # B never prepared: the move did not happen. A's prepared half goes too (settling would
+                # roll it back as well), so nothing stays locked.
+                with contextlib.suppress(psycopg.Error):
+                    if b.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                        b.tpc_rollback()
+                a.tpc_rollback()
+                raise
             self.pause()
-            b.tpc_commit()
+            b.tpc_commit()  # from here on a failure is settled by resolve(): B committed means A commits
             self.pause()
             a.tpc_commit()
         moved_keys = sorted({r[1] for r in rows if r[1] is not None})

@@ -86,30 +86,51 @@ class Topology:
 
     def set_up(self) -> None:
         """Number every shard that has no number yet (the lowest free numbers, in configuration order),
-        stride its ids, and give every shard the map (the first one: partition p on shard p mod n)."""
+        stride its ids, give every shard the map (the first one: partition p on shard p mod n), and give a
+        new shard the key and queue limits the others have. One set-up at a time (a lock on the first
+        configured shard), so two migrations never give two databases one number."""
+        first = self.stores[0]
+        with first.db.connection(internal=True) as lock_conn, lock_conn.transaction():
+            lock_conn.execute(first.db.q.shard_setup_lock)
+            self._set_up()
+
+    def _set_up(self) -> None:
         taken: dict[int, int] = {}
         for i, store in enumerate(self.stores):
             rows = _rows(store, "shard_identity")
-            row = rows[0] if rows else None
-            if row is not None:
-                if int(row[0]) in taken.values():
-                    raise ConfigurationError(f"two configured databases are both shard {row[0]}")
-                taken[i] = int(row[0])
+            if rows:
+                if int(rows[0][0]) in taken.values():
+                    raise ConfigurationError(f"two configured databases are both shard {rows[0][0]}")
+                taken[i] = int(rows[0][0])
+        old = [self.stores[i] for i in sorted(taken)]
         free = (n for n in range(MAX_SHARDS) if n not in taken.values())
         # a new shard's ids start above every id the others hold (moves then keep per-key id order)
         above = max(int(_rows(s, "shard_max_id")[0][0]) for s in self.stores)
+        new: list[PostgresStore] = []
         for i, store in enumerate(self.stores):
             if i in taken:
                 continue
             n = next(free)
             with store.db.connection(internal=True) as conn, conn.transaction():
-                conn.execute(store.db.q.shard_identity_claim, {"shard_no": n})
-                conn.execute(store.db.q.shard_set_ids, {"shard_no": n, "stride": MAX_SHARDS, "above": above})
+                claimed = conn.execute(store.db.q.shard_identity_claim, {"shard_no": n}).fetchone()
+                if claimed is not None:  # ours: its ids strided for it
+                    conn.execute(store.db.q.shard_set_ids, {"shard_no": n, "stride": MAX_SHARDS, "above": above})
+            if claimed is None:
+                raise ConfigurationError(f"database {store.db.target()} was numbered by another set-up meanwhile;"
+                                         " run migrate() again")
             taken[i] = n
+            new.append(store)
             log.info("database set up as a shard", extra={"shard": n, "target": store.db.target()})
         self._numbers = dict(taken)
         for i, store in enumerate(self.stores):
             store.db.shard = taken[i]
+        if old and new:  # the admission settings hold on a new shard as on the others
+            keys, queues = _rows(old[0], "shard_key_limits"), _rows(old[0], "shard_queue_limits")
+            for store in new:
+                for pattern, n_max, block in keys:
+                    store.set_key_concurrency(str(pattern), int(n_max), bool(block))
+                for queue, n_max in queues:
+                    store.set_queue_limit(str(queue), int(n_max))
         copies = [_rows(s, "shard_map_read") for s in self.stores]
         if not any(copies):  # a new deployment: the first map, partition p on the (p mod n)-th shard
             numbers = sorted(taken.values())

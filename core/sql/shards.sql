@@ -5,9 +5,21 @@
 SELECT shard_no, accepting FROM {shard_identity};
 
 -- name: shard_identity_claim
--- Written once, when a sharded processor first migrates this database; a later one reads what is here.
+-- Written once, when a sharded processor first migrates this database; a later one reads what is here
+-- (nothing returned: another set-up numbered it first).
 INSERT INTO {shard_identity} (shard_no) VALUES (%(shard_no)s)
-ON CONFLICT (singleton) DO NOTHING;
+ON CONFLICT (singleton) DO NOTHING
+RETURNING shard_no;
+
+-- name: shard_setup_lock
+-- One set-up at a time (taken on the first configured shard, for the set-up's transaction).
+SELECT count(pg_advisory_xact_lock(7120, 0));
+
+-- name: shard_key_limits
+SELECT pattern, max_concurrency, block_on_failure FROM {key_limits} ORDER BY pattern;
+
+-- name: shard_queue_limits
+SELECT queue, max_pending FROM {queue_limits} ORDER BY queue;
 
 -- name: shard_set_ids
 SELECT {shard_ids_function}(%(shard_no)s, %(stride)s, %(above)s);
@@ -54,7 +66,7 @@ SELECT DISTINCT coalesce(ordering_key, dedupe_key) FROM {records}
 -- The records of these keys (pending and finished: a key's history moves with it), locked, never waiting
 -- (a wait could deadlock with a claim's unblock): a row someone else holds is skipped, and its key then
 -- counts as busy (move_pending_counts). Rows as JSON, for the other shard's insert.
-SELECT id, coalesce(ordering_key, dedupe_key), to_jsonb(t) FROM {records} t
+SELECT id, coalesce(ordering_key, dedupe_key), to_jsonb(t)::text FROM {records} t
  WHERE status <> 'processing'
    AND (ordering_key = ANY(%(keys)s::text[]) OR (ordering_key IS NULL AND dedupe_key = ANY(%(keys)s::text[])))
  ORDER BY id
@@ -75,7 +87,7 @@ SELECT DISTINCT coalesce(ordering_key, dedupe_key) FROM {records}
    AND (ordering_key = ANY(%(keys)s::text[]) OR (ordering_key IS NULL AND dedupe_key = ANY(%(keys)s::text[])));
 
 -- name: move_lock_keyless
-SELECT id, NULL::text, to_jsonb(t) FROM {records} t
+SELECT id, NULL::text, to_jsonb(t)::text FROM {records} t
  WHERE status = 'pending' AND ordering_key IS NULL AND dedupe_key IS NULL
  ORDER BY id
  LIMIT %(limit)s
@@ -85,9 +97,20 @@ SELECT id, NULL::text, to_jsonb(t) FROM {records} t
 DELETE FROM {records} WHERE id = ANY(%(ids)s::bigint[]) AND status <> 'processing';
 
 -- name: move_insert
--- The rows as the source shard had them (same schema: the row type is the table's).
+-- The rows as the source shard had them (same schema: the row type is the table's). A dedupe key this shard
+-- already holds (a record of another routing key, which the same dedupe key may have) stays with that
+-- record: the moved one comes without its hold.
 INSERT INTO {records}
-SELECT * FROM jsonb_populate_recordset(NULL::{records}, %(rows)s::jsonb);
+SELECT (jsonb_populate_record(NULL::{records}, r || CASE
+        WHEN (r->>'dedupe_held')::boolean AND EXISTS (
+             SELECT 1 FROM {records} h
+              WHERE h.dedupe_held AND h.queue = r->>'queue' AND h.dedupe_key = r->>'dedupe_key')
+        THEN jsonb_build_object('dedupe_held', false) ELSE jsonb_build_object() END)).*
+  FROM jsonb_array_elements(%(rows)s::jsonb) AS r;
+
+-- name: move_stats_slot
+-- The finished counts of a move's transaction in a queue_stats slot of its own (see dp_track_finished).
+SELECT set_config('dp.stats_slot', %(slot)s, true);
 
 -- name: move_announce
 -- Moved records are claimable below this shard's claimers' floors (core/floors.py): announced.
@@ -104,7 +127,7 @@ SELECT count(*) FROM {shard_moves} WHERE move_id = %(move_id)s;
 
 -- name: move_prepared
 -- Moves' prepared transactions in this database (a mover that died between its two commits leaves them).
-SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE 'dp-move:%%' ORDER BY gid;
+SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE %(prefix)s ORDER BY gid;
 
 -- name: move_lock
 -- One mover at a time per deployment: a session lock on every shard it touches.
@@ -123,8 +146,23 @@ SELECT count(*) FROM {records}
 SELECT count(*) FROM {records}
  WHERE status IN ('pending', 'processing') AND ordering_key IS NULL AND dedupe_key IS NULL;
 
--- name: shard_queue_limit
--- On the queue's home shard (the lowest-numbered): producers of a limited queue take turns, on every shard
--- (a lock of their own, apart from the row each shard's insert locks), and read the limit.
-SELECT q.max_pending FROM pg_advisory_xact_lock(7118, hashtext(%(queue)s)) l, {queue_limits} q
- WHERE q.queue = %(queue)s;
+-- name: shard_queue_limit_value
+SELECT max_pending FROM {queue_limits} WHERE queue = %(queue)s;
+
+-- name: shard_queue_limit_turn
+-- On the queue's home shard (the lowest-numbered): producers of a limited queue take turns (a lock class of
+-- its own, apart from the row each shard's insert locks), and read the limit as it is now.
+SELECT count(pg_advisory_xact_lock(7119, hashtext(%(queue)s))),
+       (SELECT max_pending FROM {queue_limits} WHERE queue = %(queue)s);
+
+-- name: shard_peek
+-- The claim order's first due, claimable-looking positions of these queues (read, not locked; key rules
+-- not applied): how many of a sharded claim each shard should give.
+SELECT - priority::bigint, run_at, id FROM {records}
+ WHERE status = 'pending' AND queue = ANY(%(queues)s::text[]) AND NOT key_blocked AND run_at <= now()
+ ORDER BY - priority::bigint, run_at, id
+ LIMIT %(n)s;
+
+-- name: shard_no_statement_timeout
+-- For one transaction of the mover's: raising a shard's ids takes as long as the gap it closes.
+SELECT set_config('statement_timeout', '0', true);

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from core.schema import SHARD_FUNCTION_SQL
+from core.schema import SHARD_FUNCTION_SQL, STATS_TRIGGER_SQL, STATS_TRIGGER_SQL_SLOTTED
 
 revision: str = "0007_shards"
 down_revision: str | None = "0006_stats_slots"
@@ -55,9 +55,11 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("move_id", name="pk_shard_moves"),
     )
     op.execute(SHARD_FUNCTION_SQL.format(schema=_schema()))
+    op.execute(STATS_TRIGGER_SQL_SLOTTED.format(schema=_schema()))
 
 
 def downgrade() -> None:
+    op.execute(STATS_TRIGGER_SQL.format(schema=_schema()))
     op.execute(f"DROP FUNCTION IF EXISTS {_schema()}.dp_raise_ids(bigint)")
     op.execute(f"DROP FUNCTION IF EXISTS {_schema()}.dp_set_shard_ids(integer, integer, bigint)")
     op.drop_table("shard_moves")
