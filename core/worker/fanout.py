@@ -45,6 +45,7 @@ class Fanout:
         self._summary = RunSummary()
         self._errors: list[BaseException] = []
         self.signals_seen = 0
+        self._signal_lock = threading.Lock()
 
     @property
     def summary(self) -> RunSummary:
@@ -77,8 +78,16 @@ class Fanout:
         return all(w.ticked_within(seconds) for w in live)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.signals_seen += 1
-        if self.signals_seen == 1:
+        # A signal handler runs in the main thread between two of its bytecodes, perhaps while that thread
+        # holds one of the locks stop() takes (the run's state, the wake-up's condition): taking it here
+        # would wait for itself forever. The stop runs on a thread of its own instead.
+        threading.Thread(target=self._signalled, args=(signum,), name="dp-signal", daemon=True).start()
+
+    def _signalled(self, signum: int) -> None:
+        with self._signal_lock:  # two signals close together: two threads, counted one after the other
+            self.signals_seen += 1
+            first = self.signals_seen == 1
+        if first:
             log.info("signal received: draining", extra={"signal": signum, "grace_seconds": self.options.grace_seconds})
             self.stop()
         else:

@@ -54,6 +54,7 @@ class Worker:
         self.service = Service(s, self.heartbeat, self.maintainer)
         self.listener: Listener | None = store.listener
         self.signals_seen = 0
+        self._signal_lock = threading.Lock()
 
     # ------------------------------------------------------------------ what callers and probes see
 
@@ -98,8 +99,16 @@ class Worker:
     # ------------------------------------------------------------------ signal handling
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.signals_seen += 1
-        if self.signals_seen == 1:
+        # A signal handler runs in the main thread between two of its bytecodes, perhaps while that thread
+        # holds one of the locks stop() takes (the run's state, the wake-up's condition): taking it here
+        # would wait for itself forever. The stop runs on a thread of its own instead.
+        threading.Thread(target=self._signalled, args=(signum,), name="dp-signal", daemon=True).start()
+
+    def _signalled(self, signum: int) -> None:
+        with self._signal_lock:  # two signals close together: two threads, counted one after the other
+            self.signals_seen += 1
+            first = self.signals_seen == 1
+        if first:
             log.info("signal received: draining", extra={"signal": signum, "grace_seconds": self.options.grace_seconds})
             self.stop()
         else:

@@ -303,3 +303,28 @@ def test_a_retired_shard_hands_over_every_record_and_takes_no_new_ones(shard_dsn
     wait_until(lambda: _unfinished(shard_dsns) == 0, 60, interval=0.3, message="drained after the retirement")
     assert all(code == 0 for code, _, _ in workers.terminate_all().values())
     _assert_each_completed_once(shard_dsns, ids)
+
+
+def test_a_transactional_handler_writes_to_its_records_own_shard(shard_dsns: list[str]) -> None:
+    _setup(shard_dsns)
+    for dsn in shard_dsns:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE effects (record_id bigint PRIMARY KEY, shard int NOT NULL)")
+    with DistributedProcessor(shards=shard_dsns) as p:
+        ids = p.add_records([{} for _ in range(300)], ordering_key=[f"t-{i % 30}" for i in range(300)])
+        ids += p.add_records([{} for _ in range(30)])
+
+        def handler(record: Any, conn: Any) -> None:  # its effect commits with its completion, on its shard
+            conn.execute("INSERT INTO effects (record_id, shard) VALUES (%s, %s)", (record.id, record.shard))
+
+        summary = p.run(handler, transactional=True, concurrency=2, stop_when_empty=True, handle_signals=False,
+                        poll_interval=0.1)
+        numbers = [r[0][0] for r in _each(shard_dsns, "SELECT shard_no FROM shard_identity")]
+    assert summary.processed == len(ids)
+    seen: set[int] = set()
+    for i, (effects, records) in enumerate(zip(_each(shard_dsns, "SELECT record_id, shard FROM effects"),
+                                               _each(shard_dsns, "SELECT id FROM processing_queue"), strict=True)):
+        assert {rid for rid, _ in effects} == {rid for (rid,) in records}, "each effect beside its record"
+        assert all(shard == numbers[i] for _, shard in effects)
+        seen |= {rid for rid, _ in effects}
+    assert seen == set(ids)
