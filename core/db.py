@@ -26,7 +26,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from core.config import Settings
 from core.dsn import KEEPALIVE_KWARGS, redact
-from core.errors import DatabaseUnavailable, PoolExhausted, SchemaNotMigrated
+from core.errors import DatabaseUnavailable, PoolExhausted, ProcessorError, SchemaNotMigrated
 from core.payloads import loads
 from core.queries import Queries
 
@@ -253,15 +253,22 @@ class Database:
                 yield conn
         except PoolTimeout as exc:
             raise self.unavailable(exc) from None
-        except pg_errors.UndefinedTable as exc:
-            raise SchemaNotMigrated(
-                f"tables missing in schema {self.settings.schema!r} ({exc.diag.message_primary}); "
-                "run `dproc migrate`"
-            ) from None
-        except psycopg.OperationalError as exc:
-            if isinstance(exc, pg_errors.QueryCanceled):
+        except (pg_errors.UndefinedTable, psycopg.OperationalError) as exc:
+            typed = self.typed_error(exc)
+            if typed is None:
                 raise
-            raise self.unavailable(exc) from None
+            raise typed from None
+
+    def typed_error(self, exc: Exception) -> ProcessorError | None:
+        """The typed error of a statement's failure (``SchemaNotMigrated``, ``DatabaseUnavailable``), or None
+        for one that goes to the caller as it is (a cancelled statement)."""
+        if isinstance(exc, pg_errors.UndefinedTable):
+            return SchemaNotMigrated(
+                f"tables missing in schema {self.settings.schema!r} ({exc.diag.message_primary}); "
+                "run `dproc migrate`")
+        if isinstance(exc, psycopg.OperationalError) and not isinstance(exc, pg_errors.QueryCanceled):
+            return self.unavailable(exc)
+        return None
 
     def set_plan_mode(self, conn: Conn, *, generic: bool, local: bool = False) -> None:
         # Every statement of ours is written so that its generic plan walks the same indexes as a custom one

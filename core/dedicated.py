@@ -21,7 +21,7 @@ from psycopg import sql
 
 from core.config import Settings
 from core.db import Conn, Database, TransactionPooled, configure_connection
-from core.errors import DatabaseUnavailable, SchemaNotMigrated
+from core.errors import DatabaseUnavailable
 
 log = logging.getLogger("core.dedicated")
 
@@ -88,16 +88,13 @@ class DedicatedDatabase(Database):
             conn.internal = True
         try:
             yield conn
-        except pg_errors.UndefinedTable as exc:
-            raise SchemaNotMigrated(
-                f"tables missing in schema {self.settings.schema!r} ({exc.diag.message_primary}); "
-                "run `dproc migrate`"
-            ) from None
-        except psycopg.OperationalError as exc:
-            if isinstance(exc, pg_errors.QueryCanceled):
+        except (pg_errors.UndefinedTable, psycopg.OperationalError) as exc:
+            typed = self.typed_error(exc)
+            if typed is None:
                 raise
-            self.drop()
-            raise self.unavailable(exc) from None
+            if isinstance(typed, DatabaseUnavailable):
+                self.drop()  # a broken connection: the next use connects again
+            raise typed from None
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for a notification; True when one came (or the connection is new,

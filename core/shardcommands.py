@@ -8,6 +8,7 @@ from typing import Any
 
 from core.errors import DatabaseUnavailable
 from core.shardmove import PREFIX, rebalance
+from core.shardtopology import rows
 
 
 def shards_command(p: Any, args: argparse.Namespace) -> int:
@@ -51,9 +52,7 @@ def status(p: Any) -> dict[str, Any]:
         target = f"{t['host']}:{t['port']}/{t['dbname']}"
         try:
             no = topology.number(i)
-            prefix = {"prefix": f"{PREFIX}{store.db.settings.schema}:%"}
-            rows = store.db.with_retry(
-                lambda conn, s=store, pf=prefix: conn.execute(s.db.q.move_prepared, pf).fetchall())
+            prepared = rows(store, "move_prepared", {"prefix": f"{PREFIX}{store.db.settings.schema}:%"})
         except DatabaseUnavailable as exc:
             shards.append({"index": i, "target": target, "error": str(exc)[:200]})
             continue
@@ -62,6 +61,6 @@ def status(p: Any) -> dict[str, Any]:
             "index": i, "shard": no, "target": target, "partitions": len(shard_map.partitions_of(no)),
             "pending": sum(r[2] for r in mine if r[1] == "pending"),
             "processing": sum(r[2] for r in mine if r[1] == "processing"),
-            "in_doubt": [str(r[0]) for r in rows],
+            "in_doubt": [str(r[0]) for r in prepared],
         })
     return {"shards": shards, "moving": [i for i, m in enumerate(shard_map.moving) if m]}

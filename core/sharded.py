@@ -31,7 +31,7 @@ from core.record import AddResult, Record
 from core.runstore import PostgresRun
 from core.shardhealth import probe_shards
 from core.sharding import merge_counts, partition_of, routing_key, split_batch, subset
-from core.shardtopology import Topology
+from core.shardtopology import Topology, rows
 from core.store import PostgresStore
 
 log = logging.getLogger("core.shards")
@@ -133,7 +133,8 @@ class ShardedStore:
             row = conn.execute(q.shard_queue_limit_turn, {"queue": queue}).fetchone()
             if row is not None and row[1] is not None:
                 limit = int(row[1])
-                depth = sum(_pending_depth(store, queue, limit + 1) for store in self.stores)
+                cap = {"queue": queue, "cap": limit + 1}
+                depth = sum(int(rows(store, "pending_depth", cap)[0][0]) for store in self.stores)
                 if depth + n > limit:
                     raise QueueFull(queue, limit, depth, n)
             yield
@@ -236,11 +237,11 @@ class ShardedStore:
         heads: list[tuple[tuple[int, Any, int], int]] = []
         for shard, store in sorted(known.items()):
             try:
-                rows = _peek(store, queues, size)
+                peeked = rows(store, "shard_peek", {"queues": queues, "n": size})
             except DatabaseUnavailable as exc:  # a shard down costs only its share
                 log.warning("shard unreachable for a claim", extra={"shard": shard, "error": str(exc)[:200]})
                 continue
-            heads.extend(((int(r[0]), r[1], int(r[2])), shard) for r in rows)
+            heads.extend(((int(r[0]), r[1], int(r[2])), shard) for r in peeked)
         heads.sort(key=lambda h: h[0])
         share: dict[int, int] = {}
         for _, shard in heads[:size]:
@@ -387,12 +388,3 @@ class ShardedStore:
             store.close()
 
 
-def _pending_depth(store: PostgresStore, queue: str, cap: int) -> int:
-    q = store.db.q.pending_depth
-    row = store.db.with_retry(lambda conn: conn.execute(q, {"queue": queue, "cap": cap}).fetchone())
-    return int(row[0]) if row else 0
-
-
-def _peek(store: PostgresStore, queues: list[str], n: int) -> list[tuple[Any, ...]]:
-    q = store.db.q.shard_peek
-    return store.db.with_retry(lambda conn: conn.execute(q, {"queues": queues, "n": n}).fetchall())

@@ -31,7 +31,7 @@ import psycopg
 
 from core.errors import ConfigurationError
 from core.sharding import partition_of
-from core.shardtopology import Topology
+from core.shardtopology import Topology, rows
 from core.store import PostgresStore
 
 log = logging.getLogger("core.shards")
@@ -136,7 +136,7 @@ class Mover:
         deadline = time.monotonic() + timeout
         moved = 0
         while True:
-            keys = [k for (k,) in _rows(src, "move_routing_keys", {}) if partition_of(k) in wanted]
+            keys = [k for (k,) in rows(src, "move_routing_keys", {}) if partition_of(k) in wanted]
             n, _ = self._round_keys(src, dst, source, target, keys) if keys else (0, 0)
             if keyless:
                 n += self._round_keyless(src, dst, source, target)
@@ -152,7 +152,7 @@ class Mover:
             # The target's own later records get ids above the ones moved in (FIFO is id order); also when
             # this run moved nothing (a killed mover's rounds did), and with no statement timeout: it takes
             # as long as the gap it closes.
-            above = int(_rows(src, "shard_max_id", {})[0][0])
+            above = int(rows(src, "shard_max_id", {})[0][0])
             with dst.db.connection(internal=True) as conn, conn.transaction():
                 conn.execute(dst.db.q.shard_no_statement_timeout)
                 conn.execute(dst.db.q.shard_raise_ids, {"above": above})
@@ -166,9 +166,9 @@ class Mover:
         return moved
 
     def _unfinished(self, src: PostgresStore, keys: list[str], keyless: bool) -> int:
-        left = int(_rows(src, "move_unfinished", {"keys": keys})[0][0]) if keys else 0
+        left = int(rows(src, "move_unfinished", {"keys": keys})[0][0]) if keys else 0
         if keyless:
-            left += int(_rows(src, "move_unfinished_keyless", {})[0][0])
+            left += int(rows(src, "move_unfinished_keyless", {})[0][0])
         return left
 
     def _round_keys(self, src: PostgresStore, dst: PostgresStore, source: int, target: int,
@@ -195,7 +195,7 @@ class Mover:
         slot = {"slot": str(16 + int(move_id[:8], 16) % 30_000)}  # queue_stats.slot is a smallint
         busy: set[str] = set()
         if keys:  # keys with a running record are left out before anything is locked
-            busy = {r[0] for r in _rows(src, "move_busy_keys", {"keys": keys})}
+            busy = {r[0] for r in rows(src, "move_busy_keys", {"keys": keys})}
             keys = [k for k in keys if k not in busy]
             if not keys:
                 return 0, len(busy)
@@ -204,13 +204,13 @@ class Mover:
             a.tpc_begin(src_gid)
             try:
                 a.execute(src.db.q.move_stats_slot, slot)
-                rows = a.execute(getattr(src.db.q, lock), params).fetchall()
+                locked_rows = a.execute(getattr(src.db.q, lock), params).fetchall()
                 if keys:
                     # In this order: a claim that commits before the count shows in the busy check, one that
                     # commits later leaves the count above the rows locked. Either way the round is given
                     # up (its locks released at once) and the key waits for a later one.
                     locked: dict[str, int] = {}
-                    for r in rows:
+                    for r in locked_rows:
                         locked[r[1]] = locked.get(r[1], 0) + 1
                     counts = dict(a.execute(src.db.q.move_pending_counts, {"keys": keys}).fetchall())
                     late = {k for k, n in counts.items() if locked.get(k, 0) != n}
@@ -218,8 +218,8 @@ class Mover:
                     if late:
                         a.tpc_rollback()
                         return 0, len(busy | late)
-                ids = [int(r[0]) for r in rows]
-                if not rows or a.execute(src.db.q.move_delete, {"ids": ids}).rowcount != len(ids):
+                ids = [int(r[0]) for r in locked_rows]
+                if not locked_rows or a.execute(src.db.q.move_delete, {"ids": ids}).rowcount != len(ids):
                     a.tpc_rollback()
                     return 0, len(busy)
                 self.pause()
@@ -233,7 +233,7 @@ class Mover:
                 b.tpc_begin(dst_gid)
                 b.execute(dst.db.q.move_stats_slot, slot)
                 # the rows as JSON text, never parsed here: numbers stay exactly as stored
-                b.execute(dst.db.q.move_insert, {"rows": "[" + ",".join(str(r[2]) for r in rows) + "]"})
+                b.execute(dst.db.q.move_insert, {"rows": "[" + ",".join(str(r[2]) for r in locked_rows) + "]"})
                 b.execute(dst.db.q.move_announce, {"ids": ids})
                 b.execute(dst.db.q.move_log, {"move_id": move_id, "records": len(ids)})
                 b.tpc_prepare()
@@ -249,15 +249,10 @@ class Mover:
             b.tpc_commit()  # from here on a failure is settled by resolve(): B committed means A commits
             self.pause()
             a.tpc_commit()
-        moved_keys = sorted({r[1] for r in rows if r[1] is not None})
+        moved_keys = sorted({r[1] for r in locked_rows if r[1] is not None})
         if moved_keys:
             dst.unblock(moved_keys)  # each key's first record claimable on its new shard
         return len(ids), len(busy)
-
-
-def _rows(store: PostgresStore, statement: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-    q = getattr(store.db.q, statement)
-    return store.db.with_retry(lambda conn: conn.execute(q, params).fetchall())
 
 
 # ---------------------------------------------------------------------- operations

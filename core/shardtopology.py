@@ -34,7 +34,8 @@ class Topology:
         n = self._numbers.get(index)
         if n is None:
             store = self.stores[index]
-            row = store.db.with_retry(lambda conn: conn.execute(store.db.q.shard_identity).fetchone())
+            found = rows(store, "shard_identity")
+            row = found[0] if found else None
             if row is None:
                 raise SchemaNotMigrated(f"database {store.db.target()} is not set up as a shard yet: run migrate()")
             n = self._numbers[index] = int(row[0])
@@ -70,7 +71,7 @@ class Topology:
         copies, errors = [], []
         for store in self.stores:
             try:
-                copies.append(_rows(store, "shard_map_read"))
+                copies.append(rows(store, "shard_map_read"))
             except DatabaseUnavailable as exc:
                 errors.append(exc)
         merged = ShardMap.merge(copies)
@@ -97,15 +98,15 @@ class Topology:
     def _set_up(self) -> None:
         taken: dict[int, int] = {}
         for i, store in enumerate(self.stores):
-            rows = _rows(store, "shard_identity")
-            if rows:
-                if int(rows[0][0]) in taken.values():
-                    raise ConfigurationError(f"two configured databases are both shard {rows[0][0]}")
-                taken[i] = int(rows[0][0])
+            identity = rows(store, "shard_identity")
+            if identity:
+                if int(identity[0][0]) in taken.values():
+                    raise ConfigurationError(f"two configured databases are both shard {identity[0][0]}")
+                taken[i] = int(identity[0][0])
         old = [self.stores[i] for i in sorted(taken)]
         free = (n for n in range(MAX_SHARDS) if n not in taken.values())
         # a new shard's ids start above every id the others hold (moves then keep per-key id order)
-        above = max(int(_rows(s, "shard_max_id")[0][0]) for s in self.stores)
+        above = max(int(rows(s, "shard_max_id")[0][0]) for s in self.stores)
         new: list[PostgresStore] = []
         for i, store in enumerate(self.stores):
             if i in taken:
@@ -125,20 +126,20 @@ class Topology:
         for i, store in enumerate(self.stores):
             store.db.shard = taken[i]
         if old and new:  # the admission settings hold on a new shard as on the others
-            keys, queues = _rows(old[0], "shard_key_limits"), _rows(old[0], "shard_queue_limits")
+            keys, queues = rows(old[0], "shard_key_limits"), rows(old[0], "shard_queue_limits")
             for store in new:
                 for pattern, n_max, block in keys:
                     store.set_key_concurrency(str(pattern), int(n_max), bool(block))
                 for queue, n_max in queues:
                     store.set_queue_limit(str(queue), int(n_max))
-        copies = [_rows(s, "shard_map_read") for s in self.stores]
+        copies = [rows(s, "shard_map_read") for s in self.stores]
         if not any(copies):  # a new deployment: the first map, partition p on the (p mod n)-th shard
             numbers = sorted(taken.values())
             self.write_map({p: numbers[p % len(numbers)] for p in range(PARTITIONS)}, version=1)
         else:  # a shard added: it gets the map the others carry
             merged = ShardMap.merge(copies)
-            for store, rows in zip(self.stores, copies, strict=True):
-                if not rows:
+            for store, copy in zip(self.stores, copies, strict=True):
+                if not copy:
                     self._copy_map(store, merged)
         self.shard_map(refresh=True)
 
@@ -158,6 +159,7 @@ class Topology:
                                                             "moving": moving})
 
 
-def _rows(store: PostgresStore, statement: str) -> list[tuple[Any, ...]]:
+def rows(store: PostgresStore, statement: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+    """The rows of a shard's named statement (an idempotent read, retried on a broken connection)."""
     q = getattr(store.db.q, statement)
-    return store.db.with_retry(lambda conn: conn.execute(q).fetchall())
+    return store.db.with_retry(lambda conn: conn.execute(q, params).fetchall())

@@ -108,3 +108,20 @@ class WorkerProcs:
 def unfinished(conn: Any) -> int:
     row = conn.execute("SELECT count(*) FROM processing_queue WHERE status IN ('pending', 'processing')").fetchone()
     return int(row[0])
+
+
+def health_report(port: int) -> dict[str, Any]:
+    """``GET /health`` of a worker's HTTP port (a 503 carries the report too); {} while it does not answer."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+    except OSError:
+        return {}
+    report: dict[str, Any] = json.loads(body)
+    return report

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
 import threading
 from collections.abc import Callable, Sequence
-from types import FrameType
-from typing import Any
 
 from core.errors import DatabaseUnavailable, SchemaNotMigrated
 from core.worker.loop import Worker
+from core.worker.signals import SignalDrain
 from core.worker.state import RunOptions, RunSummary
 
 log = logging.getLogger("core.worker")
@@ -25,7 +23,7 @@ log = logging.getLogger("core.worker")
 RESTART_DELAYS = (0.5, 10.0)  # first and longest wait before a shard's worker is started again
 
 
-class Fanout:
+class Fanout(SignalDrain):
     """The workers of one run over shards: the same surface as a :class:`Worker` for callers and probes."""
 
     listener = None  # each shard's worker listens on its own connection
@@ -44,8 +42,6 @@ class Fanout:
         self._lock = threading.Lock()
         self._summary = RunSummary()
         self._errors: list[BaseException] = []
-        self.signals_seen = 0
-        self._signal_lock = threading.Lock()
 
     @property
     def summary(self) -> RunSummary:
@@ -77,44 +73,22 @@ class Fanout:
         live = [w for w in self.workers if w is not None and not w.finished.is_set()]
         return all(w.ticked_within(seconds) for w in live)
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        # A signal handler runs in the main thread between two of its bytecodes, perhaps while that thread
-        # holds one of the locks stop() takes (the run's state, the wake-up's condition): taking it here
-        # would wait for itself forever. The stop runs on a thread of its own instead.
-        threading.Thread(target=self._signalled, args=(signum,), name="dp-signal", daemon=True).start()
-
-    def _signalled(self, signum: int) -> None:
-        with self._signal_lock:  # two signals close together: two threads, counted one after the other
-            self.signals_seen += 1
-            first = self.signals_seen == 1
-        if first:
-            log.info("signal received: draining", extra={"signal": signum, "grace_seconds": self.options.grace_seconds})
-            self.stop()
-        else:
-            log.warning("second signal: aborting the grace period", extra={"signal": signum})
-            self.abort()
-
     def _stopped(self) -> bool:
         event = self.options.stop_event
         return self.stopping.is_set() or (event is not None and event.is_set())
 
     def run(self) -> RunSummary:
-        previous: dict[signal.Signals, Any] = {}
-        if self.options.handle_signals and threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                previous[signum] = signal.signal(signum, self._on_signal)
         threads = [threading.Thread(target=self._run_shard, args=(i,), name=f"dp-shard-{i}", daemon=True)
                    for i in range(len(self._makers))]
         try:
-            for t in threads:
-                t.start()
-            self.started.set()
-            for t in threads:
-                while t.is_alive():  # joined in slices: the main thread must be free to take a signal
-                    t.join(0.2)
+            with self.handling_signals(self.options.handle_signals, self.options.grace_seconds):
+                for t in threads:
+                    t.start()
+                self.started.set()
+                for t in threads:
+                    while t.is_alive():  # joined in slices: the main thread must be free to take a signal
+                        t.join(0.2)
         finally:
-            for signum, old in previous.items():
-                signal.signal(signum, old)
             self.finished.set()
         if self._errors:
             raise self._errors[0]

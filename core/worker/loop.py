@@ -14,12 +14,10 @@ One role per thread, each with its own stop condition:
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from types import FrameType
 from typing import Any
 
 from core.backend import Listener, WorkerStore
@@ -32,13 +30,14 @@ from core.worker.executor import Executor, is_handler_thread
 from core.worker.heartbeat import Heartbeat
 from core.worker.maintainer import Maintainer
 from core.worker.service import Service
+from core.worker.signals import SignalDrain
 from core.worker.state import Held, RunOptions, RunState, RunSummary
 from core.worker.wake import Wake
 
 log = logging.getLogger("core.worker")
 
 
-class Worker:
+class Worker(SignalDrain):
     """Runs a handler over claimed records until stopped. Use through ``DistributedProcessor.run``."""
 
     def __init__(self, store: WorkerStore, settings: Settings, metrics: Metrics, options: RunOptions) -> None:
@@ -53,8 +52,6 @@ class Worker:
         self.maintainer = Maintainer(s)
         self.service = Service(s, self.heartbeat, self.maintainer)
         self.listener: Listener | None = store.listener
-        self.signals_seen = 0
-        self._signal_lock = threading.Lock()
 
     # ------------------------------------------------------------------ what callers and probes see
 
@@ -96,55 +93,31 @@ class Worker:
     def ticked_within(self, seconds: float) -> bool:
         return time.monotonic() - self.state.last_tick <= seconds
 
-    # ------------------------------------------------------------------ signal handling
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        # A signal handler runs in the main thread between two of its bytecodes, perhaps while that thread
-        # holds one of the locks stop() takes (the run's state, the wake-up's condition): taking it here
-        # would wait for itself forever. The stop runs on a thread of its own instead.
-        threading.Thread(target=self._signalled, args=(signum,), name="dp-signal", daemon=True).start()
-
-    def _signalled(self, signum: int) -> None:
-        with self._signal_lock:  # two signals close together: two threads, counted one after the other
-            self.signals_seen += 1
-            first = self.signals_seen == 1
-        if first:
-            log.info("signal received: draining", extra={"signal": signum, "grace_seconds": self.options.grace_seconds})
-            self.stop()
-        else:
-            log.warning("second signal: aborting the grace period", extra={"signal": signum})
-            self.abort()
-
     # ------------------------------------------------------------------ run
 
     def run(self) -> RunSummary:
         s = self.state
         started = time.monotonic()
-        previous: dict[signal.Signals, Any] = {}
-        if self.options.handle_signals and threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                previous[signum] = signal.signal(signum, self._on_signal)
-        try:
-            self._start_services()
-            s.started.set()
-            instance = s.settings.instance_id
-            extra = [
-                threading.Thread(target=self.claimer.run, name=f"dp-claimer-{i}-{instance}", daemon=True)
-                for i in range(1, s.claimers)
-            ]
-            for t in extra:
-                t.start()
-            self.claimer.run()
-            for t in extra:
-                t.join(30)
-            self._drain()
-            self.completer.flush_unblock()
-        finally:
-            self._shutdown()
-            for signum, old in previous.items():
-                signal.signal(signum, old)
-            s.summary.elapsed = time.monotonic() - started
-            s.finished.set()
+        with self.handling_signals(self.options.handle_signals, self.options.grace_seconds):
+            try:
+                self._start_services()
+                s.started.set()
+                instance = s.settings.instance_id
+                extra = [
+                    threading.Thread(target=self.claimer.run, name=f"dp-claimer-{i}-{instance}", daemon=True)
+                    for i in range(1, s.claimers)
+                ]
+                for t in extra:
+                    t.start()
+                self.claimer.run()
+                for t in extra:
+                    t.join(30)
+                self._drain()
+                self.completer.flush_unblock()
+            finally:
+                self._shutdown()
+                s.summary.elapsed = time.monotonic() - started
+                s.finished.set()
         return s.summary
 
     def _start_services(self) -> None:

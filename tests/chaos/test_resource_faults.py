@@ -16,8 +16,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,7 @@ from core.migrate import upgrade
 from tests.chaos.conftest import Fleet, worker_argv
 from tests.procs.chaos_handlers import CHAOS_DDL
 from tests.servers import Cluster, free_port, suite_dir
-from tests.support import unfinished, wait_until
+from tests.support import health_report, unfinished, wait_until
 
 
 def _enqueue(dsn: str, payloads: list[dict[str, Any]], **kw: Any) -> list[int]:
@@ -121,16 +119,6 @@ def test_a_handler_out_of_memory_fails_its_record_only(dsn: str, chaos_db: Any, 
     assert db.execute("SELECT count(DISTINCT record_id) FROM exec_ledger").fetchone() == (total,)
 
 
-def _health(port: int) -> dict[str, Any]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as resp:
-            body = resp.read()
-    except urllib.error.HTTPError as exc:  # 503 carries the report too
-        body = exc.read()
-    except OSError:
-        return {}
-    report: dict[str, Any] = json.loads(body)
-    return report
 
 
 def test_a_database_name_that_stops_resolving(dsn: str, chaos_db: Any, fleet: Fleet, tmp_path: Path) -> None:
@@ -158,13 +146,13 @@ def test_a_database_name_that_stops_resolving(dsn: str, chaos_db: Any, fleet: Fl
     fleet.start("dns", worker_argv("--health-port", str(port)), prefix=prefix,
                 env={"DATABASE_URL": name_dsn, "DP_INSTANCE_ID": "dns"})
     wait_until(lambda: _completed(db) > 200, 30)
-    assert _health(port).get("status") in ("healthy", "degraded")
+    assert health_report(port).get("status") in ("healthy", "degraded")
     with open(hosts, "w", encoding="utf-8") as fh:  # same inode: the mount sees it
         fh.write(original)
     cut = db.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database()"
                      " AND application_name LIKE 'distributed-processor%%'").fetchone()[0]
     assert cut > 0
-    report = wait_until(lambda: (r := _health(port)).get("status") == "unhealthy" and r, 30,
+    report = wait_until(lambda: (r := health_report(port)).get("status") == "unhealthy" and r, 30,
                         message="/health reports the unresolvable name")
     reasons = " ".join(report["reasons"])
     assert "resolve host 'dp-db.test'" in reasons, report  # the cause, not only the DSN
@@ -173,7 +161,7 @@ def test_a_database_name_that_stops_resolving(dsn: str, chaos_db: Any, fleet: Fl
     with open(hosts, "w", encoding="utf-8") as fh:
         fh.write(with_name)
     wait_until(lambda: unfinished(db) == 0, 60, interval=0.2, message="drained once the name resolves again")
-    assert _health(port).get("status") in ("healthy", "degraded")
+    assert health_report(port).get("status") in ("healthy", "degraded")
     assert fleet.alive() == ["dns"], "no restart needed"
     _summaries(fleet)
     _assert_completed_once(db, total)

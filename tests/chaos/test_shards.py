@@ -25,7 +25,7 @@ from core import DistributedProcessor
 from core.sharding import partition_of
 from tests.procs.shard_worker import SHARD_LEDGER_DDL
 from tests.servers import Cluster, free_port
-from tests.support import ROOT, WorkerProcs, wait_until
+from tests.support import ROOT, WorkerProcs, health_report, wait_until
 
 SETTINGS = {"max_prepared_transactions": "20", "max_connections": "120"}
 
@@ -154,16 +154,6 @@ def test_three_shards_five_processes_drain_exactly_once(shard_dsns: list[str], w
     _assert_key_order(shard_dsns)
 
 
-def _health(port: int) -> dict[str, Any]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as resp:
-            body = resp.read()
-    except urllib.error.HTTPError as exc:
-        body = exc.read()
-    except OSError:
-        return {}
-    report: dict[str, Any] = json.loads(body)
-    return report
 
 
 def test_a_shard_down_degrades_only_its_share(clusters: list[Cluster], shard_dsns: list[str],
@@ -186,7 +176,7 @@ def test_a_shard_down_degrades_only_its_share(clusters: list[Cluster], shard_dsn
         outage_started = time.monotonic()
         wait_until(lambda: sum(_completed_per_shard(up)) > at_stop + 500, 10,
                    message="the other shards' completions go on during the outage")
-        report = wait_until(lambda: (r := _health(port)).get("status") == "degraded" and r, 10,
+        report = wait_until(lambda: (r := health_report(port)).get("status") == "degraded" and r, 10,
                             message="health degraded naming the shard")
         assert any(f":{down.port}/" in reason for reason in report["reasons"]), report["reasons"]
         assert [s["status"] for s in report["shards"]] == ["healthy", "healthy", "unhealthy"], report["shards"]
@@ -195,7 +185,7 @@ def test_a_shard_down_degrades_only_its_share(clusters: list[Cluster], shard_dsn
     finally:
         down.start()
     wait_until(lambda: _unfinished(shard_dsns) == 0, 120, interval=0.3, message="drained after the shard returned")
-    wait_until(lambda: _health(port).get("status") == "healthy", 30, message="healthy again")
+    wait_until(lambda: health_report(port).get("status") == "healthy", 30, message="healthy again")
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         metrics = resp.read().decode()
     for i in range(3):  # each shard's worker counts in series of its own
