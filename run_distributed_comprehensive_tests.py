@@ -5,6 +5,7 @@
     python run_distributed_comprehensive_tests.py --type unit
     python run_distributed_comprehensive_tests.py --type integration   # tests/integration and tests/conformance
     python run_distributed_comprehensive_tests.py --type performance   # short ratio benchmarks
+    python run_distributed_comprehensive_tests.py --type container     # the image, built and run (Docker)
     python run_distributed_comprehensive_tests.py --type integration,concurrent --coverage
     python run_distributed_comprehensive_tests.py --validate-env
     python run_distributed_comprehensive_tests.py --list-tests
@@ -28,10 +29,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-CATEGORIES = ("unit", "integration", "concurrent", "performance", "chaos")
+CATEGORIES = ("unit", "integration", "concurrent", "performance", "chaos", "container")
 # The folders under tests/ each category runs: the conformance suite (the in-memory processor against the
-# real one, one process and one database per test) is integration.
-FOLDERS = {"integration": ("integration", "conformance")}
+# real one, one process and one database per test) and the dashboard's route and browser tests are
+# integration.
+FOLDERS = {"integration": ("integration", "conformance", "web")}
 # "all" is everything a CI run should prove; performance and soak-length cases have their own --type/flag.
 DEFAULT_ALL = ("unit", "integration", "concurrent", "chaos")
 REQUIRED = ("psycopg", "psycopg_pool", "sqlalchemy", "alembic", "psutil", "pytest", "prometheus_client")

@@ -15,9 +15,9 @@ from core import DistributedProcessor
 from tests.servers import leaked
 from tests.support import Server, unique_name
 
-CATEGORIES = ("unit", "integration", "concurrent", "performance", "chaos")
+CATEGORIES = ("unit", "integration", "concurrent", "performance", "chaos", "container")
 # Folders of tests that belong to a category they are not named after.
-FOLDER_CATEGORY = {"conformance": "integration"}
+FOLDER_CATEGORY = {"conformance": "integration", "web": "integration"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
