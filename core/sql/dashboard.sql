@@ -1,0 +1,164 @@
+-- The web dashboard's reads (core/web/pgsource.py), and its purge of chosen finished records.
+-- Placeholders in braces are identifiers filled in with psycopg.sql.Identifier (schema-qualified tables);
+-- %(name)s are bound parameters. A literal % is written %%, a literal brace doubled. Blocks: "-- name: <name>".
+-- Every page must answer within 100 ms beside 10 million finished records: each statement reads through an
+-- index, counts are capped, and nothing counts finished rows (their counts are queue_stats').
+
+-- name: dashboard_begin
+-- The first statement of every dashboard transaction: a time limit, custom plans (an empty filter then
+-- folds away and a partial index still matches), no JIT (compiling costs more than these statements), and
+-- for a page read-only, so that a GET cannot change anything whatever it runs.
+SELECT set_config('statement_timeout', %(ms)s, true),
+       set_config('plan_cache_mode', 'force_custom_plan', true),
+       set_config('jit', 'off', true),
+       CASE WHEN %(read_only)s THEN set_config('transaction_read_only', 'on', true) END;
+
+-- name: dashboard_queue_names
+-- Every queue with records or settings. The queues with pending records by a loose scan of the pending
+-- index (one probe per queue), those with processing ones through the lease index (a small set).
+WITH RECURSIVE pending_queues AS (
+    (SELECT queue FROM {records} WHERE status = 'pending' ORDER BY queue LIMIT 1)
+    UNION ALL
+    SELECT (SELECT r.queue FROM {records} r WHERE r.status = 'pending' AND r.queue > p.queue
+             ORDER BY r.queue LIMIT 1)
+      FROM pending_queues p WHERE p.queue IS NOT NULL
+)
+SELECT queue FROM (
+    SELECT queue FROM pending_queues WHERE queue IS NOT NULL
+    UNION
+    SELECT DISTINCT queue FROM {records} WHERE status = 'processing' AND lease_expires_at IS NOT NULL
+    UNION
+    SELECT queue FROM {stats} WHERE count <> 0
+    UNION
+    SELECT queue FROM {queue_limits}
+) q
+ ORDER BY queue
+ LIMIT %(limit)s;
+
+-- name: dashboard_queue_counts
+-- Per queue: pending and processing counted up to a cap (the pending index, the lease index), the age of
+-- the oldest due record at the head of each priority (a loose scan of the claim order, at most 20
+-- priorities), and the finished counts of queue_stats.
+SELECT q.queue,
+       (SELECT count(*) FROM (SELECT 1 FROM {records} r
+                               WHERE r.status = 'pending' AND r.queue = q.queue LIMIT %(cap)s) c) AS pending,
+       (SELECT count(*) FROM (SELECT 1 FROM {records} r
+                               WHERE r.status = 'processing' AND r.lease_expires_at IS NOT NULL
+                                 AND r.queue = q.queue LIMIT %(cap)s) c) AS processing,
+       (WITH RECURSIVE heads AS (
+            (SELECT - r.priority::bigint AS np, r.run_at FROM {records} r
+              WHERE r.status = 'pending' AND r.queue = q.queue AND NOT r.key_blocked
+              ORDER BY - r.priority::bigint, r.run_at, r.id LIMIT 1)
+            UNION ALL
+            SELECT n.np, n.run_at FROM heads h CROSS JOIN LATERAL (
+                SELECT - r.priority::bigint AS np, r.run_at FROM {records} r
+                 WHERE r.status = 'pending' AND r.queue = q.queue AND NOT r.key_blocked
+                   AND - r.priority::bigint > h.np
+                 ORDER BY - r.priority::bigint, r.run_at, r.id LIMIT 1) n
+        )
+        SELECT extract(epoch FROM now() - min(run_at)) FROM (SELECT run_at FROM heads LIMIT 20) h
+         WHERE run_at <= now()) AS oldest_due_age,
+       (SELECT coalesce(sum(s.count), 0) FROM {stats} s
+         WHERE s.queue = q.queue AND s.status = 'completed')::bigint AS completed,
+       (SELECT coalesce(sum(s.count), 0) FROM {stats} s
+         WHERE s.queue = q.queue AND s.status = 'failed')::bigint AS failed,
+       (SELECT coalesce(sum(s.count), 0) FROM {stats} s
+         WHERE s.queue = q.queue AND s.status = 'cancelled')::bigint AS cancelled,
+       (SELECT l.max_pending FROM {queue_limits} l WHERE l.queue = q.queue) AS max_pending
+  FROM unnest(%(queues)s::text[]) AS q(queue)
+ ORDER BY q.queue;
+
+-- name: dashboard_estimate_pending
+-- The planner's estimate of a queue's pending records, shown (as such) where the count passed its cap.
+EXPLAIN (FORMAT JSON) SELECT 1 FROM {records} WHERE status = 'pending' AND queue = %(queue)s::text;
+
+-- name: dashboard_finished_recent
+-- The latest finished records since a moment, at most a cap, bucketed: a walk back along the finished_at
+-- index, so a busy hour costs the cap and no more (the chart then covers the hour's latest part only,
+-- each bucket it shows exact). Bucket 0 is the latest.
+SELECT floor(extract(epoch FROM %(now)s::timestamptz - finished_at) / %(bucket)s)::int AS bucket,
+       count(*) FILTER (WHERE status = 'completed') AS completed,
+       count(*) FILTER (WHERE status = 'failed') AS failed,
+       count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
+       min(finished_at) AS earliest
+  FROM (SELECT finished_at, status FROM {records}
+         WHERE status IN ('completed', 'failed', 'cancelled')
+           AND finished_at >= %(since)s::timestamptz AND finished_at <= %(now)s::timestamptz
+         ORDER BY finished_at DESC
+         LIMIT %(cap)s) f
+ GROUP BY 1
+ ORDER BY 1;
+
+-- name: dashboard_id_range
+SELECT min(id), max(id) FROM {records};
+
+-- name: dashboard_records
+-- One window of ids [floor, after), newest first, filtered (an empty filter is NULL and folds away). The
+-- window bounds the rows a rare filter reads; the caller walks down window by window within a time budget.
+-- The ordering index serves a key with active states, the lease index processing records.
+SELECT id, queue, status, priority, attempts, max_attempts, ordering_key, dedupe_key, left(last_error, 300),
+       run_at, created_at, updated_at, finished_at, claimed_by
+  FROM {records}
+ WHERE id < %(after)s AND id >= %(floor)s
+   AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+   AND (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[]))
+   AND (%(processing_only)s IS NOT TRUE OR (status = 'processing' AND lease_expires_at IS NOT NULL))
+   AND (%(key)s::text IS NULL OR ordering_key = %(key)s::text)
+   AND (%(dedupe)s::text IS NULL OR dedupe_key = %(dedupe)s::text)
+   AND (%(error)s::text IS NULL OR strpos(lower(last_error), lower(%(error)s::text)) > 0)
+ ORDER BY id DESC
+ LIMIT %(limit)s;
+
+-- name: dashboard_record
+SELECT id, queue, status, priority, attempts, max_attempts, ordering_key, dedupe_key, dedupe_while, dedupe_held,
+       key_blocked, cancel_requested, last_error, run_at, created_at, updated_at, finished_at, claimed_by,
+       claimed_at, lease_expires_at, CASE WHEN %(payload)s THEN jsonb_pretty(payload) END AS payload
+  FROM {records}
+ WHERE id = %(id)s;
+
+-- name: dashboard_key_neighbours
+-- The records of a key around one of them that its ordering rules look at (pending, processing, failed):
+-- per state the nearest few on each side, through the ordering index.
+SELECT n.id, n.status, n.attempts, n.created_at
+  FROM unnest(ARRAY['pending', 'processing', 'failed']) AS s(status)
+ CROSS JOIN LATERAL (
+    (SELECT r.id, r.status, r.attempts, r.created_at FROM {records} r
+      WHERE r.ordering_key = %(key)s::text AND r.status = s.status
+        AND r.status IN ('pending', 'processing', 'failed') AND r.id < %(id)s
+      ORDER BY r.id DESC LIMIT %(n)s)
+    UNION ALL
+    (SELECT r.id, r.status, r.attempts, r.created_at FROM {records} r
+      WHERE r.ordering_key = %(key)s::text AND r.status = s.status
+        AND r.status IN ('pending', 'processing', 'failed') AND r.id > %(id)s
+      ORDER BY r.id LIMIT %(n)s)
+ ) n;
+
+-- name: dashboard_settings
+-- The admission settings: queue limits and key concurrency rules.
+SELECT 'queue' AS kind, queue AS name, max_pending AS n, false AS block_on_failure, updated_at
+  FROM {queue_limits}
+UNION ALL
+SELECT 'key', pattern, max_concurrency, block_on_failure, updated_at FROM {key_limits}
+ ORDER BY 1, 2
+ LIMIT %(limit)s;
+
+-- name: dashboard_shard
+-- One shard's identity, its share of the partition map, and its pending and processing records up to a cap.
+SELECT (SELECT shard_no FROM {shard_identity}) AS shard_no,
+       (SELECT accepting FROM {shard_identity}) AS accepting,
+       (SELECT count(*) FILTER (WHERE m.shard_no = (SELECT shard_no FROM {shard_identity})) FROM {shard_map} m)
+           AS partitions,
+       (SELECT count(*) FILTER (WHERE m.moving) FROM {shard_map} m) AS moving,
+       (SELECT count(*) FROM (SELECT 1 FROM {records} WHERE status = 'pending' LIMIT %(cap)s) c) AS pending,
+       (SELECT count(*) FROM (SELECT 1 FROM {records}
+                               WHERE status = 'processing' AND lease_expires_at IS NOT NULL LIMIT %(cap)s) c)
+           AS processing,
+       (SELECT count(*) FROM pg_prepared_xacts
+         WHERE database = current_database() AND gid LIKE %(prefix)s) AS in_doubt;
+
+-- name: dashboard_purge
+-- Chosen finished records deleted (the trigger takes them off queue_stats); others are left alone.
+DELETE FROM {records}
+ WHERE id = ANY(%(ids)s::bigint[])
+   AND status IN ('completed', 'failed', 'cancelled')
+RETURNING id;

@@ -1,0 +1,113 @@
+"""The dashboard's input: query and form values checked into typed filters, or a 400 with a message.
+
+Nothing reaches a statement unchecked: a value the database would refuse (a NUL, an id past bigint) is a
+bad request here, never a server error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from core.constants import STATUSES
+
+MAX_TEXT = 200  # queue names are at most 200 characters; keys and error searches get the same room
+MAX_ID = 2**63 - 1
+ACTIVE = ("pending", "processing", "failed")
+# What each bulk action can change, and so the records it is offered for.
+ACTION_STATUSES = {"retry": ("failed",), "cancel": ("pending", "processing", "failed"),
+                   "purge": ("completed", "failed", "cancelled")}
+
+
+class BadRequest(Exception):
+    """A value the dashboard cannot use: answered 400 with this message."""
+
+
+class NotFound(Exception):
+    """Answered 404."""
+
+
+def text(params: Mapping[str, Any], name: str) -> str | None:
+    """An optional text value: empty is absent; control characters and overlong values are refused."""
+    value = params.get(name)
+    if value is None or value == "":
+        return None
+    value = str(value)
+    if len(value) > MAX_TEXT:
+        raise BadRequest(f"{name} is longer than {MAX_TEXT} characters")
+    if any(ord(c) < 32 for c in value):
+        raise BadRequest(f"{name} must not hold control characters")
+    return value
+
+
+def record_id(value: Any, name: str = "id") -> int:
+    """A record id: a positive integer within bigint."""
+    raw = str(value).strip()
+    if not raw.isdigit() or not raw.isascii():
+        raise BadRequest(f"{name} must be a positive integer, got {raw[:40]!r}")
+    n = int(raw)
+    if not 0 < n <= MAX_ID:
+        raise BadRequest(f"{name} must be between 1 and {MAX_ID}")
+    return n
+
+
+def optional_id(params: Mapping[str, Any], name: str) -> int | None:
+    value = params.get(name)
+    return None if value is None or value == "" else record_id(value, name)
+
+
+def state(params: Mapping[str, Any]) -> str | None:
+    value = text(params, "state")
+    if value is not None and value not in STATUSES:
+        raise BadRequest(f"unknown state {value[:40]!r}; the states are {', '.join(STATUSES)}")
+    return value
+
+
+@dataclass(frozen=True)
+class RecordFilter:
+    """The records page's filter (every field optional)."""
+
+    queue: str | None = None
+    state: str | None = None
+    key: str | None = None
+    dedupe: str | None = None
+    error: str | None = None
+
+    @classmethod
+    def parse(cls, params: Mapping[str, Any]) -> RecordFilter:
+        return cls(queue=text(params, "queue"), state=state(params), key=text(params, "key"),
+                   dedupe=text(params, "dedupe"), error=text(params, "error"))
+
+    def query(self) -> dict[str, str]:
+        """The filter as query parameters (for links and the bulk forms' hidden fields)."""
+        return {f.name: v for f in fields(self) if (v := getattr(self, f.name)) is not None}
+
+    def statuses(self, only: tuple[str, ...] | None = None) -> list[str] | None:
+        """The states to read: the filter's, narrowed to ``only`` (an action's); None is every state."""
+        chosen = [self.state] if self.state else None
+        if only is None:
+            return chosen
+        return [s for s in (chosen or list(STATUSES)) if s in only]
+
+    def indexed(self, statuses: list[str] | None) -> bool:
+        """Whether an index finds the matches directly (no window walk): a key with active states only, or
+        processing records (the lease index)."""
+        if statuses is None:
+            return False
+        if statuses == ["processing"]:
+            return True
+        return self.key is not None and all(s in ACTIVE for s in statuses)
+
+    def __bool__(self) -> bool:
+        return bool(self.query())
+
+
+def limit(params: Mapping[str, Any], default: int = 50, maximum: int = 500) -> int:
+    value = params.get("limit")
+    if value is None or value == "":
+        return default
+    n = record_id(value, "limit")
+    if n > maximum:
+        raise BadRequest(f"limit must be at most {maximum}")
+    return n

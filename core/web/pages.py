@@ -1,0 +1,180 @@
+"""The dashboard's pages: a registry (path, title, nav entry, whether the processor has the feature) and one
+view per page, which reads through the request's source and returns its template's context.
+
+A page is added with a view decorated by :func:`page`, a template ``templates/<name>.html``, and what it
+reads as a method of :class:`core.web.source.Source`. Its nav entry appears when ``available(processor)``
+says the processor has the feature (so pages of features still to come can be registered behind a
+``hasattr`` check). Actions (POST) are registered the same way in :mod:`core.web.actions`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from starlette.requests import Request
+
+from core.constants import STATUSES
+from core.web import charts
+from core.web.filters import ACTION_STATUSES, NotFound, RecordFilter, limit, optional_id, record_id
+from core.web.source import QueueRow, Source
+
+
+def always(processor: Any) -> bool:
+    return True
+
+
+def can_pause(processor: Any) -> bool:
+    return callable(getattr(processor, "pause", None)) and callable(getattr(processor, "resume", None))
+
+
+def sharded(processor: Any) -> bool:
+    return hasattr(processor.store, "stores")
+
+
+@dataclass(frozen=True)
+class Options:
+    read_only: bool = False
+    hide_payloads: bool = False
+
+
+@dataclass
+class View:
+    """One request as views and actions see it."""
+
+    request: Request
+    processor: Any
+    source: Source
+    options: Options
+    form: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def params(self) -> Mapping[str, Any]:
+        return self.request.query_params
+
+    @property
+    def prefix(self) -> str:
+        """Where the app is mounted (links work under any path: FastAPI's mount, uvicorn's --root-path)."""
+        return str(self.request.scope.get("root_path", "")).rstrip("/")
+
+    def url(self, name: str, **params: Any) -> str:
+        """The link to page or action ``name``: its path parameters filled in, the others as the query."""
+        path = ROUTES[name]
+        query = {}
+        for key, value in params.items():
+            if value is None or value == "":
+                continue
+            if "{" + key + "}" in path:
+                path = path.replace("{" + key + "}", quote(str(value), safe=""))
+            else:
+                query[key] = value
+        return self.prefix + path + (f"?{urlencode(query)}" if query else "")
+
+    def static(self, name: str) -> str:
+        return f"{self.prefix}/static/{quote(name)}"
+
+
+@dataclass(frozen=True)
+class Page:
+    name: str
+    path: str
+    title: str
+    view: Callable[[View], dict[str, Any]]
+    nav: bool = True
+    available: Callable[[Any], bool] = always
+
+
+PAGES: list[Page] = []
+ROUTES: dict[str, str] = {}  # every page's and action's path, by name
+
+
+def page(name: str, path: str, title: str, *, nav: bool = True,
+         available: Callable[[Any], bool] = always) -> Callable[[Callable[[View], dict[str, Any]]],
+                                                                Callable[[View], dict[str, Any]]]:
+    """Register a view as page ``name`` (template ``<name>.html``)."""
+    def register(view: Callable[[View], dict[str, Any]]) -> Callable[[View], dict[str, Any]]:
+        PAGES.append(Page(name, path, title, view, nav, available))
+        ROUTES[name] = path
+        return view
+
+    return register
+
+
+DONE = {"retry": "Retried {n} record(s): pending again.", "cancel": "Cancelled {n} record(s).",
+        "purge": "Purged {n} finished record(s).", "limit": "Queue limit saved.", "pause": "Queue paused.",
+        "resume": "Queue resumed."}
+
+
+def flash(params: Mapping[str, Any]) -> str | None:
+    """The message of an action just done (a fixed text per action: nothing from the link is shown)."""
+    done = params.get("done")
+    if done not in DONE:
+        return None
+    n = params.get("n", "0")
+    return DONE[str(done)].format(n=f"{int(n):,}" if str(n).isdigit() and len(str(n)) < 10 else "?")
+
+
+def with_pauses(source: Source, queues: list[QueueRow]) -> list[QueueRow]:
+    paused = source.paused()
+    for q in queues:
+        q.paused = paused.get(q.name)
+    known = {q.name for q in queues}
+    return queues + [QueueRow(name, paused=info) for name, info in sorted(paused.items()) if name not in known]
+
+
+# ---------------------------------------------------------------------- pages
+
+
+@page("overview", "/", "Overview")
+def overview(v: View) -> dict[str, Any]:
+    queues = with_pauses(v.source, v.source.queues())
+    horizon, reasons = v.source.health_parts()
+    reasons += [f"queue {q.name!r} is paused" for q in queues if q.paused is not None]
+    instances = v.source.instances()
+    now = datetime.now(timezone.utc)
+    for inst in instances:
+        inst["heartbeat_age"] = (now - inst["last_heartbeat_at"]).total_seconds()
+    return {"queues": queues, "chart": charts.bars(v.source.chart(now)), "instances": instances,
+            "horizon": horizon, "reasons": reasons,
+            "status": "degraded" if reasons else "healthy"}
+
+
+@page("records", "/records", "Records")
+def records(v: View) -> dict[str, Any]:
+    f = RecordFilter.parse(v.params)
+    after = optional_id(v.params, "after")
+    found = v.source.records(f, after, limit(v.params))
+    return {"filter": f, "found": found, "after": after, "states": STATUSES, "actions": ACTION_STATUSES}
+
+
+@page("record", "/records/{id}", "Record", nav=False)
+def record(v: View) -> dict[str, Any]:
+    rid = record_id(v.request.path_params["id"])
+    row = v.source.record(rid, payload=not v.options.hide_payloads)
+    if row is None:
+        raise NotFound(f"no record {rid}" + (" on the shards that answered" if v.source.down else ""))
+    neighbours = v.source.neighbours(row["ordering_key"], rid) if row["ordering_key"] is not None else []
+    return {"r": row, "neighbours": neighbours, "actions": ACTION_STATUSES}
+
+
+@page("queues", "/queues", "Queues")
+def queues(v: View) -> dict[str, Any]:
+    return {"queues": with_pauses(v.source, v.source.queues()), "settings": v.source.settings(),
+            "can_pause": can_pause(v.processor)}
+
+
+@page("instances", "/instances", "Instances")
+def instances(v: View) -> dict[str, Any]:
+    rows = v.source.instances(include_stopped=True)
+    now = datetime.now(timezone.utc)
+    for inst in rows:
+        inst["heartbeat_age"] = (now - inst["last_heartbeat_at"]).total_seconds()
+    return {"instances": rows}
+
+
+@page("shards", "/shards", "Shards", available=sharded)
+def shards(v: View) -> dict[str, Any]:
+    return {"shards": v.source.shards()}
