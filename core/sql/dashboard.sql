@@ -109,6 +109,41 @@ SELECT id, queue, status, priority, attempts, max_attempts, ordering_key, dedupe
  ORDER BY id DESC
  LIMIT %(limit)s;
 
+-- name: dashboard_finished_end
+-- Where a window of finished records below a moment ends: the finished_at of the %(window)s-th one, read
+-- from the finished_at index alone (NULL: fewer are left). The window then holds every record finished
+-- from that moment on, ties included, so the next one starts strictly before it (strict: nothing finished
+-- at the position's moment is left to read, so the window ends below it and the walk always moves on).
+SELECT finished_at FROM {records}
+ WHERE status IN ('completed', 'failed', 'cancelled')
+   AND (%(at)s::timestamptz IS NULL OR finished_at < %(at)s::timestamptz
+        OR (NOT %(strict)s AND finished_at = %(at)s::timestamptz))
+ ORDER BY finished_at DESC
+ OFFSET %(window)s - 1
+ LIMIT 1;
+
+-- name: dashboard_finished_records
+-- Finished records most recently finished first, below the position (at, after) in (finished_at, id)
+-- order, within the window down to %(end)s: the filter on finished states walks the finished_at index and
+-- never the pending or processing rows (a backlog of a million pending records above the failures costs
+-- nothing here).
+SELECT id, queue, status, priority, attempts, max_attempts, ordering_key, dedupe_key, left(last_error, 300),
+       run_at, created_at, updated_at, finished_at, claimed_by
+  FROM {records}
+ WHERE status IN ('completed', 'failed', 'cancelled')
+   AND (%(end)s::timestamptz IS NULL OR finished_at >= %(end)s::timestamptz)
+   AND (%(at)s::timestamptz IS NULL OR finished_at < %(at)s::timestamptz
+        OR (finished_at = %(at)s::timestamptz AND id < %(after)s))
+   AND (%(at)s::timestamptz IS NULL OR finished_at <= %(at)s::timestamptz)
+   AND (%(upto)s::bigint IS NULL OR id <= %(upto)s::bigint)
+   AND status = ANY(%(statuses)s::text[])
+   AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+   AND (%(key)s::text IS NULL OR ordering_key = %(key)s::text)
+   AND (%(dedupe)s::text IS NULL OR dedupe_key = %(dedupe)s::text)
+   AND (%(error)s::text IS NULL OR strpos(lower(last_error), lower(%(error)s::text)) > 0)
+ ORDER BY finished_at DESC, id DESC
+ LIMIT %(limit)s;
+
 -- name: dashboard_record
 SELECT id, queue, status, priority, attempts, max_attempts, ordering_key, dedupe_key, dedupe_while, dedupe_held,
        key_blocked, cancel_requested, last_error, run_at, created_at, updated_at, finished_at, claimed_by,

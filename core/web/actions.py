@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from core.web.filters import ACTION_STATUSES, BadRequest, RecordFilter, optional_id, record_id, text
 from core.web.pages import ROUTES, View, can_pause
@@ -33,7 +33,7 @@ class Render:
     context: dict[str, Any]
 
 
-Result = Union[Redirect, Render]
+Result = Redirect | Render
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def queue_action(v: View) -> Result:
     if queue is None:
         raise BadRequest("queue is required")
     if do == "limit":
-        raw = (form.get("n") or "").strip()
+        raw = str(form.get("n") or "").strip()
         v.processor.set_queue_limit(queue, None if raw == "" else (0 if raw == "0" else record_id(raw, "n")))
     elif not can_pause(v.processor):
         raise BadRequest("this processor cannot pause queues")

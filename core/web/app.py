@@ -30,7 +30,7 @@ from core.web.filters import BadRequest, NotFound
 from core.web.memsource import MemorySource
 from core.web.pages import PAGES, Options, Page, View, flash
 from core.web.pgsource import PostgresSource
-from core.web.security import Auth, Guard
+from core.web.security import Auth, Guard, check_auth
 from core.web.source import Source
 
 HERE = Path(__file__).resolve().parent
@@ -130,9 +130,11 @@ def _action_route(d: Dashboard, act: actions.Action) -> Route:
         if len(body) > MAX_FORM:
             return HTMLResponse("form too large", 413)
         try:
-            form = FormData(parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=20_000))
+            fields: list[tuple[str, Any]] = parse_qsl(body.decode("utf-8"), keep_blank_values=True,
+                                                      max_num_fields=20_000)
         except (UnicodeDecodeError, ValueError):
             return HTMLResponse("malformed form", 400)
+        form = FormData(fields)
         return await run_in_threadpool(d.act, act.handler, request, form)
 
     return Route(act.path, endpoint, methods=["POST"], name=act.name)
@@ -140,6 +142,7 @@ def _action_route(d: Dashboard, act: actions.Action) -> Route:
 
 def build(processor: Any, *, read_only: bool = False, auth: Auth = None, hide_payloads: bool = False) -> Starlette:
     """The app (see :func:`core.web.dashboard`)."""
+    check_auth(auth)
     d = Dashboard(processor, Options(read_only=read_only, hide_payloads=hide_payloads))
     routes: list[BaseRoute] = [_action_route(d, a) for a in actions.ACTIONS if a.available(processor)]
     routes += [_page_route(d, p) for p in d.pages]

@@ -23,7 +23,7 @@ def bars(chart: Chart) -> dict[str, Any]:
     rects = []
     for i, b in enumerate(chart.buckets):
         x = LEFT + i * slot + 1
-        base = HEIGHT - BOTTOM
+        base: float = HEIGHT - BOTTOM
         at = chart.start + timedelta(seconds=i * chart.bucket_seconds)
         for kind in ("completed", "failed", "cancelled"):
             value = b[kind]

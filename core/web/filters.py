@@ -52,6 +52,17 @@ def record_id(value: Any, name: str = "id") -> int:
     return n
 
 
+def cursor_time(params: Mapping[str, Any]) -> int | None:
+    """The finished_at part of a records page's cursor: microseconds since 1970, a non-negative integer."""
+    value = params.get("at")
+    if value is None or value == "":
+        return None
+    raw = str(value).strip()
+    if not raw.isdigit() or not raw.isascii() or int(raw) > 253_402_300_799_000_000:  # 9999-12-31
+        raise BadRequest(f"at must be a time in microseconds since 1970, got {raw[:40]!r}")
+    return int(raw)
+
+
 def optional_id(params: Mapping[str, Any], name: str) -> int | None:
     value = params.get(name)
     return None if value is None or value == "" else record_id(value, name)
@@ -103,7 +114,10 @@ class RecordFilter:
         return bool(self.query())
 
 
-def limit(params: Mapping[str, Any], default: int = 50, maximum: int = 500) -> int:
+DEFAULT_LIMIT = 50
+
+
+def limit(params: Mapping[str, Any], default: int = DEFAULT_LIMIT, maximum: int = 500) -> int:
     value = params.get("limit")
     if value is None or value == "":
         return default

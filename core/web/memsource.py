@@ -11,7 +11,14 @@ from typing import Any
 from core.constants import FINAL_STATUSES
 from core.web.filters import ACTIVE, RecordFilter
 from core.web.source import (
-    CHART_BUCKET, CHART_CAP, DETAIL_COLUMNS, NEIGHBOURS, RECORD_COLUMNS, Count, QueueRow, Source,
+    CHART_BUCKET,
+    CHART_CAP,
+    DETAIL_COLUMNS,
+    NEIGHBOURS,
+    RECORD_COLUMNS,
+    Count,
+    QueueRow,
+    Source,
 )
 
 
@@ -73,6 +80,16 @@ class MemorySource(Source):
             rows = sorted((r for r in self.tables.rows.values()
                            if floor <= r.id < after and _matches(r, f, statuses)), key=lambda r: -r.id)[:limit]
             return [{c: getattr(r, c) for c in RECORD_COLUMNS} for r in rows]
+
+    def finished_window(self, f: RecordFilter, statuses: list[str], position: tuple[datetime, int] | None,
+                        limit: int, upto: int | None) -> list[tuple[list[dict[str, Any]], datetime | None]]:
+        with self.tables.lock:
+            rows = sorted((r for r in self.tables.rows.values()
+                           if r.status in FINAL_STATUSES and r.finished_at is not None and _matches(r, f, statuses)
+                           and (upto is None or r.id <= upto)
+                           and (position is None or (r.finished_at, r.id) < position)),
+                          key=lambda r: (r.finished_at, r.id), reverse=True)[:limit]
+            return [([{c: getattr(r, c) for c in RECORD_COLUMNS} for r in rows], None)]
 
     def record(self, record_id: int, payload: bool) -> dict[str, Any] | None:
         self.store.check_open()

@@ -15,11 +15,21 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from starlette.datastructures import FormData
 from starlette.requests import Request
 
 from core.constants import STATUSES
 from core.web import charts
-from core.web.filters import ACTION_STATUSES, NotFound, RecordFilter, limit, optional_id, record_id
+from core.web.filters import (
+    ACTION_STATUSES,
+    DEFAULT_LIMIT,
+    NotFound,
+    RecordFilter,
+    cursor_time,
+    limit,
+    optional_id,
+    record_id,
+)
 from core.web.source import QueueRow, Source
 
 
@@ -49,7 +59,7 @@ class View:
     processor: Any
     source: Source
     options: Options
-    form: Mapping[str, Any] = field(default_factory=dict)
+    form: FormData = field(default_factory=FormData)
 
     @property
     def params(self) -> Mapping[str, Any]:
@@ -146,8 +156,10 @@ def overview(v: View) -> dict[str, Any]:
 def records(v: View) -> dict[str, Any]:
     f = RecordFilter.parse(v.params)
     after = optional_id(v.params, "after")
-    found = v.source.records(f, after, limit(v.params))
-    return {"filter": f, "found": found, "after": after, "states": STATUSES, "actions": ACTION_STATUSES}
+    size = limit(v.params)
+    found = v.source.records(f, after, size, at=cursor_time(v.params))
+    return {"filter": f, "found": found, "after": after or v.params.get("at"), "states": STATUSES,
+            "actions": ACTION_STATUSES, "size": None if size == DEFAULT_LIMIT else size}
 
 
 @page("record", "/records/{id}", "Record", nav=False)

@@ -18,14 +18,28 @@ from core.db import Conn
 from core.errors import DatabaseUnavailable, SchemaNotMigrated
 from core.queries import Queries
 from core.shardmove import PREFIX
-from core.web.source import (
-    CHART_BUCKET, CHART_CAP, COUNT_CAP, DETAIL_COLUMNS, MAX_QUEUES, NEIGHBOURS, RECORD_COLUMNS, Count, QueueRow, Source,
-)
 from core.web.filters import RecordFilter
+from core.web.source import (
+    CHART_BUCKET,
+    CHART_CAP,
+    COUNT_CAP,
+    DETAIL_COLUMNS,
+    MAX_QUEUES,
+    NEIGHBOURS,
+    RECORD_COLUMNS,
+    WINDOW,
+    Count,
+    QueueRow,
+    Source,
+)
 
 T = TypeVar("T")
 PAGE_MS = 2000      # a page's statements: each should take milliseconds; this stops a bad plan
 ACTION_MS = 10000   # an action's
+
+
+def _one(name: str, params: dict[str, Any], conn: Conn, q: Queries) -> Any:
+    return conn.execute(getattr(q, name), params).fetchone()
 
 
 @dataclass
@@ -147,6 +161,21 @@ class PostgresSource(Source):
         rows = heapq.merge(*parts, key=lambda r: -int(r[0])) if len(parts) > 1 else iter(parts[0] if parts else [])
         return [dict(zip(RECORD_COLUMNS, r, strict=True)) for r, _ in zip(rows, range(limit), strict=False)]
 
+    def finished_window(self, f: RecordFilter, statuses: list[str], position: tuple[datetime, int] | None,
+                        limit: int, upto: int | None) -> list[tuple[list[dict[str, Any]], datetime | None]]:
+        at, after = position if position is not None else (None, 0)
+        params = {"at": at, "after": after, "strict": after == 0, "window": WINDOW, "upto": upto,
+                  "statuses": statuses, "queue": f.queue, "key": f.key, "dedupe": f.dedupe, "error": f.error,
+                  "limit": limit}
+
+        def read(conn: Conn, q: Queries) -> tuple[list[dict[str, Any]], datetime | None]:
+            end = conn.execute(q.dashboard_finished_end, params).fetchone()
+            end_at = end[0] if end else None
+            rows = conn.execute(q.dashboard_finished_records, {**params, "end": end_at}).fetchall()
+            return [dict(zip(RECORD_COLUMNS, r, strict=True)) for r in rows], end_at
+
+        return self.each(read)
+
     def record(self, record_id: int, payload: bool) -> dict[str, Any] | None:
         params = {"id": record_id, "payload": payload}
         for row in self.each(lambda c, q: c.execute(q.dashboard_record, params).fetchone()):
@@ -185,7 +214,7 @@ class PostgresSource(Source):
             entry: dict[str, Any] = {"label": self.label(i)}
             params = {"cap": COUNT_CAP + 1, "prefix": f"{PREFIX}{store.db.settings.schema}:%"}
             try:
-                row = self.on(store, lambda c, q: c.execute(q.dashboard_shard, params).fetchone())
+                row = self.on(store, partial(_one, "dashboard_shard", params))
             except (DatabaseUnavailable, SchemaNotMigrated) as exc:
                 entry["error"] = " ".join(str(exc).split())[:300]
                 out.append(entry)

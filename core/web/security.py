@@ -15,14 +15,14 @@ import hmac
 import inspect
 import ipaddress
 from collections.abc import Awaitable, Callable
-from typing import Any, Union
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # None, (user, password) for basic auth, or a callable given the request that answers whether it may pass
-Auth = Union[None, tuple[str, str], Callable[[Request], Union[bool, Awaitable[bool]]]]
+Auth = tuple[str, str] | Callable[[Request], bool | Awaitable[bool]] | None
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -58,7 +58,7 @@ def parse_credentials(text: str, source: str) -> tuple[str, str]:
 def basic_auth_ok(header: str | None, expected: tuple[str, str]) -> bool:
     """Whether an Authorization header carries the expected basic credentials; both parts compared in
     constant time, whatever the first comparison said."""
-    if not header or not header[:6].lower() == "basic ":
+    if not header or header[:6].lower() != "basic ":
         return False
     try:
         user, _, password = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8").partition(":")
@@ -82,14 +82,18 @@ def same_origin(request: Request) -> bool:
     return origin.rstrip("/").lower() in (f"http://{host}".lower(), f"https://{host}".lower())
 
 
+def check_auth(auth: Auth) -> None:
+    if isinstance(auth, tuple) and (len(auth) != 2 or not all(isinstance(p, str) and p for p in auth)):
+        raise ValueError("auth must be (user, password), both non-empty strings, or a callable")
+    if auth is not None and not isinstance(auth, tuple) and not callable(auth):
+        raise ValueError("auth must be None, (user, password) or a callable taking the request")
+
+
 class Guard:
     """The middleware (see the module docstring)."""
 
     def __init__(self, app: ASGIApp, *, auth: Auth = None, read_only: bool = False) -> None:
-        if isinstance(auth, tuple) and (len(auth) != 2 or not all(isinstance(p, str) and p for p in auth)):
-            raise ValueError("auth must be (user, password), both non-empty strings, or a callable")
-        if auth is not None and not isinstance(auth, tuple) and not callable(auth):
-            raise ValueError("auth must be None, (user, password) or a callable taking the request")
+        check_auth(auth)
         self.app = app
         self.auth = auth
         self.read_only = read_only

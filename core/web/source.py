@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from core.constants import FINAL_STATUSES
 from core.errors import DatabaseUnavailable, SchemaNotMigrated
 from core.health import holder_text
 from core.web.filters import RecordFilter
@@ -31,6 +32,7 @@ CHART_SPAN = 3600.0         # the chart's hour
 CHART_BUCKET = 120.0        # seconds per bar
 MAX_QUEUES = 500            # queues listed at most
 NEIGHBOURS = 5              # records of a key shown on each side of one
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,8 @@ class RecordsPage:
     rows: list[dict[str, Any]]
     next_after: int | None
     searched_to: int | None = None
+    next_at: int | None = None  # finished records: the finished_at part of the cursor (see micros)
+    searched_at: datetime | None = None
 
 
 RECORD_COLUMNS = ("id", "queue", "status", "priority", "attempts", "max_attempts", "ordering_key", "dedupe_key",
@@ -137,6 +141,13 @@ class Source(ABC):
     def window(self, f: RecordFilter, statuses: list[str] | None, after: int, floor: int,
                limit: int) -> list[dict[str, Any]]:
         """Up to ``limit`` records matching with ``floor <= id < after``, newest first."""
+
+    @abstractmethod
+    def finished_window(self, f: RecordFilter, statuses: list[str], position: tuple[datetime, int] | None,
+                        limit: int, upto: int | None) -> list[tuple[list[dict[str, Any]], datetime | None]]:
+        """Per database: up to ``limit`` matching finished records below ``position`` in (finished_at, id)
+        order (None: from the latest), within a window of about :data:`WINDOW` finished records; and the
+        finished_at the window reaches down to, every record finished then included (None: the oldest)."""
 
     @abstractmethod
     def record(self, record_id: int, payload: bool) -> dict[str, Any] | None: ...
@@ -210,18 +221,27 @@ class Source(ABC):
             since = start + timedelta(seconds=(cut + 1) * CHART_BUCKET)
         return Chart(start, CHART_BUCKET, buckets, since, capped)
 
-    def records(self, f: RecordFilter, after: int | None, limit: int, *, budget: float = PAGE_BUDGET,
-                only: tuple[str, ...] | None = None) -> RecordsPage:
-        """A page of matching records below ``after``: window by window down the ids (or straight through an
-        index that serves the filter) until the page is full, the ids end, or ``budget`` seconds passed."""
-        span = self.id_range()
+    def records(self, f: RecordFilter, after: int | None, limit: int, *, at: int | None = None,
+                budget: float = PAGE_BUDGET, only: tuple[str, ...] | None = None,
+                upto: int | None = None) -> RecordsPage:
+        """A page of matching records below the cursor (``after``, and ``at`` for finished records), none above
+        id ``upto``, until the page is full, the records end, or ``budget`` seconds passed.
+
+        Finished states alone are read most recently finished first, window by window down the finished_at
+        index (pending and processing rows never enter it); any other filter walks down the ids window by
+        window, or straight through an index that serves it (a key's active records, processing ones)."""
         statuses = f.statuses(only)
-        if span is None or statuses == []:
+        if statuses == []:
+            return RecordsPage([], None)
+        deadline = time.monotonic() + budget
+        if statuses is not None and set(statuses) <= set(FINAL_STATUSES) and not f.indexed(statuses):
+            return self._finished(f, statuses, after, at, limit, upto, deadline)
+        span = self.id_range()
+        if span is None:
             return RecordsPage([], None)
         low, high = span
-        cursor = high + 1 if after is None else min(after, high + 1)
+        cursor = min(high + 1, after or high + 1, (upto or high) + 1)
         step = None if f.indexed(statuses) else self.window_size
-        deadline = time.monotonic() + budget
         rows: list[dict[str, Any]] = []
         while cursor > low:
             floor = low if step is None else max(low, cursor - step)
@@ -232,27 +252,64 @@ class Source(ABC):
                 return RecordsPage(rows[:limit], rows[limit - 1]["id"])
             cursor = floor
             if time.monotonic() > deadline:
-                break
-        if cursor > low:
-            return RecordsPage(rows, cursor, searched_to=cursor)
+                return RecordsPage(rows, cursor, searched_to=cursor)
         return RecordsPage(rows, None)
+
+    def _finished(self, f: RecordFilter, statuses: list[str], after: int | None, at: int | None, limit: int,
+                  upto: int | None, deadline: float) -> RecordsPage:
+        """Finished records by (finished_at, id) descending. Each database reads its own window; what they
+        all covered is the rows at or after the latest of their window ends (a database that filled its share
+        covered down to its last row): rows below that are read again by the next window, not shown now."""
+        position = None if at is None else (from_micros(at), after or 0)
+        rows: list[dict[str, Any]] = []
+        while True:
+            want = limit + 1 - len(rows)
+            parts = self.finished_window(f, statuses, position, want, upto)
+            ends = []
+            for got, end in parts:
+                if len(got) >= want:
+                    ends.append((got[-1]["finished_at"], got[-1]["id"]))
+                elif end is not None:
+                    ends.append((end, 0))
+            cutoff = max(ends, default=None)
+            merged = sorted((r for got, _ in parts for r in got), key=lambda r: (r["finished_at"], r["id"]),
+                            reverse=True)
+            rows.extend(r for r in merged if cutoff is None or (r["finished_at"], r["id"]) >= cutoff)
+            if len(rows) > limit:
+                last = rows[limit - 1]
+                return RecordsPage(rows[:limit], last["id"], next_at=micros(last["finished_at"]))
+            if cutoff is None:
+                return RecordsPage(rows, None)
+            position = cutoff
+            if time.monotonic() > deadline:
+                return RecordsPage(rows, cutoff[1], next_at=micros(cutoff[0]), searched_to=cutoff[1],
+                                   searched_at=cutoff[0])
 
     def matching_ids(self, f: RecordFilter, only: tuple[str, ...], upto: int | None, limit: int,
                      budget: float) -> tuple[list[int], bool]:
         """Ids of the records an action on everything the filter matches would touch (at or below ``upto``),
-        newest first, at most ``limit``; and whether that is all of them (False: more, or out of time)."""
+        at most ``limit``; and whether that is all of them (False: more, or out of time)."""
         ids: list[int] = []
-        after = None if upto is None else upto + 1
+        after: int | None = None
+        at: int | None = None
         deadline = time.monotonic() + budget
-        while len(ids) < limit:
+        while len(ids) < limit + 1:
             left = deadline - time.monotonic()
             if left <= 0:
                 return ids, False
-            page = self.records(f, after, min(1000, limit - len(ids)), budget=left, only=only)
+            page = self.records(f, after, min(1000, limit + 1 - len(ids)), at=at, budget=left, only=only,
+                                upto=upto)
             ids.extend(r["id"] for r in page.rows)
-            if page.next_after is None:
-                return ids, True
-            after = page.next_after
-        more = self.records(f, after, 1, budget=max(0.0, deadline - time.monotonic()), only=only)
-        return ids, not more.rows and more.next_after is None
+            if page.next_after is None and page.next_at is None:
+                break
+            after, at = page.next_after, page.next_at
+        return ids[:limit], len(ids) <= limit
 
+
+def micros(value: datetime) -> int:
+    """A moment as an integer for a link (microseconds since 1970, exact)."""
+    return (value - EPOCH) // timedelta(microseconds=1)
+
+
+def from_micros(value: int) -> datetime:
+    return EPOCH + timedelta(microseconds=value)
