@@ -532,6 +532,11 @@ class Bench:
         self.add(Row("memory", "growth from warm-up to the end", growth, "MB", target="flat (< 5 MB)",
                      met=growth < 5, extra={"samples": samples[:: max(1, len(samples) // 50)]}))
 
+    def suite_dashboard(self) -> None:
+        from bench.dashboard import run
+
+        run(self, Row)
+
     # ------------------------------------------------------------------ output
 
     def report(self, path: Path, plot: Path | None) -> None:
@@ -622,7 +627,7 @@ def find_server() -> tuple[str, str]:
     return embedded.start(ROOT / ".dproc" / f"bench-pgdata-{embedded.embedded_major()}"), "embedded PostgreSQL"
 
 
-SUITES = ("drain", "enqueue", "latency", "table", "keys", "horizon", "pooling", "shards", "memory")
+SUITES = ("drain", "enqueue", "latency", "table", "keys", "horizon", "pooling", "shards", "memory", "dashboard")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -171,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     rt = sh_sub.add_parser("retire", help="move every record of a shard to the others; it takes no new ones")
     rt.add_argument("shard_no", type=int, help="the shard's number (see `dproc shards status`)")
 
+    wb = sub.add_parser("dashboard", help="serve the web dashboard (extra [web]; auth: DP_DASHBOARD_AUTH=user:pass)")
+    _add(wb, "--host", "DP_DASHBOARD_HOST", "bind address (beyond loopback only with auth)", default="127.0.0.1")
+    _add(wb, "--port", "DP_DASHBOARD_PORT", "port", type=_positive(int), default=8090)
+    _add(wb, "--read-only", "DP_DASHBOARD_READ_ONLY", "no actions: buttons hidden, POSTs refused", action="store_true")
+    _add(wb, "--hide-payloads", "DP_DASHBOARD_HIDE_PAYLOADS", "never show a record's payload", action="store_true")
+    _add(wb, "--auth-file", "DP_DASHBOARD_AUTH_FILE", "basic auth from a file holding user:password")
+
     dm = sub.add_parser("demo", help="show the product: 3 worker processes drain sample records, with proof")
     _add(dm, "--count", "DP_DEMO_COUNT", "records to enqueue", type=_positive(int), default=3000)
     _add(dm, "--workers", "DP_DEMO_WORKERS", "worker processes", type=_positive(int), default=3)

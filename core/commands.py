@@ -281,6 +281,16 @@ def cmd_shards(args: argparse.Namespace) -> int:
         return shards_command(p, args)
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    try:
+        from core.web.cli import serve
+    except ImportError as exc:  # the optional extra; an import error of our own is a bug, shown as one
+        if (exc.name or "").split(".")[0] not in ("starlette", "jinja2", "uvicorn", "markupsafe", "anyio"):
+            raise
+        raise CliError("the dashboard needs the web extra: pip install 'distributed-processor[web]'") from None
+    return serve(args, lambda: _processor(args, resolve_dsn(args)))
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "migrate": cmd_migrate,
     "run": cmd_run,
@@ -292,4 +302,5 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "retry-failed": cmd_retry_failed,
     "demo": cmd_demo,
     "shards": cmd_shards,
+    "dashboard": cmd_dashboard,
 }
