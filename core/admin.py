@@ -11,6 +11,7 @@ from core.claims import Claims
 from core.constants import VERSION
 from core.db import Database
 from core.instance import ProcessFacts
+from core.plans import Plan, Stmt, on, run
 
 
 def glob_to_like(pattern: str) -> str:
@@ -41,25 +42,33 @@ class Admin:
 
     # ------------------------------------------------------------------ operator actions
 
-    def cancel(self, ids: list[int]) -> dict[int, str]:
+    def cancel(self, ids: list[int]) -> Plan[dict[int, str]]:
         """Pending and failed records cancelled at once, processing ones flagged; ``{id: status after}``."""
         if not ids:
             return {}
-        rows = self.db.with_retry(lambda conn: conn.execute(self.q.cancel, {"ids": ids}).fetchall())
-        self.claims.unblock({str(r[2]) for r in rows if r[2] is not None and r[1] == "cancelled"})
+        rows = yield from on(self.db, Stmt(self.q.cancel, {"ids": ids}))
+        yield from self.claims.unblock_plan({str(r[2]) for r in rows if r[2] is not None and r[1] == "cancelled"})
         return {int(r[0]): str(r[1]) for r in rows}
 
-    def retry_failed(self, ids: list[int] | None, queue: str | None, pattern: str | None, batch: int) -> int:
+    def retry_failed(self, ids: list[int] | None, queue: str | None, pattern: str | None, batch: int) -> Plan[int]:
         params = {"ids": ids, "queue": queue, "pattern": pattern, "batch": batch}
         total = 0
         while True:
-            n = self.db.with_retry(lambda conn: conn.execute(self.q.retry_failed, params).rowcount)
+            n: int = yield from on(self.db, Stmt(self.q.retry_failed, params, "rowcount"))
             total += n
             if n < batch:  # with ids too: more ids than a batch take several
                 return total
 
-    def purge(self, older_than: float, batch: int, max_batches: int | None) -> int:
-        return sum(step() for step in self.purge_steps(older_than, batch, max_batches))
+    def purge(self, older_than: float, batch: int, max_batches: int | None) -> Plan[int]:
+        params = {"older_than": older_than, "batch": batch}
+        total, rounds = 0, 0
+        while max_batches is None or rounds < max_batches:
+            n: int = yield from on(self.db, Stmt(self.q.purge, params, "rowcount"))
+            total += n
+            rounds += 1
+            if n < batch:
+                break
+        return total
 
     def purge_steps(self, older_than: float, batch: int, max_batches: int | None) -> Iterator[Callable[[], int]]:
         """The batches of :meth:`purge`, one statement per step (each returns how many rows it deleted)."""
@@ -67,7 +76,7 @@ class Admin:
         last = [batch]
 
         def one() -> int:
-            last[0] = self.db.with_retry(lambda conn: conn.execute(self.q.purge, params).rowcount)
+            last[0] = run(on(self.db, Stmt(self.q.purge, params, "rowcount")))
             return last[0]
 
         rounds = 0
@@ -77,10 +86,10 @@ class Admin:
 
     # ------------------------------------------------------------------ admission settings
 
-    def set_key_concurrency(self, pattern: str, n: int | None, block_on_failure: bool) -> None:
+    def set_key_concurrency(self, pattern: str, n: int | None, block_on_failure: bool) -> Plan[None]:
         exact = not is_glob(pattern)
         if n is None:
-            self.db.with_retry(lambda conn: conn.execute(self.q.delete_key_concurrency, {"pattern": pattern}))
+            yield from on(self.db, Stmt(self.q.delete_key_concurrency, {"pattern": pattern}, "none"))
         else:
             params = {
                 "pattern": pattern,
@@ -89,19 +98,18 @@ class Admin:
                 "n": n,
                 "block_on_failure": block_on_failure,
             }
-            self.db.with_retry(lambda conn: conn.execute(self.q.set_key_concurrency, params))
+            yield from on(self.db, Stmt(self.q.set_key_concurrency, params, "none"))
         if exact:
             # A key stopped by a failure under block_on_failure had its later records blocked: if it no longer
             # blocks, the next one may go now (a no-op otherwise: the claim still checks the setting). For a
             # pattern, the maintenance sweep gets to each matching key in its turn.
-            self.claims.unblock({pattern})
+            yield from self.claims.unblock_plan({pattern})
 
-    def set_queue_limit(self, queue: str, n: int | None) -> None:
+    def set_queue_limit(self, queue: str, n: int | None) -> Plan[None]:
         if n is None:
-            self.db.with_retry(lambda conn: conn.execute(self.q.delete_queue_limit, {"queue": queue}))
+            yield from on(self.db, Stmt(self.q.delete_queue_limit, {"queue": queue}, "none"))
             return
-        params = {"queue": queue, "n": n}
-        self.db.with_retry(lambda conn: conn.execute(self.q.set_queue_limit, params))
+        yield from on(self.db, Stmt(self.q.set_queue_limit, {"queue": queue, "n": n}, "none"))
 
     # ------------------------------------------------------------------ registry
 

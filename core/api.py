@@ -7,24 +7,23 @@ does too, so they offer the same methods with the same parameters and the same t
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import Any, TypeVar
 
+from core import operations
 from core.backend import Store
-from core.checks import MAX_BATCH, check_new_records, check_queues, check_records, positive_int
-from core.config import Settings, SettingsView, run_default
-from core.constants import STATUSES
+from core.checks import MAX_BATCH, check_queues, check_records, positive_int
+from core.config import Settings, run_default
 from core.errors import InvalidArgument
 from core.floors import Floors
-from core.health import health_report, status_dict
 from core.instance import ProcessFacts
 from core.metrics import Metrics
+from core.operations import Operations
 from core.payloads import serialise
-from core.record import AddResult, Record
+from core.plans import blocking, run
+from core.record import Record
 from core.worker import Handler, RunOptions, RunSummary, Worker
 from core.worker.fanout import Fanout
 
@@ -33,8 +32,10 @@ log = logging.getLogger("core.processor")
 P = TypeVar("P", bound="ProcessorAPI")
 
 
-class ProcessorAPI(SettingsView):
-    """Claim, process and complete records from any number of processes. Thread-safe."""
+class ProcessorAPI(Operations):
+    """Claim, process and complete records from any number of processes. Thread-safe.
+
+    The producer and operator methods are :mod:`core.operations`' plans, run with the blocking driver."""
 
     settings: Settings
     store: Store
@@ -54,37 +55,7 @@ class ProcessorAPI(SettingsView):
     def _serialise(payloads: Sequence[Any]) -> list[str]:
         return serialise(payloads)
 
-    def add_records(
-        self,
-        payloads: Sequence[dict[str, Any]] | Iterable[dict[str, Any]],
-        *,
-        queue: str | None = None,
-        priority: int = 0,
-        run_at: datetime | None = None,
-        delay: float | None = None,
-        max_attempts: int | None = None,
-        ordering_key: str | Sequence[str | None] | None = None,
-        dedupe_key: str | Sequence[str | None] | None = None,
-        dedupe_while: str = "pending",
-    ) -> AddResult:
-        """Insert a batch atomically and return the ids in input order.
-
-        One statement (or one COPY above ``copy_threshold`` records) for the whole batch. Invalid input raises
-        before anything is written; ``QueueFull`` rolls the whole batch back. Records whose ``dedupe_key`` is
-        already held in the queue are not inserted: their index is in ``result.deduplicated`` and their id is
-        the existing record's.
-        """
-        batch = check_new_records(
-            payloads, queue=self.settings.queue if queue is None else queue, priority=priority, run_at=run_at,
-            delay=delay, max_attempts=self.settings.max_attempts if max_attempts is None else max_attempts,
-            ordering_key=ordering_key, dedupe_key=dedupe_key, dedupe_while=dedupe_while, now=self._now())
-        if not batch.payloads:
-            return AddResult()
-        return self.store.add(batch)
-
-    def _now(self) -> datetime:
-        """The clock ``delay`` counts from (the in-memory processor's is a fake one)."""
-        return datetime.now(timezone.utc)
+    add_records = blocking(operations.add_records)
 
     # ------------------------------------------------------------------ claiming
 
@@ -276,101 +247,25 @@ class ProcessorAPI(SettingsView):
         """
         return self.store.recover()
 
-    def cancel(self, ids: Iterable[int]) -> dict[int, str]:
-        """Cancel records: pending (and failed) ones at once; processing ones are flagged, the handler can see it
-        (``core.worker.current_record_cancelled()``) and their outcome becomes ``cancelled``.
-
-        Returns ``{id: status_after}`` for the records it touched; completed and cancelled ones are left alone.
-        """
-        return self.store.cancel([positive_int("id", i) for i in ids])
-
-    def retry_failed(
-        self,
-        ids: Iterable[int] | None = None,
-        *,
-        queue: str | None = None,
-        error_pattern: str | None = None,
-        batch: int = 1000,
-    ) -> int:
-        """Move failed records back to ``pending`` with a fresh attempt budget; returns how many moved."""
-        id_list = None if ids is None else [positive_int("id", i) for i in ids]
-        if error_pattern is not None:
-            try:
-                re.compile(error_pattern)
-            except re.error as exc:
-                raise InvalidArgument(f"error_pattern is not a valid regular expression: {exc}") from None
-        return self.store.retry_failed(id_list, queue, error_pattern, positive_int("batch", batch))
-
-    def purge(self, older_than: float | timedelta, *, batch: int = 5000, max_batches: int | None = None) -> int:
-        """Delete finished records older than ``older_than`` in bounded, ordered batches; returns the count."""
-        seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else float(older_than)
-        if seconds < 0:
-            raise InvalidArgument("older_than must be >= 0")
-        return self.store.purge(seconds, positive_int("batch", batch), max_batches)
+    cancel = blocking(operations.cancel)
+    retry_failed = blocking(operations.retry_failed)
+    purge = blocking(operations.purge)
 
     # ------------------------------------------------------------------ admission settings
 
-    def set_key_concurrency(self, key_or_pattern: str, n: int | None, *, block_on_failure: bool = False) -> None:
-        """Limit how many records of matching ordering keys may be processing at once (``None`` removes it).
-
-        ``key_or_pattern`` is an exact key or a glob (``*``, ``?``); an exact key wins over patterns, a longer
-        pattern over a shorter one. Stored in the database: every instance obeys it from its next claim.
-        """
-        if not isinstance(key_or_pattern, str) or not key_or_pattern:
-            raise InvalidArgument("key_or_pattern must be a non-empty string")
-        limit = None if n is None else positive_int("n", n)
-        self.store.set_key_concurrency(key_or_pattern, limit, bool(block_on_failure))
-
-    def set_queue_limit(self, queue: str, n: int | None) -> None:
-        """Cap the number of pending records of ``queue`` (``None`` removes the cap); enforced on insert."""
-        if not isinstance(queue, str) or not queue:
-            raise InvalidArgument("queue must be a non-empty string")
-        self.store.set_queue_limit(queue, None if n is None else positive_int("n", n, allow_zero=True))
+    set_key_concurrency = blocking(operations.set_key_concurrency)
+    set_queue_limit = blocking(operations.set_queue_limit)
 
     # ------------------------------------------------------------------ observing
 
-    def get_queue_status(self, queue: str | None = None, *, statuses: Sequence[str] | None = None) -> dict[str, Any]:
-        """Counts per status per queue, and the age of the oldest pending record.
-
-        Pending and processing are counted through their partial indexes; finished counts come from the
-        trigger-maintained ``queue_stats`` table, so the call stays cheap with millions of finished rows.
-        """
-        wanted = list(STATUSES) if statuses is None else list(statuses)
-        unknown = [s for s in wanted if s not in STATUSES]
-        if unknown:
-            raise InvalidArgument(f"unknown status filter {unknown}; valid statuses are {list(STATUSES)}")
-        out = status_dict(self.store.counts(queue), wanted)
-        per_shard = getattr(self.store, "shard_counts", None)  # several databases: each one's counts too
-        if per_shard is not None:
-            out["shards"] = {shard: status_dict(rows, wanted) for shard, rows in per_shard(queue).items()}
-        return out
-
-    def list_instances(self, *, include_stopped: bool = False) -> list[dict[str, Any]]:
-        """Registered instances with their heartbeat and how many records each holds."""
-        return self.store.list_instances(include_stopped)
-
-    def health_check(
-        self,
-        *,
-        timeout: float = 5.0,
-        latency_degraded_ms: float = 250.0,
-        pending_age_degraded_s: float | None = None,
-    ) -> dict[str, Any]:
-        """A health report that never raises: ``status`` is ``healthy``, ``degraded`` or ``unhealthy``.
-
-        Unreachable database, missing schema: unhealthy (with the reason). Slow round trip, callers waiting
-        for pool connections, a snapshot or slot holding the MVCC horizon back longer than
-        ``horizon_warning_seconds`` (the reason names it), or (optionally) a pending backlog older than
-        ``pending_age_degraded_s``: degraded.
-        """
-        return health_report(self.store, self.instance_id, self.facts, timeout=timeout,
-                             latency_degraded_ms=latency_degraded_ms, pending_age_degraded_s=pending_age_degraded_s,
-                             horizon_warning_seconds=self.settings.horizon_warning_seconds)
+    get_queue_status = blocking(operations.get_queue_status)
+    list_instances = blocking(operations.list_instances)
+    health_check = blocking(operations.health_check)
 
     def horizon(self) -> dict[str, Any]:
         """What holds back the database's MVCC horizon and for how long, and the queue table's dead row
         versions (the ``horizon`` part of :meth:`health_check`)."""
-        return self.store.horizon()
+        return run(self.store.horizon())
 
     def ready(self) -> tuple[bool, str | None]:
         """Readiness for probes: (ready, reason when not)."""

@@ -2,7 +2,8 @@
 
 A store is one database's state changes (:class:`core.store.PostgresStore`). The facade (:mod:`core.api`)
 checks arguments and calls a store; the worker loop (:mod:`core.worker`) depends on :class:`WorkerStore`
-only, never on the facade.
+only, never on the facade. The operations the asyncio API shares (:mod:`core.operations`) return plans
+(:mod:`core.plans`), which a blocking or an asyncio driver runs.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from core.floors import Floors
+from core.plans import Plan
 from core.record import AddResult, Record
+
+if TYPE_CHECKING:
+    from core.appconn import AppConn
 
 # (queue, status, count, oldest pending age in seconds or None, due count): one row per queue and status.
 CountRow = tuple[str, str, int, float | None, int]
@@ -144,31 +149,33 @@ class Store(Protocol):
 
     def set_instance_status(self, status: str) -> None: ...
 
-    def add(self, batch: NewRecords) -> AddResult: ...
+    def add(self, batch: NewRecords, conn: AppConn | None = None) -> Plan[AddResult]:
+        """Insert a batch (on ``conn``, an application's connection, inside its transaction)."""
+        ...
 
-    def cancel(self, ids: list[int]) -> dict[int, str]: ...
+    def cancel(self, ids: list[int]) -> Plan[dict[int, str]]: ...
 
-    def retry_failed(self, ids: list[int] | None, queue: str | None, pattern: str | None, batch: int) -> int: ...
+    def retry_failed(self, ids: list[int] | None, queue: str | None, pattern: str | None, batch: int) -> Plan[int]: ...
 
-    def purge(self, older_than: float, batch: int, max_batches: int | None) -> int: ...
+    def purge(self, older_than: float, batch: int, max_batches: int | None) -> Plan[int]: ...
 
-    def set_key_concurrency(self, pattern: str, n: int | None, block_on_failure: bool) -> None: ...
+    def set_key_concurrency(self, pattern: str, n: int | None, block_on_failure: bool) -> Plan[None]: ...
 
-    def set_queue_limit(self, queue: str, n: int | None) -> None: ...
+    def set_queue_limit(self, queue: str, n: int | None) -> Plan[None]: ...
 
-    def counts(self, queue: str | None) -> list[CountRow]:
+    def counts(self, queue: str | None) -> Plan[list[CountRow]]:
         """Counts per queue and status (pending rows with their oldest age and due count)."""
         ...
 
-    def list_instances(self, include_stopped: bool) -> list[dict[str, Any]]: ...
+    def list_instances(self, include_stopped: bool) -> Plan[list[dict[str, Any]]]: ...
 
-    def probe(self, report: dict[str, Any], timeout: float) -> list[CountRow] | None:
+    def probe(self, report: dict[str, Any], timeout: float) -> Plan[list[CountRow] | None]:
         """Fill ``report["database"]`` (and ``pool``); return the counts, or None when not migrated."""
         ...
 
     def ready(self) -> tuple[bool, str | None]: ...
 
-    def horizon(self) -> dict[str, Any]:
+    def horizon(self) -> Plan[dict[str, Any]]:
         """Who holds back the MVCC horizon (``health_check()["horizon"]``)."""
         ...
 

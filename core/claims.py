@@ -16,6 +16,7 @@ from typing import Any
 from core.db import Conn, Database
 from core.errors import DatabaseUnavailable, InvalidArgument
 from core.floors import Floors, Ticket, start_params
+from core.plans import Plan, Stmt, on, run
 from core.queries import channel_for
 from core.record import Record, format_error
 
@@ -75,16 +76,16 @@ class Claims:
             floors.advance(ticket, claimed)
         return claimed, completed
 
-    def claim_on(
-        self, conn: Conn, done: Sequence[Record], size: int, queues: list[str], unblock: Sequence[str] = (),
+    def claim_params(
+        self, done: Sequence[Record], size: int, queues: list[str], unblock: Sequence[str] = (),
         *, ticket: Ticket | None = None, announce: bool = False,
-    ) -> tuple[list[Record], int]:
+    ) -> dict[str, Any]:
+        """The claim statement's parameters (a fresh lease token under ``"token"``)."""
         s = self.settings
         done_ids, done_tokens = fence(done)
-        token = uuid.uuid4()
         # Queues to wake if a keyed record completes (pg_notify runs only then).
         nqueues = sorted({r.queue for r in done if r.ordering_key is not None}) if s.notify else []
-        params = {
+        return {
             "unblock_keys": list(unblock),
             "channels": [channel_for(s.schema, q) for q in nqueues],
             "nqueues": nqueues,
@@ -93,7 +94,7 @@ class Claims:
             "done_ids": "{" + ",".join(map(str, done_ids)) + "}",
             "done_tokens": "{" + ",".join(map(_token_text(done_tokens).__getitem__, done_tokens)) + "}",
             "queues": queues,
-            "token": token,
+            "token": uuid.uuid4(),
             "batch": size,
             "instance_id": s.instance_id,
             "lease_seconds": s.lease_seconds,
@@ -102,12 +103,18 @@ class Claims:
             "announce": announce,
             **(ticket.params() if ticket is not None else start_params(queues)),
         }
+
+    def claim_on(
+        self, conn: Conn, done: Sequence[Record], size: int, queues: list[str], unblock: Sequence[str] = (),
+        *, ticket: Ticket | None = None, announce: bool = False,
+    ) -> tuple[list[Record], int]:
+        params = self.claim_params(done, size, queues, unblock, ticket=ticket, announce=announce)
         # Binary results: timestamps, UUIDs and integers decode several times faster than from text.
         rows = self.db.execute_raw(conn, "claim", params, binary=True).fetchall()
         completed = int(rows[0][-1]) if rows else 0
         if not rows or rows[0][0] is None:
             return [], completed
-        new, head, tail = tuple.__new__, (token,), (self.db.shard,)
+        new, head, tail = tuple.__new__, (params["token"],), (self.db.shard,)
         if ticket is not None:  # where each queue's floor moves: its first pending record, seen unlocked
             ticket.seen = {r[1]: (r[13], r[14], r[15]) for r in rows if r[13] is not None}
         return [new(Record, r[:6] + head + r[6:13] + tail) for r in rows], completed
@@ -117,11 +124,16 @@ class Claims:
         statement with nothing to claim. Best effort: the maintenance sweep repairs a miss. ``announce``: tell
         every claimer by a floor event (a worker unblocking the keys of records it claimed does not need to:
         its own floors come down to those records)."""
+        run(self.unblock_plan(keys, announce=announce))
+
+    def unblock_plan(self, keys: Iterable[str], *, announce: bool = True) -> Plan[None]:
+        """:meth:`unblock` as a plan."""
         ordered = sorted(set(keys))
         if not ordered:
             return
+        params = self.claim_params([], 0, [], ordered, announce=announce)
         try:
-            self.db.with_retry(lambda conn: self.claim_on(conn, [], 0, [], ordered, announce=announce))
+            yield from on(self.db, Stmt(self.q.claim, params, "all", binary=True, raw=True))
         except DatabaseUnavailable as exc:
             log.warning("could not unblock key heads; the sweep will", extra={"error": str(exc)})
 

@@ -293,8 +293,13 @@ class Database:
         if not isinstance(conn, psycopg.Connection):
             return conn.execute(getattr(self.q, name), params, binary=binary)  # type: ignore[unreachable]
         text, names = self.q.raw(name)
+        return self.execute_raw_text(conn, text, [params[n] for n in names], binary=binary)
+
+    @staticmethod
+    def execute_raw_text(conn: Conn, text: str, args: list[Any], *,
+                         binary: bool = False) -> psycopg.Cursor[tuple[Any, ...]]:
+        """Run ``text`` (``$n`` placeholders) with ``args`` through a RawCursor."""
         cursor = psycopg.RawCursor(conn)
-        args = [params[n] for n in names]
         if isinstance(conn, TransactionPooled) and conn.info.transaction_status == TransactionStatus.IDLE:
             # as TransactionPooled.execute does: the settings and the statement in one pipelined transaction
             with conn.pipeline(), conn.transaction():

@@ -1,43 +1,62 @@
-"""Inserting records: one statement (or one COPY) per batch, ordering-key blocking, dedupe, queue limits."""
+"""Inserting records: one call of the enqueue function (``dp_add_records``, migration 0008) per batch, or a
+COPY between its two halves for a large one; on the processor's pool or on an application's connection.
+
+Everything ``add_records`` guarantees is decided in the database, in the inserting transaction: ids in input
+order, per-key order (producers of a key take turns, so id order is commit order within a key; records
+close behind a pending one of their key are inserted blocked, see ``KEY_GAP``), dedupe keys (a key held by a
+transaction still open makes the next producer wait, then either find it taken or take it), queue limits
+(exact: producers of a limited queue take turns on its row), the announcement to the claimers whose floors
+may have passed the batch (core/floors.py), and the NOTIFY, which the server delivers at the commit.
+"""
 
 from __future__ import annotations
 
 import random
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from core.appconn import AppConn
 from core.backend import NewRecords
-from core.db import Conn, Database
+from core.db import Database
 from core.errors import DatabaseUnavailable, QueueFull
-from core.floors import must_announce
 from core.payloads import copy_text, encode_payload
-from core.queries import channel_for
+from core.plans import Copy, Plan, Sleep, Stmt, on, transaction, using
 from core.record import AddResult
 
 # How far apart (in ids) two records of a key must be for the later one to be inserted claimable rather than
 # blocked. A blocked record costs one more write when its key's head moves on (the unblock), which is most of
 # what per-key ordering costs. Records of one batch share their priority and run_at, so claims reach them in
-# id order; a record of an earlier batch counts when claims reach it first too (key_heads). By the time a
-# claim reaches a record this far behind the previous one of its key, that one has been claimed and, unless
-# its handler is slower than this many records, finished. If not, the claim rejects the record (it is never
-# started out of order) and reads it again on its next statement, as it reads any key head's successor
-# while the head runs. A failure that makes the key wait blocks its later records again (fail statement).
+# id order; a record of an earlier batch counts when claims reach it first too (the key's last pending
+# record). By the time a claim reaches a record this far behind the previous one of its key, that one has
+# been claimed and, unless its handler is slower than this many records, finished. If not, the claim rejects
+# the record (it is never started out of order) and reads it again on its next statement, as it reads any
+# key head's successor while the head runs. A failure that makes the key wait blocks its later records again
+# (fail statement). The rule itself runs in SQL (dp_enqueue_prepare); inserted_blocked is its reference.
 KEY_GAP = 1000
 
 # Records per COPY write: large enough to amortise the call, small enough to overlap with the server.
 COPY_CHUNK = 1000
 
 
+class Refused(Exception):
+    """The database refused the batch without writing anything: not the shard expected, a key of another
+    shard (``owner``), a partition moving, a retiring shard and keyless records (``status``)."""
+
+    def __init__(self, status: str, owner: int | None) -> None:
+        self.status = status
+        self.owner = owner
+        super().__init__(f"{status} (shard {owner})")
+
+
 def inserted_blocked(
     keys: Sequence[str | None], prior: Mapping[str, int | None], first_id: int = 0, gap: int = KEY_GAP
 ) -> list[bool]:
-    """Which records of a batch are inserted blocked (``key_blocked``): a keyed record with an earlier pending
-    record of its key, unless that one is claimable, reached by claims first, and ``gap`` or more ids earlier.
+    """The reference of ``dp_enqueue_prepare``'s rule: which records of a batch are inserted blocked. A keyed
+    record with an earlier pending record of its key is, unless that one is claimable, reached by claims first,
+    and ``gap`` or more ids earlier; a record blocked blocks every later one of its key.
 
     ``prior``: the keys that already have pending records, each with the id of its latest one when a new
-    record may follow it claimable, else None. ``first_id``: a lower bound of the batch's first id (the
-    later ones follow it in order).
+    record may follow it claimable, else None. ``first_id``: a lower bound of the batch's first id.
     """
     blocked = [False] * len(keys)
     stuck = {k for k, last_id in prior.items() if last_id is None}  # every further record of these waits
@@ -53,6 +72,11 @@ def inserted_blocked(
     return blocked
 
 
+def _column(values: list[str | None]) -> list[str | None] | None:
+    """A per-record key column, or None when no record has one (less to send and to unnest)."""
+    return values if any(v is not None for v in values) else None
+
+
 class Enqueuer:
     """``add_records`` against one database."""
 
@@ -60,151 +84,102 @@ class Enqueuer:
         self.db = db
         self.q = db.q
         self._sequence: str | None = None  # the id sequence, looked up on the first COPY
-        # Run first in each insert's transaction (a shard checks that the batch is still its own: core/sharded.py)
-        self.guard: Callable[[Conn, NewRecords], None] | None = None
 
-    def add(self, batch: NewRecords) -> AddResult:
-        """Insert ``batch`` atomically: ids in input order; ``QueueFull`` rolls the whole batch back."""
+    def add(self, batch: NewRecords, conn: AppConn | None = None, *,
+            expect_shard: int | None = None) -> Plan[AddResult]:
+        """Insert ``batch`` atomically (on ``conn``, inside its transaction): ids in input order.
+
+        Raises ``QueueFull`` (nothing written; on ``conn`` its transaction stays usable) and :class:`Refused`
+        (a shard's guard: nothing written). ``expect_shard``: the shard number this database must be.
+        """
         n = len(batch.payloads)
         if n == 0:
             return AddResult()
-        has_dedupe = any(d is not None for d in batch.dedupes)
-        use_copy = n >= self.db.settings.copy_threshold and not has_dedupe
-        # COPY encodes as it streams (the server parses one chunk while the next is encoded); an invalid
-        # payload then aborts the COPY and rolls the transaction back, so nothing is written either way.
+        use_copy = n >= self.db.settings.copy_threshold and not any(d is not None for d in batch.dedupes)
         limit = self.db.settings.max_payload_bytes
-        texts = [] if use_copy else [encode_payload(i, p, limit) for i, p in enumerate(batch.payloads)]
-        # A broken connection is not retried (during COMMIT it is unknown whether the batch landed); a
-        # deadlock or serialization failure rolled everything back, so that is retried.
+        # On the pool, COPY encodes as it streams (the server parses one chunk while the next is encoded), and
+        # an invalid payload aborts our own transaction. On an application's connection everything is encoded
+        # first: nothing of ours may fail in its transaction half way.
+        texts = [] if use_copy and conn is None else [encode_payload(i, p, limit) for i, p in enumerate(batch.payloads)]
+        if conn is not None:
+            if use_copy:
+                return (yield from using(conn, self._copy(batch, texts, expect_shard, undo=True)))
+            return (yield from using(conn, self._call(batch, texts, expect_shard)))
+        # A broken connection is not retried (during the commit it is unknown whether the batch landed); a
+        # deadlock or serialization failure rolled everything back, so that is run again.
         for attempt in range(5):
             try:
-                with self.db.borrow(internal=True) as conn:
-                    return self._add_on(conn, batch, texts, use_copy, has_dedupe)
+                if use_copy:
+                    return (yield from on(self.db, lambda: self._in_transaction(batch, expect_shard), attempts=1))
+                # autocommit: one statement, one transaction
+                return (yield from on(self.db, lambda: self._call(batch, texts, expect_shard), attempts=1))
             except DatabaseUnavailable as exc:
                 # A producer's key-head locks can deadlock with a claim unblocking those heads; the server
                 # rolled the whole batch back, so it is simply run again.
                 if not exc.rolled_back or attempt == 4:
                     raise
-                time.sleep(0.01 * (attempt + 1) * (1 + random.random()))
+                yield Sleep(0.01 * (attempt + 1) * (1 + random.random()))
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _add_on(self, conn: Conn, batch: NewRecords, texts: list[str], use_copy: bool, has_dedupe: bool) -> AddResult:
-        q, n, queue = self.q, len(batch.payloads), batch.queue
-        key_set = sorted({k for k in batch.keys if k is not None})
-        started = time.monotonic()
-        # Records claims may have passed already are announced to them (core/floors.py).
-        announce = must_announce(batch.priority, batch.run_at, 0.0)
-        with conn.transaction():
-            if self.guard is not None:
-                self.guard(conn, batch)
-            blocked = [False] * n
-            if has_dedupe:
-                conn.execute(q.lock_dedupe_keys, {"queue": queue, "keys": batch.dedupes})
-            if key_set:
-                conn.execute(q.lock_ordering_keys, {"keys": key_set})
-                # A record behind an earlier pending one of its key is inserted blocked: claims skip it
-                # until the key's head moves on (the claim statement's unblock), unless the batch spreads
-                # the key's records out (see KEY_GAP).
-                heads = conn.execute(q.key_heads, {
-                    "keys": key_set, "queue": queue, "priority": batch.priority, "run_at": batch.run_at}).fetchall()
-                prior = {k: (last_id if follows else None) for k, has, last_id, follows, _ in heads if has}
-                blocked = inserted_blocked(batch.keys, prior, int(heads[0][4] or 0) + 1)
-            limit_row = conn.execute(q.lock_queue_limit, {"queue": queue}).fetchone()
-            if use_copy:
-                result = self._insert_copy(conn, batch, blocked)
-            else:
-                result = self._insert_statement(conn, batch, texts, blocked, announce)
-            inserted = n - len(result.deduplicated)
-            if inserted and ((use_copy and announce) or (
-                    not announce and must_announce(batch.priority, batch.run_at, time.monotonic() - started))):
-                conn.execute(q.announce_floor, {"queue": queue, "priority": batch.priority, "run_at": batch.run_at,
-                                                "id": min(result)})
-            if limit_row is not None and inserted:
-                limit = int(limit_row[0])
-                depth_row = conn.execute(q.pending_depth, {"queue": queue, "cap": limit + inserted + 1}).fetchone()
-                depth_after = int(depth_row[0]) if depth_row else 0
-                if depth_after > limit:
-                    raise QueueFull(queue, limit, depth_after - inserted, inserted)
-            if self.db.settings.notify and inserted:
-                conn.execute(q.notify, {"channel": channel_for(self.db.settings.schema, queue), "queue": queue})
-        return result
+    def _params(self, batch: NewRecords, expect_shard: int | None) -> dict[str, Any]:
+        return {"queue": batch.queue, "priority": batch.priority, "run_at": batch.run_at,
+                "keys": _column(batch.keys), "dedupes": _column(batch.dedupes), "expect_shard": expect_shard,
+                "key_gap": KEY_GAP}
 
-    def _insert_statement(
-        self, conn: Conn, batch: NewRecords, texts: list[str], blocked: list[bool], announce: bool
-    ) -> AddResult:
-        rows = conn.execute(
-            self.q.insert_records,
-            {
-                "queue": batch.queue,
-                "payloads": texts,
-                "priority": batch.priority,
-                "run_at": batch.run_at,
-                "max_attempts": batch.max_attempts,
-                "keys": batch.keys,
-                "dedupes": batch.dedupes,
-                "dedupe_while": batch.dedupe_while,
-                "blocked": blocked,
-                "announce": announce,
-            },
-        ).fetchall()
-        n = len(texts)
-        if len(rows) == n:
-            # Ids are assigned in input order (INSERT ... SELECT ... ORDER BY ordinality).
-            return AddResult(sorted(int(r[0]) for r in rows))
-        return self._with_duplicates(conn, batch, rows)
-
-    def _with_duplicates(self, conn: Conn, batch: NewRecords, rows: list[Any]) -> AddResult:
-        """Some inputs were deduplicated: rebuild the input order from the dedupe keys."""
-        new_by_key: dict[str, int] = {}
-        keyless_ids = iter(sorted(int(r[0]) for r in rows if r[1] is None))
-        for rid, dkey in rows:
-            if dkey is not None:
-                new_by_key[dkey] = int(rid)
-        missing = {d for d in batch.dedupes if d is not None and d not in new_by_key}
-        existing: dict[str, int] = {}
-        if missing:
-            for dkey, rid in conn.execute(
-                self.q.existing_dedupe, {"queue": batch.queue, "dedupes": sorted(missing)}
-            ).fetchall():
-                existing[dkey] = int(rid)
-        ids: list[int] = []
-        deduplicated: list[int] = []
-        seen: set[str] = set()
-        for i, dkey in enumerate(batch.dedupes):
-            if dkey is None:
-                ids.append(next(keyless_ids))
-            elif dkey in new_by_key and dkey not in seen:
-                seen.add(dkey)
-                ids.append(new_by_key[dkey])
-            else:
-                deduplicated.append(i)
-                ids.append(new_by_key.get(dkey) or existing.get(dkey, 0))
+    def _call(self, batch: NewRecords, texts: list[str], expect_shard: int | None) -> Plan[AddResult]:
+        params = {**self._params(batch, expect_shard), "payloads": texts, "max_attempts": batch.max_attempts,
+                  "dedupe_while": batch.dedupe_while, "notify": self.db.settings.notify}
+        row = yield Stmt(self.q.add_records, params, "one", binary=True)
+        status, ids, deduplicated, owner, queue_limit, depth, adding = row
+        if status == "full":
+            raise QueueFull(batch.queue, int(queue_limit), int(depth), int(adding))
+        if status != "ok":
+            raise Refused(str(status), owner)
         return AddResult(ids, deduplicated)
 
-    def _insert_copy(self, conn: Conn, batch: NewRecords, blocked: list[bool]) -> AddResult:
-        items, n = batch.payloads, len(batch.payloads)
-        limit = self.db.settings.max_payload_bytes
+    def _in_transaction(self, batch: NewRecords, expect_shard: int | None) -> Plan[AddResult]:
+        return (yield from transaction(self._copy(batch, None, expect_shard, undo=False)))
+
+    def _copy(self, batch: NewRecords, texts: list[str] | None, expect_shard: int | None, *,
+              undo: bool) -> Plan[AddResult]:
+        """prepare, COPY, finish. ``undo``: over the queue's limit, finish deletes the batch again (an
+        application's transaction stays usable); otherwise QueueFull rolls our own transaction back."""
+        q, n = self.q, len(batch.payloads)
+        status, owner, blocked, queue_limit = yield Stmt(q.enqueue_prepare, self._params(batch, expect_shard), "one")
+        if status != "ok":
+            raise Refused(str(status), owner)
         if self._sequence is None:
-            row = conn.execute(self.q.records_sequence, {"table": self.q.records_table}).fetchone()
-            self._sequence = str(row[0]) if row else None
-        # Binary: the ids arrive as integers, no text to parse per id.
-        ids: list[int] = [r[0] for r in conn.execute(
-            self.q.allocate_ids, {"seq": self._sequence, "n": n}, binary=True).fetchall()]
+            row = yield Stmt(q.records_sequence, {"table": q.records_table}, "one")
+            self._sequence = str(row[0])
+        # Binary: the ids arrive as integers, no text to parse per id. Taken after the key locks: id order is
+        # commit order within a key.
+        rows = yield Stmt(q.allocate_ids, {"seq": self._sequence, "n": n}, "all", binary=True)
+        ids: list[int] = [r[0] for r in rows]
+        stmt = q.copy_records if batch.run_at is None else q.copy_records_at
+        yield Copy(stmt, self._copy_chunks(batch, texts, ids, blocked or [False] * n))
+        status, depth = yield Stmt(q.enqueue_finish, {
+            "queue": batch.queue, "priority": batch.priority, "run_at": batch.run_at, "ids": ids,
+            "limit": queue_limit, "notify": self.db.settings.notify, "undo": undo}, "one")
+        if status == "full":
+            raise QueueFull(batch.queue, int(queue_limit), int(depth), n)
+        return AddResult(ids)
+
+    def _copy_chunks(self, batch: NewRecords, texts: list[str] | None, ids: list[int],
+                     blocked: list[bool]) -> Iterator[str]:
         # Rows are formatted here as COPY text, a chunk per write: much cheaper than a write_row per record,
         # and the server parses one chunk while the next is encoded. JSON from the encoder has no raw control
         # characters, so only backslashes need escaping. run_at left out takes the column default, now().
+        items, n = batch.payloads, len(batch.payloads)
+        limit = self.db.settings.max_payload_bytes
         constant = "\t".join(("", copy_text(batch.queue), str(batch.priority), str(batch.max_attempts), ""))
         if batch.run_at is not None:
             constant = f"{constant}{batch.run_at.isoformat()}\t"
-        stmt = self.q.copy_records if batch.run_at is None else self.q.copy_records_at
         null = "\\N\tf"
         key_texts = [null if k is None else copy_text(k) + ("\tt" if b else "\tf")
                      for k, b in zip(batch.keys, blocked, strict=True)]
-        with conn.cursor().copy(stmt) as copy:
-            for start in range(0, n, COPY_CHUNK):
-                lines = []
-                for i in range(start, min(n, start + COPY_CHUNK)):
-                    text = encode_payload(i, items[i], limit).replace("\\", "\\\\")  # COPY doubles a backslash
-                    lines.append(f"{ids[i]}{constant}{key_texts[i]}\t{text}\n")
-                copy.write("".join(lines))
-        return AddResult(ids)
+        for start in range(0, n, COPY_CHUNK):
+            lines = []
+            for i in range(start, min(n, start + COPY_CHUNK)):
+                text = texts[i] if texts is not None else encode_payload(i, items[i], limit)
+                lines.append(f"{ids[i]}{constant}{key_texts[i]}\t{text.replace(chr(92), chr(92) * 2)}\n")
+            yield "".join(lines)

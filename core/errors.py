@@ -28,6 +28,21 @@ class InvalidArgument(ProcessorError, ValueError):
     """An argument other than a payload is invalid (unknown status filter, negative batch size, ...)."""
 
 
+class NotInTransaction(InvalidArgument):
+    """``conn`` given to ``add_records`` is not in a transaction (autocommit outside a transaction block, or an
+    aborted transaction): the records would not be atomic with the application's writes. Nothing was written."""
+
+
+class WrongShard(InvalidArgument):
+    """A record given to ``add_records(conn=...)`` on a shard's connection belongs to another shard (its key's
+    partition is ``shard``'s), or the connection's shard takes no such record now (a partition moving, a shard
+    retiring: ``shard`` is None or the connection's). Nothing was written."""
+
+    def __init__(self, message: str, shard: int | None = None) -> None:
+        self.shard = shard
+        super().__init__(message)
+
+
 class DatabaseUnavailable(ProcessorError):
     """The database could not be reached within the connect timeout, or the connection broke mid-call."""
 

@@ -17,6 +17,7 @@ from core.db import Database
 from core.dsn import redact
 from core.errors import DatabaseUnavailable
 from core.instance import ProcessFacts
+from core.plans import Plan, PoolStats, Stmt, Transaction, on, transaction
 
 _INSTANCE_COLUMNS = (
     "instance_id", "hostname", "pid", "version", "started_at", "last_heartbeat_at", "stopped_at",
@@ -66,7 +67,7 @@ def health_report(
     latency_degraded_ms: float,
     pending_age_degraded_s: float | None,
     horizon_warning_seconds: float | None = None,
-) -> dict[str, Any]:
+) -> Plan[dict[str, Any]]:
     """The report of ``health_check()``; never raises (an exception is the reason it is unhealthy)."""
     report: dict[str, Any] = {
         "status": "unhealthy",
@@ -77,7 +78,7 @@ def health_report(
     }
     reasons: list[str] = report["reasons"]
     try:
-        rows = store.probe(report, timeout)
+        rows = yield from store.probe(report, timeout)
         if rows is None:
             return report
         report["queues"] = status_dict(rows, STATUSES)
@@ -114,69 +115,76 @@ class Health:
         # When this process first saw a walsender's or a slot's xmin: the server keeps no time for those.
         self._first_seen: dict[tuple[str, str, str], float] = {}
 
-    def counts(self, queue: str | None) -> list[CountRow]:
-        return self.db.with_retry(lambda conn: self._counts_on(conn, queue))
+    def counts(self, queue: str | None) -> Plan[list[CountRow]]:
+        return (yield from on(self.db, lambda: self._counts_on(queue)))
 
-    def _counts_on(self, conn: Any, queue: str | None) -> list[CountRow]:
-        active = conn.execute(self.q.queue_status_active, {"queue": queue}).fetchall()
-        finished = conn.execute(self.q.queue_status_finished, {"queue": queue}).fetchall()
+    def _counts_on(self, queue: str | None) -> Plan[list[CountRow]]:
+        active = yield Stmt(self.q.queue_status_active, {"queue": queue})
+        finished = yield Stmt(self.q.queue_status_finished, {"queue": queue})
         return [(str(r[0]), str(r[1]), int(r[2]), r[3], int(r[4])) for r in active] + [
             (str(r[0]), str(r[1]), int(r[2]), None, 0) for r in finished]
 
-    def list_instances(self, include_stopped: bool) -> list[dict[str, Any]]:
-        rows = self.db.with_retry(
-            lambda conn: conn.execute(self.q.list_instances, {"include_stopped": include_stopped}).fetchall()
-        )
+    def list_instances(self, include_stopped: bool) -> Plan[list[dict[str, Any]]]:
+        rows = yield from on(self.db, Stmt(self.q.list_instances, {"include_stopped": include_stopped}))
         return [dict(zip(_INSTANCE_COLUMNS, row, strict=False)) for row in rows]
 
-    def probe(self, report: dict[str, Any], timeout: float) -> list[CountRow] | None:
+    def probe(self, report: dict[str, Any], timeout: float) -> Plan[list[CountRow] | None]:
         """The database part of the health report, within ``timeout`` seconds in all."""
         db = self.db
         report["database"].update(**db.target(), schema=db.settings.schema)
         deadline = time.monotonic() + timeout
-        pool = db.ensure_pool()
-        report["pool"] = pool.get_stats()
+        report["pool"] = yield PoolStats(db)
         try:
-            return self._probe_once(report, deadline)
+            return (yield from on(db, lambda: self._probe_once(report, deadline), attempts=1,
+                                  timeout=max(timeout, 0.1)))
         except DatabaseUnavailable as exc:
             # A pooled connection the server has since closed fails on first use: that says nothing about
             # the database (its peers are likely broken too, all cut at once), so the probe asks once more
             # on a connection known good, as long as time is left.
             if not exc.retryable or time.monotonic() >= deadline:
                 raise
-            pool.check()  # drops every idle connection that is broken too (one round trip each)
-            return self._probe_once(report, deadline)
+            yield PoolStats(db, check=True)  # drops every idle connection that is broken too
+            return (yield from on(db, lambda: self._probe_once(report, deadline), attempts=1,
+                                  timeout=max(deadline - time.monotonic(), 0.1)))
 
-    def _probe_once(self, report: dict[str, Any], deadline: float) -> list[CountRow] | None:
+    def _probe_once(self, report: dict[str, Any], deadline: float) -> Plan[list[CountRow] | None]:
         db, q = self.db, self.q
-        with db.borrow(timeout=max(deadline - time.monotonic(), 0.1), internal=True) as conn:
-            started = time.perf_counter()
-            with conn.transaction():
-                self._time_limit(conn, deadline)
-                facts = conn.execute(q.server_facts, {"table": q.records_table}).fetchone()
-            latency_ms = (time.perf_counter() - started) * 1000
-            assert facts is not None
-            report["database"].update(
-                reachable=True, latency_ms=round(latency_ms, 3), server_version=facts[0], migrated=facts[1]
-            )
-            if not facts[1]:
-                report["reasons"].append(f"schema {db.settings.schema!r} is not migrated")
-                return None
-            with conn.transaction():
-                self._time_limit(conn, deadline)
-                counts = self._counts_on(conn, None)
-                report["horizon"] = self._horizon_on(conn)
+        started = time.perf_counter()
+        facts = yield Transaction(self._limited(deadline, Stmt(q.server_facts, {"table": q.records_table}, "one")))
+        latency_ms = (time.perf_counter() - started) * 1000
+        assert facts is not None
+        report["database"].update(
+            reachable=True, latency_ms=round(latency_ms, 3), server_version=facts[0], migrated=facts[1]
+        )
+        if not facts[1]:
+            report["reasons"].append(f"schema {db.settings.schema!r} is not migrated")
+            return None
+
+        def counts_and_horizon() -> Plan[list[CountRow]]:
+            counts = yield from self._counts_on(None)
+            report["horizon"] = yield from self._horizon_on()
             return counts
 
-    def horizon(self) -> dict[str, Any]:
-        """Who holds back the database's MVCC horizon, and for how long (the oldest holder first)."""
-        return self.db.with_retry(self._horizon_on)
+        counts: list[CountRow] = yield from transaction(self._limited(deadline, counts_and_horizon()))
+        return counts
 
-    def _horizon_on(self, conn: Any) -> dict[str, Any]:
+    def _limited(self, deadline: float, body: Plan[Any] | Stmt) -> Plan[Any]:
+        """``body`` under a statement timeout of what is left of ``deadline`` (for the transaction)."""
+        remaining = max(0.1, deadline - time.monotonic())
+        yield Stmt(self.q.local_statement_timeout, {"ms": str(int(remaining * 1000))}, "none")
+        if isinstance(body, Stmt):
+            return (yield body)
+        return (yield from body)
+
+    def horizon(self) -> Plan[dict[str, Any]]:
+        """Who holds back the database's MVCC horizon, and for how long (the oldest holder first)."""
+        return (yield from on(self.db, self._horizon_on))
+
+    def _horizon_on(self) -> Plan[dict[str, Any]]:
         now = time.monotonic()
         holders = []
         seen = set()
-        for kind, pid, app, name, age, xid_age, xmin in conn.execute(self.q.horizon_holders).fetchall():
+        for kind, pid, app, name, age, xid_age, xmin in (yield Stmt(self.q.horizon_holders)):
             if age is None:  # a walsender or a slot: its age is how long this process has seen that xmin
                 key = (str(kind), str(name if kind == "slot" else pid), str(xmin))
                 seen.add(key)
@@ -185,7 +193,7 @@ class Health:
                                     strict=True)))
         for key in [k for k in self._first_seen if k not in seen]:
             del self._first_seen[key]
-        tuples = conn.execute(self.q.table_tuples, {"table": self.q.records_table}).fetchone()
+        tuples = yield Stmt(self.q.table_tuples, {"table": self.q.records_table}, "one")
         oldest = max(holders, key=lambda h: h["age_seconds"], default=None)
         return {
             "age_seconds": oldest["age_seconds"] if oldest else 0.0,
@@ -195,10 +203,6 @@ class Health:
             "dead_tuples": int(tuples[1]) if tuples else None,
             "last_autovacuum": tuples[2].isoformat() if tuples and tuples[2] else None,
         }
-
-    def _time_limit(self, conn: Any, deadline: float) -> None:
-        remaining = max(0.1, deadline - time.monotonic())
-        conn.execute(self.q.local_statement_timeout, {"ms": str(int(remaining * 1000))})
 
     def ready(self) -> tuple[bool, str | None]:
         """Readiness: the database answers and is migrated."""

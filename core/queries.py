@@ -27,6 +27,11 @@ TABLES = {
     "shard_moves": "shard_moves",
     "shard_ids_function": "dp_set_shard_ids",  # functions, schema-qualified the same way
     "raise_ids_function": "dp_raise_ids",
+    "add_records_function": "dp_add_records",
+    "enqueue_prepare_function": "dp_enqueue_prepare",
+    "enqueue_finish_function": "dp_enqueue_finish",
+    "partition_function": "dp_partition_of",
+    "channel_function": "dp_channel",
 }
 
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
@@ -53,10 +58,11 @@ def raw_statements() -> dict[str, str]:
 
 
 def channel_for(schema: str, queue: str) -> str:
-    """The NOTIFY channel of a queue (an identifier of at most 63 bytes)."""
+    """The NOTIFY channel of a queue (an identifier of at most 63 bytes); the SQL function ``dp_channel`` names
+    it the same way (the enqueue functions notify from the server)."""
     name = f"dproc:{schema}:{queue}"
     if len(name.encode()) > 63:
-        name = "dproc:" + hashlib.sha1(f"{schema}:{queue}".encode()).hexdigest()
+        name = "dproc:" + hashlib.sha256(f"{schema}:{queue}".encode()).hexdigest()[:40]
     return name
 
 

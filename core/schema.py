@@ -20,6 +20,8 @@ Index design (why each exists):
 
 from __future__ import annotations
 
+from importlib import resources
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -136,6 +138,8 @@ claim_floor_events = Table(
     Column("record_id", BigInteger, nullable=False),
     # The clock when written, not the transaction's start: claims read the events of the last few seconds.
     Column("created_at", TS, nullable=False, server_default=text("clock_timestamp()")),
+    # Dated again at the commit of the transaction that wrote it (one that goes on after the insert).
+    Column("at_commit", Boolean, nullable=False, server_default=text("false")),
     PrimaryKeyConstraint("id"),
 )
 Index("ix_claim_floor_events_queue", claim_floor_events.c.queue, claim_floor_events.c.created_at)
@@ -322,3 +326,12 @@ DROP TRIGGER IF EXISTS dp_track_finished_delete ON {schema}.processing_queue;
 DROP TRIGGER IF EXISTS dp_track_finished_insert ON {schema}.processing_queue;
 DROP FUNCTION IF EXISTS {schema}.dp_track_finished();
 """
+
+
+def ddl(name: str, schema: str) -> str:
+    """The DDL script ``core/sql/ddl/<name>.sql`` for ``schema``: ``{schema}`` becomes the quoted schema name,
+    ``{schema_literal}`` the name as a string literal (the functions that name NOTIFY channels)."""
+    text_ = resources.files("core").joinpath("sql").joinpath("ddl").joinpath(f"{name}.sql").read_text(encoding="utf-8")
+    quoted = '"' + schema.replace('"', '""') + '"'
+    literal = "'" + schema.replace("'", "''") + "'"
+    return text_.replace("{schema}", quoted).replace("{schema_literal}", literal)

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from core.errors import DatabaseUnavailable
+from core.plans import run
 from core.shardmove import PREFIX, rebalance
 from core.shardtopology import rows
 
@@ -45,7 +46,7 @@ def shards_command(p: Any, args: argparse.Namespace) -> int:
 def status(p: Any) -> dict[str, Any]:
     topology = p.store.topology
     shard_map = topology.shard_map(refresh=True)
-    counts = p.store.shard_counts(None)
+    counts = run(p.store.shard_counts(None))
     shards = []
     for i, store in enumerate(topology.stores):
         t = store.db.target()

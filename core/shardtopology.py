@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from core.errors import ConfigurationError, DatabaseUnavailable, SchemaNotMigrated
+from core.plans import Plan, Stmt, on, run
 from core.sharding import MAX_SHARDS, PARTITIONS, ShardMap
 from core.store import PostgresStore
 
@@ -31,10 +32,13 @@ class Topology:
 
     def number(self, index: int) -> int:
         """The shard number of ``stores[index]`` (read once from its database)."""
+        return run(self.number_plan(index))
+
+    def number_plan(self, index: int) -> Plan[int]:
         n = self._numbers.get(index)
         if n is None:
             store = self.stores[index]
-            found = rows(store, "shard_identity")
+            found = yield from rows_plan(store, "shard_identity")
             row = found[0] if found else None
             if row is None:
                 raise SchemaNotMigrated(f"database {store.db.target()} is not set up as a shard yet: run migrate()")
@@ -43,9 +47,12 @@ class Topology:
         return n
 
     def store_of(self, shard_no: int) -> PostgresStore:
+        return run(self.store_of_plan(shard_no))
+
+    def store_of_plan(self, shard_no: int) -> Plan[PostgresStore]:
         for i in range(len(self.stores)):
             try:
-                if self.number(i) == shard_no:
+                if (yield from self.number_plan(i)) == shard_no:
                     return self.stores[i]
             except (DatabaseUnavailable, SchemaNotMigrated):
                 continue
@@ -54,10 +61,13 @@ class Topology:
     def known(self) -> dict[int, PostgresStore]:
         """{shard number: store} of every shard whose number could be read (a shard down since the start
         is left out until it answers)."""
+        return run(self.known_plan())
+
+    def known_plan(self) -> Plan[dict[int, PostgresStore]]:
         out = {}
         for i, store in enumerate(self.stores):
             try:
-                out[self.number(i)] = store
+                out[(yield from self.number_plan(i))] = store
             except (DatabaseUnavailable, SchemaNotMigrated):
                 continue
         return out
@@ -65,13 +75,16 @@ class Topology:
     # ------------------------------------------------------------------ the map
 
     def shard_map(self, *, refresh: bool = False) -> ShardMap:
+        return run(self.shard_map_plan(refresh=refresh))
+
+    def shard_map_plan(self, *, refresh: bool = False) -> Plan[ShardMap]:
         with self._lock:
             if self._map is not None and not refresh:
                 return self._map
         copies, errors = [], []
         for store in self.stores:
             try:
-                copies.append(rows(store, "shard_map_read"))
+                copies.append((yield from rows_plan(store, "shard_map_read")))
             except DatabaseUnavailable as exc:
                 errors.append(exc)
         merged = ShardMap.merge(copies)
@@ -129,9 +142,9 @@ class Topology:
             keys, queues = rows(old[0], "shard_key_limits"), rows(old[0], "shard_queue_limits")
             for store in new:
                 for pattern, n_max, block in keys:
-                    store.set_key_concurrency(str(pattern), int(n_max), bool(block))
+                    run(store.set_key_concurrency(str(pattern), int(n_max), bool(block)))
                 for queue, n_max in queues:
-                    store.set_queue_limit(str(queue), int(n_max))
+                    run(store.set_queue_limit(str(queue), int(n_max)))
         copies = [rows(s, "shard_map_read") for s in self.stores]
         if not any(copies):  # a new deployment: the first map, partition p on the (p mod n)-th shard
             numbers = sorted(taken.values())
@@ -161,5 +174,9 @@ class Topology:
 
 def rows(store: PostgresStore, statement: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
     """The rows of a shard's named statement (an idempotent read, retried on a broken connection)."""
-    q = getattr(store.db.q, statement)
-    return store.db.with_retry(lambda conn: conn.execute(q, params).fetchall())
+    return run(rows_plan(store, statement, params))
+
+
+def rows_plan(store: PostgresStore, statement: str, params: dict[str, Any] | None = None) -> Plan[list[Any]]:
+    found: list[Any] = yield from on(store.db, Stmt(getattr(store.db.q, statement), params))
+    return found

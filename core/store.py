@@ -7,14 +7,17 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from core.admin import Admin
+from core.appconn import AppConn
 from core.backend import CountRow, NewRecords
 from core.claims import Claims
 from core.config import Settings
 from core.db import Borrow, Database
-from core.enqueue import Enqueuer
+from core.enqueue import Enqueuer, Refused
+from core.errors import WrongShard
 from core.floors import Floors
 from core.health import Health
 from core.instance import ProcessFacts
+from core.plans import Plan, run
 from core.record import AddResult, Record
 from core.recovery import Recovery
 from core.runstore import RETENTION_BATCH, RETENTION_BATCHES, PostgresRun
@@ -39,8 +42,11 @@ class PostgresStore:
 
     # ------------------------------------------------------------------ producing and claiming
 
-    def add(self, batch: NewRecords) -> AddResult:
-        return self.enqueuer.add(batch)
+    def add(self, batch: NewRecords, conn: AppConn | None = None) -> Plan[AddResult]:
+        try:
+            return (yield from self.enqueuer.add(batch, conn))
+        except Refused as exc:  # a shard's database, written to as if it were not one
+            raise wrong_shard(exc) from None
 
     def claim(
         self, done: Sequence[Record], size: int, queues: list[str], unblock: Sequence[str],
@@ -81,22 +87,22 @@ class PostgresStore:
         retention = self.settings.retention
         if retention is None:
             return 0
-        return self.admin.purge(retention, RETENTION_BATCH, RETENTION_BATCHES)
+        return run(self.admin.purge(retention, RETENTION_BATCH, RETENTION_BATCHES))
 
-    def cancel(self, ids: list[int]) -> dict[int, str]:
+    def cancel(self, ids: list[int]) -> Plan[dict[int, str]]:
         return self.admin.cancel(ids)
 
-    def retry_failed(self, ids: list[int] | None, queue: str | None, pattern: str | None, batch: int) -> int:
+    def retry_failed(self, ids: list[int] | None, queue: str | None, pattern: str | None, batch: int) -> Plan[int]:
         return self.admin.retry_failed(ids, queue, pattern, batch)
 
-    def purge(self, older_than: float, batch: int, max_batches: int | None) -> int:
+    def purge(self, older_than: float, batch: int, max_batches: int | None) -> Plan[int]:
         return self.admin.purge(older_than, batch, max_batches)
 
-    def set_key_concurrency(self, pattern: str, n: int | None, block_on_failure: bool) -> None:
-        self.admin.set_key_concurrency(pattern, n, block_on_failure)
+    def set_key_concurrency(self, pattern: str, n: int | None, block_on_failure: bool) -> Plan[None]:
+        return self.admin.set_key_concurrency(pattern, n, block_on_failure)
 
-    def set_queue_limit(self, queue: str, n: int | None) -> None:
-        self.admin.set_queue_limit(queue, n)
+    def set_queue_limit(self, queue: str, n: int | None) -> Plan[None]:
+        return self.admin.set_queue_limit(queue, n)
 
     def register(self, metadata: dict[str, Any] | None) -> None:
         self.admin.register(metadata)
@@ -106,20 +112,34 @@ class PostgresStore:
 
     # ------------------------------------------------------------------ observing
 
-    def counts(self, queue: str | None) -> list[CountRow]:
+    def counts(self, queue: str | None) -> Plan[list[CountRow]]:
         return self.health.counts(queue)
 
-    def list_instances(self, include_stopped: bool) -> list[dict[str, Any]]:
+    def list_instances(self, include_stopped: bool) -> Plan[list[dict[str, Any]]]:
         return self.health.list_instances(include_stopped)
 
-    def probe(self, report: dict[str, Any], timeout: float) -> list[CountRow] | None:
+    def probe(self, report: dict[str, Any], timeout: float) -> Plan[list[CountRow] | None]:
         return self.health.probe(report, timeout)
 
     def ready(self) -> tuple[bool, str | None]:
         return self.health.ready()
 
-    def horizon(self) -> dict[str, Any]:
+    def horizon(self) -> Plan[dict[str, Any]]:
         return self.health.horizon()
 
     def close(self) -> None:
         self.db.close()
+
+
+def wrong_shard(exc: Refused) -> WrongShard:
+    """What an application is told when the database of its connection refused a batch (a shard's guard)."""
+    if exc.status == "elsewhere":
+        return WrongShard(f"a record's key belongs to shard {exc.owner}: add it on that shard's connection; "
+                          "nothing was written", exc.owner)
+    if exc.status == "moving":
+        return WrongShard("a record's key is in a partition moving between shards: try again shortly; nothing "
+                          "was written")
+    if exc.status == "retiring":
+        return WrongShard(f"shard {exc.owner} is retiring and takes no new records without a key; nothing was "
+                          "written", exc.owner)
+    return WrongShard("the connection's database is not the shard the records belong to; nothing was written")

@@ -50,7 +50,7 @@ class MemoryRecords:
 
     # ------------------------------------------------------------------ producing
 
-    def add(self, batch: NewRecords) -> AddResult:
+    def insert(self, batch: NewRecords) -> AddResult:
         """``insert_records`` with its locks: dedupe keys, the queue limit (QueueFull rolls back), ids."""
         t, n, queue = self.tables, len(batch.payloads), batch.queue
         if n == 0:
@@ -302,7 +302,7 @@ class MemoryRecords:
 
     # ------------------------------------------------------------------ retention
 
-    def purge(self, older_than: float, batch: int, max_batches: int | None) -> int:
+    def purge_now(self, older_than: float, batch: int, max_batches: int | None) -> int:
         return sum(step() for step in self.purge_steps(older_than, batch, max_batches))
 
     def purge_steps(self, older_than: float, batch: int, max_batches: int | None) -> Iterator[Callable[[], int]]:

@@ -9,7 +9,9 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from core.backend import CountRow
+from core.backend import CountRow, NewRecords
+from core.plans import Plan, later
+from core.record import AddResult
 from core.runstore import RETENTION_BATCH, RETENTION_BATCHES
 from core.testing import pg
 from core.testing.records import REGISTRY_COLUMNS, MemoryRecords
@@ -24,13 +26,45 @@ class MemoryStore(MemoryRecords):
         return MemoryRun(self.tables, self.settings, self.facts, handler_slots=handler_slots,
                          listen=bool(listen_to))
 
+    # ------------------------------------------------------------------ the facade's operations (plans)
+
+    def add(self, batch: NewRecords, conn: Any = None) -> Plan[AddResult]:
+        return later(lambda: self.insert(batch))
+
+    def cancel(self, ids: list[int]) -> Plan[dict[int, str]]:
+        return later(lambda: self.cancel_now(ids))
+
+    def retry_failed(self, ids: list[int] | None, queue: str | None, pattern: str | None, batch: int) -> Plan[int]:
+        return later(lambda: self.retry_failed_now(ids, queue, pattern, batch))
+
+    def purge(self, older_than: float, batch: int, max_batches: int | None) -> Plan[int]:
+        return later(lambda: self.purge_now(older_than, batch, max_batches))
+
+    def set_key_concurrency(self, pattern: str, n: int | None, block_on_failure: bool) -> Plan[None]:
+        return later(lambda: self.set_key_concurrency_now(pattern, n, block_on_failure))
+
+    def set_queue_limit(self, queue: str, n: int | None) -> Plan[None]:
+        return later(lambda: self.set_queue_limit_now(queue, n))
+
+    def counts(self, queue: str | None) -> Plan[list[CountRow]]:
+        return later(lambda: self.counts_now(queue))
+
+    def list_instances(self, include_stopped: bool) -> Plan[list[dict[str, Any]]]:
+        return later(lambda: self.list_instances_now(include_stopped))
+
+    def probe(self, report: dict[str, Any], timeout: float) -> Plan[list[CountRow] | None]:
+        return later(lambda: self.probe_now(report, timeout))
+
+    def horizon(self) -> Plan[dict[str, Any]]:
+        return later(lambda: self.horizon_now())
+
     def retain(self) -> int:
         retention = self.settings.retention
-        return 0 if retention is None else self.purge(retention, RETENTION_BATCH, RETENTION_BATCHES)
+        return 0 if retention is None else self.purge_now(retention, RETENTION_BATCH, RETENTION_BATCHES)
 
     # ------------------------------------------------------------------ operator actions
 
-    def cancel(self, ids: list[int]) -> dict[int, str]:
+    def cancel_now(self, ids: list[int]) -> dict[int, str]:
         """``cancel``: pending and failed records end ``cancelled`` at once; processing ones are flagged."""
         if not ids:
             return {}
@@ -53,7 +87,7 @@ class MemoryStore(MemoryRecords):
                 out[rid] = row.status
             return out
 
-    def retry_failed(self, ids: list[int] | None, queue: str | None, pattern: str | None, batch: int) -> int:
+    def retry_failed_now(self, ids: list[int] | None, queue: str | None, pattern: str | None, batch: int) -> int:
         """``retry_failed``: failed records back to ``pending`` with a fresh attempt budget, in batches of
         ``batch`` by id (one batch only when ``ids`` are given, as the real one)."""
         pg.text(queue, pattern)
@@ -83,7 +117,7 @@ class MemoryStore(MemoryRecords):
 
     # ------------------------------------------------------------------ admission settings
 
-    def set_key_concurrency(self, pattern: str, n: int | None, block_on_failure: bool) -> None:
+    def set_key_concurrency_now(self, pattern: str, n: int | None, block_on_failure: bool) -> None:
         pg.text(pattern)
         if n is not None:
             pg.int4(n)
@@ -94,7 +128,7 @@ class MemoryStore(MemoryRecords):
             else:
                 self.tables.key_limits[pattern] = KeyLimit.build(pattern, n, block_on_failure)
 
-    def set_queue_limit(self, queue: str, n: int | None) -> None:
+    def set_queue_limit_now(self, queue: str, n: int | None) -> None:
         pg.text(queue)
         if n is not None:
             pg.int4(n)
@@ -107,7 +141,7 @@ class MemoryStore(MemoryRecords):
 
     # ------------------------------------------------------------------ observing
 
-    def counts(self, queue: str | None) -> list[CountRow]:
+    def counts_now(self, queue: str | None) -> list[CountRow]:
         """``queue_status_active`` and ``queue_status_finished``: pending (with the age of its oldest
         record by created_at, and how many are due), processing, and the finished counts."""
         pg.text(queue)
@@ -131,7 +165,7 @@ class MemoryStore(MemoryRecords):
             out += [(q, s, n, None, 0) for (q, s), n in t.finished.items() if queue is None or q == queue]
             return out
 
-    def list_instances(self, include_stopped: bool) -> list[dict[str, Any]]:
+    def list_instances_now(self, include_stopped: bool) -> list[dict[str, Any]]:
         t = self.tables
         self.check_open()
         with t.lock:
@@ -155,18 +189,18 @@ class MemoryStore(MemoryRecords):
             later = [t.rows[i].run_at for q in names for i in t.pending_ids(q) if t.rows[i].run_at > now]
             return min(later, default=None)
 
-    def probe(self, report: dict[str, Any], timeout: float) -> list[CountRow] | None:
+    def probe_now(self, report: dict[str, Any], timeout: float) -> list[CountRow] | None:
         """The database part of the health report, in the real one's keys: always reachable and migrated
         (until closed), no round trip, no pool, nothing holding a horizon back."""
         report["database"].update(host="(in memory)", port="", dbname="", schema="")
         self.check_open()
         report["pool"] = {"pool_min": 0, "pool_max": 0, "pool_size": 0, "pool_available": 0, "requests_waiting": 0}
         report["database"].update(reachable=True, latency_ms=0.0, server_version="in-memory", migrated=True)
-        counts = self.counts(None)
-        report["horizon"] = self.horizon()
+        counts = self.counts_now(None)
+        report["horizon"] = self.horizon_now()
         return counts
 
-    def horizon(self) -> dict[str, Any]:
+    def horizon_now(self) -> dict[str, Any]:
         """No MVCC here: nothing holds a horizon back and no row version is dead."""
         self.check_open()
         with self.tables.lock:

@@ -144,7 +144,6 @@ _STATEMENT_PARAMS: dict[str, dict[str, Any]] = {
              "error": "x", "default_block_on_failure": True},
     "release": {"ids": [1], "tokens": ["00000000-0000-0000-0000-000000000001"], "reason": "x"},
     "recover_orphans": {"batch": 1000, "dead_after": 30},
-    "key_heads": {"keys": ["k1", "k2"], "queue": "default", "priority": 0, "run_at": None},
     "unblock_sweep": {"after": "", "keys": 1000},
     "prune_floor_events": {"after": 0, "older_than": 60, "batch": 5000},
     "prune_instances": {"retention": 86400},
@@ -222,3 +221,39 @@ def test_plans_cached_on_an_empty_table_still_use_the_indexes(dsn: str, name: st
         plan = conn.execute(f"EXPLAIN (FORMAT JSON) EXECUTE dp_empty({args})").fetchone()[0][0]["Plan"]
         conn.execute("DEALLOCATE dp_empty")
     _assert_on_the_indexes(name, plan)
+
+
+def _nested_plans(conn: Any, statement: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """The generic plans of every statement a call runs inside our SQL functions (auto_explain, sent to the
+    client as notices)."""
+    notices: list[str] = []
+    conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+    conn.execute("LOAD 'auto_explain'")
+    for setting, value in (("auto_explain.log_min_duration", "0"), ("auto_explain.log_nested_statements", "on"),
+                           ("auto_explain.log_level", "notice"), ("auto_explain.log_format", "json"),
+                           ("plan_cache_mode", "force_generic_plan"), ("enable_seqscan", "off")):
+        conn.execute("SELECT set_config(%s, %s, false)", (setting, value))
+    for _ in range(2):  # PL/pgSQL caches its plans: the second call runs the cached ones
+        notices.clear()
+        with conn.transaction():
+            conn.execute(statement, params)
+            conn.execute("ROLLBACK")
+    return [json.loads(n[n.index("{"):]) for n in notices if "plan:" in n]
+
+
+def test_the_enqueue_functions_read_the_queue_table_through_its_indexes(big_dsn: str) -> None:
+    # dp_add_records runs the producers' statements on the server (key heads, dedupe holders, the queue's
+    # depth): beside a million finished rows each must seek an index, never walk the table.
+    with DistributedProcessor(big_dsn) as p, p.connection(internal=True) as conn:
+        conn.execute("INSERT INTO queue_limits (queue, max_pending) VALUES ('default', 1000000)"
+                     " ON CONFLICT (queue) DO NOTHING")
+        params = {"queue": "default", "payloads": ['{"n": 1}', '{"n": 2}', '{"n": 3}'], "priority": 0,
+                  "run_at": None, "max_attempts": 5, "keys": ["k1", "k1", None], "dedupes": ["d1", None, "d1"],
+                  "dedupe_while": "pending", "notify": True, "expect_shard": None, "key_gap": 1000}
+        plans = _nested_plans(conn, p.q.add_records, params)
+    texts = [pl["Query Text"] for pl in plans]
+    assert any("LATERAL" in t and "processing_queue" in t for t in texts), texts  # the key heads ran
+    assert any("dedupe_held" in t for t in texts), texts  # and the dedupe holders
+    assert any("LIMIT p_limit" in t for t in texts), texts  # and the queue's depth
+    for pl in plans:
+        _assert_on_the_indexes("enqueue", pl["Plan"])

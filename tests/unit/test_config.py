@@ -83,7 +83,7 @@ def test_channel_names_fit_postgres_identifiers() -> None:
 
 def test_every_named_statement_composes_for_a_custom_schema() -> None:
     names = raw_statements()
-    assert {"claim", "fail", "recover_orphans", "insert_records", "heartbeat"} <= set(names)
+    assert {"claim", "fail", "recover_orphans", "add_records", "heartbeat"} <= set(names)
     q = Queries("tenant_a")
     for name in q.names():
         text = getattr(q, name)

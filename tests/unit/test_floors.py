@@ -121,5 +121,5 @@ def test_hot_statements_are_never_parsed_again_on_the_client() -> None:
     q = Queries("public")
     text, names = q.raw("claim")
     assert "%(" not in text and "$1" in text and len(names) == len(set(names)) >= 15
-    for name in ("fail", "release", "heartbeat", "insert_records", "recover_orphans"):
+    for name in ("fail", "release", "heartbeat", "add_records", "recover_orphans"):
         assert len(getattr(q, name)) <= 4096, name

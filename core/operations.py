@@ -1,0 +1,180 @@
+"""The producer and operator API, written once as plans (:mod:`core.plans`): ``DistributedProcessor`` (and the
+in-memory processor) run them with the blocking driver, ``AsyncDistributedProcessor`` with the asyncio one.
+Each function here is a public method of both: its signature, argument checks, typed errors and docstring
+are the method's, whichever class it is called on.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from core.backend import Store
+from core.checks import check_new_records, positive_int
+from core.config import Settings, SettingsView
+from core.constants import STATUSES
+from core.errors import InvalidArgument
+from core.health import health_report, status_dict
+from core.instance import ProcessFacts
+from core.plans import Call, Plan
+from core.record import AddResult
+
+
+class Operations(SettingsView):
+    """What the operations need of a processor: its settings, its store, its clock."""
+
+    settings: Settings
+    store: Store
+    facts: ProcessFacts
+
+    def _now(self) -> datetime:
+        """The clock ``delay`` counts from (the in-memory processor's is a fake one)."""
+        return datetime.now(timezone.utc)
+
+    def _application_connection(self, conn: Any) -> Plan[Any]:
+        """Take hold of ``conn`` for ``add_records(conn=...)`` (typed errors for what cannot be used)."""
+        from core.appconn import aadapt, adapt
+
+        return (yield Call(lambda: adapt(conn), lambda: aadapt(conn)))
+
+
+def add_records(
+    self: Operations,
+    payloads: Sequence[dict[str, Any]] | Iterable[dict[str, Any]],
+    *,
+    queue: str | None = None,
+    priority: int = 0,
+    run_at: datetime | None = None,
+    delay: float | None = None,
+    max_attempts: int | None = None,
+    ordering_key: str | Sequence[str | None] | None = None,
+    dedupe_key: str | Sequence[str | None] | None = None,
+    dedupe_while: str = "pending",
+    conn: Any = None,
+) -> Plan[AddResult]:
+    """Insert a batch atomically and return the ids in input order.
+
+    One statement (or one COPY above ``copy_threshold`` records) for the whole batch. Invalid input raises
+    before anything is written; ``QueueFull`` rolls the whole batch back. Records whose ``dedupe_key`` is
+    already held in the queue are not inserted: their index is in ``result.deduplicated`` and their id is
+    the existing record's.
+
+    ``conn``: the application's connection (psycopg ``Connection``, SQLAlchemy ``Connection`` or ``Session``;
+    for the asyncio API psycopg ``AsyncConnection``, SQLAlchemy ``AsyncConnection`` or ``AsyncSession``). The
+    records are inserted inside its transaction and commit or roll back with it; nothing is committed or
+    rolled back for it, and workers see the records (and are woken) at its commit. A connection in autocommit
+    mode outside a transaction block raises ``NotInTransaction``. ``QueueFull`` and a deduplicated record
+    leave its transaction usable: nothing of ours fails inside it for them (no savepoint is needed, so none
+    is taken). A dedupe or ordering key held by another open transaction makes the call wait for it.
+    With shards, ``conn`` is one shard's: a record whose key belongs to another shard raises ``WrongShard``
+    naming that shard; keyless records stay on the connection's shard.
+    """
+    batch = check_new_records(
+        payloads, queue=self.settings.queue if queue is None else queue, priority=priority, run_at=run_at,
+        delay=delay, max_attempts=self.settings.max_attempts if max_attempts is None else max_attempts,
+        ordering_key=ordering_key, dedupe_key=dedupe_key, dedupe_while=dedupe_while, now=self._now())
+    app = None if conn is None else (yield from self._application_connection(conn))
+    if not batch.payloads:
+        return AddResult()
+    return (yield from self.store.add(batch, app))
+
+
+def cancel(self: Operations, ids: Iterable[int]) -> Plan[dict[int, str]]:
+    """Cancel records: pending (and failed) ones at once; processing ones are flagged, the handler can see it
+    (``core.worker.current_record_cancelled()``) and their outcome becomes ``cancelled``.
+
+    Returns ``{id: status_after}`` for the records it touched; completed and cancelled ones are left alone.
+    """
+    return (yield from self.store.cancel([positive_int("id", i) for i in ids]))
+
+
+def retry_failed(
+    self: Operations,
+    ids: Iterable[int] | None = None,
+    *,
+    queue: str | None = None,
+    error_pattern: str | None = None,
+    batch: int = 1000,
+) -> Plan[int]:
+    """Move failed records back to ``pending`` with a fresh attempt budget; returns how many moved."""
+    id_list = None if ids is None else [positive_int("id", i) for i in ids]
+    if error_pattern is not None:
+        try:
+            re.compile(error_pattern)
+        except re.error as exc:
+            raise InvalidArgument(f"error_pattern is not a valid regular expression: {exc}") from None
+    return (yield from self.store.retry_failed(id_list, queue, error_pattern, positive_int("batch", batch)))
+
+
+def purge(self: Operations, older_than: float | timedelta, *, batch: int = 5000,
+          max_batches: int | None = None) -> Plan[int]:
+    """Delete finished records older than ``older_than`` in bounded, ordered batches; returns the count."""
+    seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else float(older_than)
+    if seconds < 0:
+        raise InvalidArgument("older_than must be >= 0")
+    return (yield from self.store.purge(seconds, positive_int("batch", batch), max_batches))
+
+
+def set_key_concurrency(self: Operations, key_or_pattern: str, n: int | None, *,
+                        block_on_failure: bool = False) -> Plan[None]:
+    """Limit how many records of matching ordering keys may be processing at once (``None`` removes it).
+
+    ``key_or_pattern`` is an exact key or a glob (``*``, ``?``); an exact key wins over patterns, a longer
+    pattern over a shorter one. Stored in the database: every instance obeys it from its next claim.
+    """
+    if not isinstance(key_or_pattern, str) or not key_or_pattern:
+        raise InvalidArgument("key_or_pattern must be a non-empty string")
+    limit = None if n is None else positive_int("n", n)
+    yield from self.store.set_key_concurrency(key_or_pattern, limit, bool(block_on_failure))
+
+
+def set_queue_limit(self: Operations, queue: str, n: int | None) -> Plan[None]:
+    """Cap the number of pending records of ``queue`` (``None`` removes the cap); enforced on insert."""
+    if not isinstance(queue, str) or not queue:
+        raise InvalidArgument("queue must be a non-empty string")
+    yield from self.store.set_queue_limit(queue, None if n is None else positive_int("n", n, allow_zero=True))
+
+
+def get_queue_status(self: Operations, queue: str | None = None, *,
+                     statuses: Sequence[str] | None = None) -> Plan[dict[str, Any]]:
+    """Counts per status per queue, and the age of the oldest pending record.
+
+    Pending and processing are counted through their partial indexes; finished counts come from the
+    trigger-maintained ``queue_stats`` table, so the call stays cheap with millions of finished rows.
+    """
+    wanted = list(STATUSES) if statuses is None else list(statuses)
+    unknown = [s for s in wanted if s not in STATUSES]
+    if unknown:
+        raise InvalidArgument(f"unknown status filter {unknown}; valid statuses are {list(STATUSES)}")
+    out = status_dict((yield from self.store.counts(queue)), wanted)
+    per_shard = getattr(self.store, "shard_counts", None)  # several databases: each one's counts too
+    if per_shard is not None:
+        rows = yield from per_shard(queue)
+        out["shards"] = {shard: status_dict(r, wanted) for shard, r in rows.items()}
+    return out
+
+
+def list_instances(self: Operations, *, include_stopped: bool = False) -> Plan[list[dict[str, Any]]]:
+    """Registered instances with their heartbeat and how many records each holds."""
+    return (yield from self.store.list_instances(include_stopped))
+
+
+def health_check(
+    self: Operations,
+    *,
+    timeout: float = 5.0,
+    latency_degraded_ms: float = 250.0,
+    pending_age_degraded_s: float | None = None,
+) -> Plan[dict[str, Any]]:
+    """A health report that never raises: ``status`` is ``healthy``, ``degraded`` or ``unhealthy``.
+
+    Unreachable database, missing schema: unhealthy (with the reason). Slow round trip, callers waiting
+    for pool connections, a snapshot or slot holding the MVCC horizon back longer than
+    ``horizon_warning_seconds`` (the reason names it), or (optionally) a pending backlog older than
+    ``pending_age_degraded_s``: degraded.
+    """
+    return (yield from health_report(
+        self.store, self.instance_id, self.facts, timeout=timeout, latency_degraded_ms=latency_degraded_ms,
+        pending_age_degraded_s=pending_age_degraded_s, horizon_warning_seconds=self.settings.horizon_warning_seconds))
