@@ -3,6 +3,7 @@ image, the project's image, a PostgreSQL cluster of the session's own, and the f
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ from tests.container.engine import (
 from tests.servers import Cluster
 
 FIGURES = Figures()
+STARTED = time.monotonic()
 
 
 @pytest.fixture(scope="session")
@@ -132,6 +134,9 @@ def create_database(cluster: Cluster, name: str) -> str:
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if not FIGURES.values:
         return
+    FIGURES["session_seconds"] = round(time.monotonic() - STARTED, 1)
+    FIGURES["cpus"] = os.cpu_count()
+    FIGURES["date"] = datetime.date.today().isoformat()
     terminalreporter.section("container figures")
     for line in FIGURES.lines():
         terminalreporter.write_line(line)

@@ -34,6 +34,8 @@ GRACE = 20  # DP_GRACE_SECONDS: the drain after SIGTERM
 STOP_TIMEOUT = GRACE + 10  # the orchestrator's grace (docker stop -t), longer than the drain's
 LEDGER = TABLES["demo_ledger"]
 SECRET = "sekrit-pw"  # trust auth ignores it: it is in the DSN to prove no log line shows it
+# As deploy/kubernetes runs it: a read-only root, no capabilities, no privilege escalation.
+HARDENED = ("--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges")
 
 
 def get(port: int, path: str) -> int:
@@ -96,7 +98,7 @@ def test_three_replicas_drain_10000_records_through_a_kill_and_a_stop(
     engine: Engine, image: str, cluster: Cluster, conn: psycopg.Connection[Any], figures: Figures
 ) -> None:
     dsn = f"postgresql://postgres:{SECRET}@127.0.0.1:{cluster.port}/replicas"
-    migrate = engine.run(image, "migrate", env={"DATABASE_URL": dsn}, detach=False)
+    migrate = engine.run(image, "migrate", env={"DATABASE_URL": dsn}, detach=False, options=HARDENED)
     assert migrate.returncode == 0, migrate.stderr
     assert one(conn, "SELECT count(*) FROM alembic_version") == 1
     conn.execute(Queries("public").demo_setup)
@@ -111,7 +113,7 @@ def test_three_replicas_drain_10000_records_through_a_kill_and_a_stop(
             "DATABASE_URL": dsn, "DP_INSTANCE_ID": i, "DP_HANDLER": "core.demo:handler", "DP_TRANSACTIONAL": "1",
             "DP_QUEUE": "demo", "DP_CONCURRENCY": str(CONCURRENCY), "DP_LEASE_SECONDS": str(LEASE),
             "DP_GRACE_SECONDS": str(GRACE), "DP_HEALTH_PORT": str(ports[i]), "DP_HEALTH_HOST": "127.0.0.1",
-        })
+        }, options=HARDENED)
     ready = {i: round(wait_for(lambda i=i: get(ports[i], "/health/ready") == 200 and time.monotonic() - started[i],
                                60, f"{i} /health/ready"), 2) for i in instances}
     assert all(get(ports[i], "/health/live") == 200 for i in instances)
@@ -148,6 +150,8 @@ def test_three_replicas_drain_10000_records_through_a_kill_and_a_stop(
     # SIGTERM to the other two while they hold records: they drain, release the rest, exit 0 within the grace.
     assert unfinished(conn) > 0, "the drain finished before the stop (raise RECORDS or WORK_MS)"
     wait_for(lambda: held_by(conn, "w2") and held_by(conn, "w3"), 30, "w2 and w3 hold records")
+    memory = docker("stats", "--no-stream", "--format", "{{.Name}} {{.MemUsage}}", names["w2"], names["w3"])
+    figures["replica_memory_mid_drain"] = memory.stdout.strip().replace(engine.name(""), "").splitlines()
     took = stop([names["w2"], names["w3"]])
     figures["docker_stop_mid_drain_seconds"] = took
     for i in ("w2", "w3"):
