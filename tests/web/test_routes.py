@@ -60,6 +60,14 @@ def test_the_overview_counts_by_state_and_shows_live_instances(web: Web,
     processor.release_records(held)
 
 
+def test_counts_above_the_cap_are_shown_as_such(web: Web, processor: DistributedProcessor) -> None:
+    processor.add_records([{"n": i} for i in range(10_050)], queue="bulk")
+    row = re.search(r'<tr data-queue="bulk">(.*?)</tr>', web.get("/").text, re.S)
+    assert row is not None
+    shown = re.search(r'class="capped"[^>]*>([^<]+)<', row.group(1))
+    assert shown is not None and (shown.group(1) == "10,000+" or shown.group(1).startswith("~"))
+
+
 def test_each_filter_finds_its_records(web: Web, processor: DistributedProcessor) -> None:
     s = seed(processor)
     assert ids_on(web.get("/records", params={"queue": "reports"}).text) == sorted(s.reports, reverse=True)
