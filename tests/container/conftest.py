@@ -63,7 +63,7 @@ def base_image(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> str:
             docker("pull", chosen, timeout=600)
         FIGURES["base_image"] = chosen
         return chosen
-    if image_exists(REGISTRY_BASE) or docker("pull", REGISTRY_BASE, check=False, timeout=600).returncode == 0:
+    if image_exists(REGISTRY_BASE) or docker("pull", REGISTRY_BASE, check=False, timeout=300).returncode == 0:
         FIGURES["base_image"] = REGISTRY_BASE
         return REGISTRY_BASE
     tag = debian_base_tag()
