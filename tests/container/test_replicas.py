@@ -82,7 +82,7 @@ def wait_healthy(engine: Engine, name: str, since: float, timeout: float = 90) -
 
 
 def stop(containers: list[str]) -> dict[str, float]:
-    """``docker stop`` each container at once (as an orchestrator stops replicas); seconds each took."""
+    """``docker stop`` each container at once (as an orchestrator stops replicas); seconds each took, by name."""
     started = time.monotonic()
     procs = {c: subprocess.Popen(["docker", "stop", "-t", str(STOP_TIMEOUT), c], stdout=subprocess.DEVNULL,
                                  stderr=subprocess.PIPE, text=True) for c in containers}
@@ -150,10 +150,10 @@ def test_three_replicas_drain_10000_records_through_a_kill_and_a_stop(
     # SIGTERM to the other two while they hold records: they drain, release the rest, exit 0 within the grace.
     assert unfinished(conn) > 0, "the drain finished before the stop (raise RECORDS or WORK_MS)"
     wait_for(lambda: held_by(conn, "w2") and held_by(conn, "w3"), 30, "w2 and w3 hold records")
-    memory = docker("stats", "--no-stream", "--format", "{{.Name}} {{.MemUsage}}", names["w2"], names["w3"])
-    figures["replica_memory_mid_drain"] = memory.stdout.strip().replace(engine.name(""), "").splitlines()
+    memory = {i: docker("stats", "--no-stream", "--format", "{{.MemUsage}}", names[i]).stdout for i in ("w2", "w3")}
+    figures["replica_memory_mid_drain"] = {i: m.split(" / ")[0] for i, m in memory.items()}
     took = stop([names["w2"], names["w3"]])
-    figures["docker_stop_mid_drain_seconds"] = took
+    figures["docker_stop_mid_drain_seconds"] = {i: took[names[i]] for i in ("w2", "w3")}
     for i in ("w2", "w3"):
         state = engine.state(names[i])
         assert state["ExitCode"] == 0 and not state["OOMKilled"], (state, logs(names[i])[-2000:])
@@ -179,7 +179,7 @@ def test_three_replicas_drain_10000_records_through_a_kill_and_a_stop(
     figures["drain_span_seconds"] = round(float(span), 1)
 
     took = stop([names["w2"], names["w3"]])
-    figures["docker_stop_idle_seconds"] = took
+    figures["docker_stop_idle_seconds"] = {i: took[names[i]] for i in ("w2", "w3")}
     assert all(engine.state(names[i])["ExitCode"] == 0 for i in ("w2", "w3"))
     assert max(took.values()) < GRACE
     for i in instances:
