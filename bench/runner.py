@@ -537,6 +537,11 @@ class Bench:
 
         run(self, Row)
 
+    def suite_producers(self) -> None:
+        from bench.producers import run
+
+        run(self)
+
     # ------------------------------------------------------------------ output
 
     def report(self, path: Path, plot: Path | None) -> None:
@@ -627,7 +632,8 @@ def find_server() -> tuple[str, str]:
     return embedded.start(ROOT / ".dproc" / f"bench-pgdata-{embedded.embedded_major()}"), "embedded PostgreSQL"
 
 
-SUITES = ("drain", "enqueue", "latency", "table", "keys", "horizon", "pooling", "shards", "memory", "dashboard")
+SUITES = ("drain", "enqueue", "latency", "table", "keys", "horizon", "pooling", "shards", "memory", "dashboard",
+          "producers")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,17 +12,19 @@ from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
-from core import operations
+from core import checks, operations
 from core.backend import Store
 from core.checks import MAX_BATCH, check_queues, check_records, positive_int
 from core.config import Settings, run_default
+from core.constants import INSTANCE_STATUSES
 from core.errors import InvalidArgument
 from core.floors import Floors
 from core.instance import ProcessFacts
 from core.metrics import Metrics
 from core.operations import Operations
 from core.payloads import serialise
-from core.plans import blocking, run
+from core.plans import blocking
+from core.plans import run as drive
 from core.record import Record
 from core.worker import Handler, RunOptions, RunSummary, Worker
 from core.worker.fanout import Fanout
@@ -89,7 +91,9 @@ class ProcessorAPI(Operations):
         size = self.settings.batch_size if batch_size is None else positive_int(
             "batch_size", batch_size, maximum=MAX_BATCH)
         queue_list = self._queues(queues)
-        records = check_records(done)
+        records = check_records(done, "done")
+        unblock = checks.keys("unblock", unblock)
+        checks.flag("defer_unblock", defer_unblock)
         # Unblocks are announced to every claimer: this one keeps no record of what it unblocks.
         claimed, completed = self.store.claim(records, size, queue_list, sorted(set(unblock)), self.floors, True)
         self.floors.lower_records(records)  # the next records of completed keys are claimable
@@ -106,9 +110,10 @@ class ProcessorAPI(Operations):
         counted. A record flagged by ``cancel()`` ends ``cancelled`` instead.
         """
         batch = check_records(records)
+        keys = checks.keys("unblock", unblock)
         if not batch:
             return 0
-        updated = self.store.complete(batch, sorted(set(unblock)), True)
+        updated = self.store.complete(batch, sorted(set(keys)), True)
         self.floors.lower_records(batch)
         if updated < len(batch):
             log.warning(
@@ -124,14 +129,19 @@ class ProcessorAPI(Operations):
         ``pending`` after its backoff; otherwise it ends ``failed``. The error lands in ``last_error``.
         """
         batch = check_records(records)
+        if not isinstance(error, BaseException | str):
+            raise InvalidArgument(f"error must be an exception or a string, got {type(error).__name__}")
+        checks.flag("retry", retry)
         if not batch:
             return 0
-        retryable = bool(retry) and self.retry.should_retry(error if isinstance(error, BaseException) else None)
+        retryable = retry and self.retry.should_retry(error if isinstance(error, BaseException) else None)
         return len(self.store.fail(batch, error, retryable))
 
     def release_records(self, records: Iterable[Record], reason: str = "released by its instance") -> int:
         """Hand held records back to ``pending`` at once, the attempt not charged (graceful shutdown)."""
-        return self.store.release(check_records(records), reason)
+        batch = check_records(records)
+        checks.text("reason", reason, max_length=2000)
+        return self.store.release(batch, reason)
 
     def extend_leases(self, records: Iterable[Record]) -> tuple[set[int], set[int]]:
         """Push the leases of held records; returns (ids still held, ids whose cancel was requested)."""
@@ -142,15 +152,18 @@ class ProcessorAPI(Operations):
 
         Returns (ids still held, ids whose cancel was requested).
         """
-        return self.store.heartbeat(check_records(records), registered=registered)
+        return self.store.heartbeat(check_records(records), registered=checks.flag("registered", registered))
 
     # ------------------------------------------------------------------ registry
 
     def register_instance(self, metadata: dict[str, Any] | None = None) -> None:
         """Add (or revive) this instance in the registry as ``running``."""
-        self.store.register(metadata)
+        self.store.register(None if metadata is None else checks.json_object("metadata", metadata))
 
     def set_instance_status(self, status: str) -> None:
+        """Set this instance's registry status (``running``, ``stopping``, ``stopped`` or ``dead``)."""
+        if status not in INSTANCE_STATUSES:
+            raise InvalidArgument(f"status must be one of {', '.join(INSTANCE_STATUSES)}, got {status!r}")
         self.store.set_instance_status(status)
 
     def deregister_instance(self) -> None:
@@ -189,10 +202,19 @@ class ProcessorAPI(Operations):
         from elsewhere; ``stop_when_empty`` returns once nothing is due or held.
         """
         positive_int("concurrency", concurrency, maximum=1000)
-        if poll_interval <= 0:
-            raise InvalidArgument("poll_interval must be > 0")
-        if handler_timeout is not None and handler_timeout <= 0:
-            raise InvalidArgument("handler_timeout must be > 0")
+        checks.seconds("poll_interval", poll_interval, allow_zero=False)
+        checks.seconds("handler_timeout", handler_timeout, allow_zero=False, allow_none=True)
+        checks.seconds("grace_seconds", grace_seconds)
+        if prefetch is not None:
+            positive_int("prefetch", prefetch, allow_zero=True, maximum=10 * MAX_BATCH)
+        positive_int("claimers", claimers, maximum=64)
+        for name, value in (("stop_when_empty", stop_when_empty), ("transactional", transactional),
+                            ("listen", listen), ("handle_signals", handle_signals), ("register", register)):
+            checks.flag(name, value)
+        if stop_event is not None and not callable(getattr(stop_event, "is_set", None)):
+            raise InvalidArgument("stop_event must be a threading.Event (or have is_set())")
+        if metadata is not None:
+            checks.json_object("metadata", metadata)
         if not callable(handler):
             raise InvalidArgument("handler must be callable")
         options = RunOptions(
@@ -233,6 +255,7 @@ class ProcessorAPI(Operations):
 
     def stop(self, grace_seconds: float | None = None) -> None:
         """Ask a running :meth:`run` to drain: no new claims, in-flight records get ``grace_seconds``."""
+        checks.seconds("grace_seconds", grace_seconds, allow_none=True)
         if self.worker is not None:
             self.worker.stop(grace_seconds)
 
@@ -265,7 +288,7 @@ class ProcessorAPI(Operations):
     def horizon(self) -> dict[str, Any]:
         """What holds back the database's MVCC horizon and for how long, and the queue table's dead row
         versions (the ``horizon`` part of :meth:`health_check`)."""
-        return run(self.store.horizon())
+        return drive(self.store.horizon())
 
     def ready(self) -> tuple[bool, str | None]:
         """Readiness for probes: (ready, reason when not)."""

@@ -104,7 +104,7 @@ class Enqueuer:
         if conn is not None:
             if use_copy:
                 return (yield from using(conn, self._copy(batch, texts, expect_shard, undo=True)))
-            return (yield from using(conn, self._call(batch, texts, expect_shard)))
+            return (yield from using(conn, self._call(batch, texts, expect_shard, own=False)))
         # A broken connection is not retried (during the commit it is unknown whether the batch landed); a
         # deadlock or serialization failure rolled everything back, so that is run again.
         for attempt in range(5):
@@ -121,13 +121,15 @@ class Enqueuer:
                 yield Sleep(0.01 * (attempt + 1) * (1 + random.random()))
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _params(self, batch: NewRecords, expect_shard: int | None) -> dict[str, Any]:
+    def _params(self, batch: NewRecords, expect_shard: int | None, own: bool) -> dict[str, Any]:
+        # own: our own short transaction (the key heads may be locked until its commit; see the SQL)
         return {"queue": batch.queue, "priority": batch.priority, "run_at": batch.run_at,
                 "keys": _column(batch.keys), "dedupes": _column(batch.dedupes), "expect_shard": expect_shard,
-                "key_gap": KEY_GAP}
+                "key_gap": KEY_GAP, "own": own}
 
-    def _call(self, batch: NewRecords, texts: list[str], expect_shard: int | None) -> Plan[AddResult]:
-        params = {**self._params(batch, expect_shard), "payloads": texts, "max_attempts": batch.max_attempts,
+    def _call(self, batch: NewRecords, texts: list[str], expect_shard: int | None, *,
+              own: bool = True) -> Plan[AddResult]:
+        params = {**self._params(batch, expect_shard, own), "payloads": texts, "max_attempts": batch.max_attempts,
                   "dedupe_while": batch.dedupe_while, "notify": self.db.settings.notify}
         row = yield Stmt(self.q.add_records, params, "one", binary=True)
         status, ids, deduplicated, owner, queue_limit, depth, adding = row
@@ -145,7 +147,9 @@ class Enqueuer:
         """prepare, COPY, finish. ``undo``: over the queue's limit, finish deletes the batch again (an
         application's transaction stays usable); otherwise QueueFull rolls our own transaction back."""
         q, n = self.q, len(batch.payloads)
-        status, owner, blocked, queue_limit = yield Stmt(q.enqueue_prepare, self._params(batch, expect_shard), "one")
+        own = not undo  # undo: an application's transaction
+        status, owner, blocked, queue_limit = yield Stmt(q.enqueue_prepare, self._params(batch, expect_shard, own),
+                                                         "one")
         if status != "ok":
             raise Refused(str(status), owner)
         if self._sequence is None:
@@ -162,6 +166,8 @@ class Enqueuer:
             "limit": queue_limit, "notify": self.db.settings.notify, "undo": undo}, "one")
         if status == "full":
             raise QueueFull(batch.queue, int(queue_limit), int(depth), n)
+        if not own and blocked and any(blocked):
+            yield Stmt(q.enqueue_key_checks, {"queue": batch.queue, "keys": batch.keys, "blocked": blocked}, "none")
         return AddResult(ids)
 
     def _copy_chunks(self, batch: NewRecords, texts: list[str] | None, ids: list[int],

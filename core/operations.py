@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from core import checks
 from core.backend import Store
 from core.checks import check_new_records, positive_int
 from core.config import Settings, SettingsView
@@ -87,7 +88,7 @@ def cancel(self: Operations, ids: Iterable[int]) -> Plan[dict[int, str]]:
 
     Returns ``{id: status_after}`` for the records it touched; completed and cancelled ones are left alone.
     """
-    return (yield from self.store.cancel([positive_int("id", i) for i in ids]))
+    return (yield from self.store.cancel(checks.record_ids(ids)))
 
 
 def retry_failed(
@@ -99,8 +100,11 @@ def retry_failed(
     batch: int = 1000,
 ) -> Plan[int]:
     """Move failed records back to ``pending`` with a fresh attempt budget; returns how many moved."""
-    id_list = None if ids is None else [positive_int("id", i) for i in ids]
+    id_list = None if ids is None else checks.record_ids(ids)
+    if queue is not None:
+        checks.check_queue_name(queue)
     if error_pattern is not None:
+        checks.text("error_pattern", error_pattern)
         try:
             re.compile(error_pattern)
         except re.error as exc:
@@ -111,10 +115,9 @@ def retry_failed(
 def purge(self: Operations, older_than: float | timedelta, *, batch: int = 5000,
           max_batches: int | None = None) -> Plan[int]:
     """Delete finished records older than ``older_than`` in bounded, ordered batches; returns the count."""
-    seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else float(older_than)
-    if seconds < 0:
-        raise InvalidArgument("older_than must be >= 0")
-    return (yield from self.store.purge(seconds, positive_int("batch", batch), max_batches))
+    age = checks.seconds("older_than", older_than) or 0.0
+    rounds = None if max_batches is None else positive_int("max_batches", max_batches)
+    return (yield from self.store.purge(age, positive_int("batch", batch), rounds))
 
 
 def set_key_concurrency(self: Operations, key_or_pattern: str, n: int | None, *,
@@ -124,16 +127,14 @@ def set_key_concurrency(self: Operations, key_or_pattern: str, n: int | None, *,
     ``key_or_pattern`` is an exact key or a glob (``*``, ``?``); an exact key wins over patterns, a longer
     pattern over a shorter one. Stored in the database: every instance obeys it from its next claim.
     """
-    if not isinstance(key_or_pattern, str) or not key_or_pattern:
-        raise InvalidArgument("key_or_pattern must be a non-empty string")
+    checks.text("key_or_pattern", key_or_pattern, max_length=checks.MAX_KEY)
     limit = None if n is None else positive_int("n", n)
-    yield from self.store.set_key_concurrency(key_or_pattern, limit, bool(block_on_failure))
+    yield from self.store.set_key_concurrency(key_or_pattern, limit, checks.flag("block_on_failure", block_on_failure))
 
 
 def set_queue_limit(self: Operations, queue: str, n: int | None) -> Plan[None]:
     """Cap the number of pending records of ``queue`` (``None`` removes the cap); enforced on insert."""
-    if not isinstance(queue, str) or not queue:
-        raise InvalidArgument("queue must be a non-empty string")
+    checks.check_queue_name(queue)
     yield from self.store.set_queue_limit(queue, None if n is None else positive_int("n", n, allow_zero=True))
 
 
@@ -144,8 +145,12 @@ def get_queue_status(self: Operations, queue: str | None = None, *,
     Pending and processing are counted through their partial indexes; finished counts come from the
     trigger-maintained ``queue_stats`` table, so the call stays cheap with millions of finished rows.
     """
+    if queue is not None:
+        checks.check_queue_name(queue)
+    if statuses is not None and (isinstance(statuses, str) or not isinstance(statuses, Iterable)):
+        raise InvalidArgument(f"statuses must be a list of statuses, got {type(statuses).__name__}")
     wanted = list(STATUSES) if statuses is None else list(statuses)
-    unknown = [s for s in wanted if s not in STATUSES]
+    unknown = [s for s in wanted if not isinstance(s, str) or s not in STATUSES]
     if unknown:
         raise InvalidArgument(f"unknown status filter {unknown}; valid statuses are {list(STATUSES)}")
     out = status_dict((yield from self.store.counts(queue)), wanted)
@@ -158,7 +163,7 @@ def get_queue_status(self: Operations, queue: str | None = None, *,
 
 def list_instances(self: Operations, *, include_stopped: bool = False) -> Plan[list[dict[str, Any]]]:
     """Registered instances with their heartbeat and how many records each holds."""
-    return (yield from self.store.list_instances(include_stopped))
+    return (yield from self.store.list_instances(checks.flag("include_stopped", include_stopped)))
 
 
 def health_check(
@@ -175,6 +180,9 @@ def health_check(
     ``horizon_warning_seconds`` (the reason names it), or (optionally) a pending backlog older than
     ``pending_age_degraded_s``: degraded.
     """
+    checks.seconds("timeout", timeout, allow_zero=False)
+    checks.seconds("latency_degraded_ms", latency_degraded_ms)
+    checks.seconds("pending_age_degraded_s", pending_age_degraded_s, allow_none=True)
     return (yield from health_report(
         self.store, self.instance_id, self.facts, timeout=timeout, latency_degraded_ms=latency_degraded_ms,
         pending_age_degraded_s=pending_age_degraded_s, horizon_warning_seconds=self.settings.horizon_warning_seconds))

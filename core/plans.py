@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import functools
+import inspect
 import re
 import time
 from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
@@ -197,12 +198,22 @@ def later(work: Callable[[], T]) -> Plan[T]:
 # ---------------------------------------------------------------------- the public methods made of plans
 
 
+def method_signature(plan: Callable[..., Any]) -> inspect.Signature:
+    """The signature of the public method made of ``plan``: its own, returning what the plan returns (as an
+    ``async def`` method's signature names what awaiting it gives)."""
+    sig = inspect.signature(plan)
+    returns = sig.return_annotation
+    if isinstance(returns, str) and returns.startswith("Plan[") and returns.endswith("]"):
+        returns = returns[len("Plan["):-1]
+    return sig.replace(return_annotation=returns)
+
+
 def blocking(plan: Callable[Concatenate[S, P], Plan[T]]) -> Callable[Concatenate[S, P], T]:
     """A method that runs ``plan`` with the blocking driver (signature and docstring are the plan's)."""
     @functools.wraps(plan)
     def method(self: S, *args: P.args, **kwargs: P.kwargs) -> T:
         return run(plan(self, *args, **kwargs))
-    method.__plan__ = plan  # type: ignore[attr-defined]
+    method.__signature__ = method_signature(plan)  # type: ignore[attr-defined]
     return cast("Callable[Concatenate[S, P], T]", method)
 
 

@@ -9,6 +9,7 @@ from datetime import timedelta
 from psycopg_pool import ConnectionPool
 
 from core.api import ProcessorAPI
+from core.checks import check_records, keys, positive_int, seconds
 from core.config import Settings, default
 from core.db import ROUTE, Conn
 from core.dsn import redact, resolve_dsn
@@ -115,6 +116,9 @@ class DistributedProcessor(ProcessorAPI):
         """
         # A run's roles route their borrows here to their own pools (core.db.routed): one seam for every
         # statement, whichever connection it runs on.
+        seconds("timeout", timeout, allow_zero=False, allow_none=True)
+        if shard is not None:
+            positive_int("shard", shard, allow_zero=True, maximum=64)
         db = ROUTE.get()
         if db is None:
             if isinstance(self.store, ShardedStore):
@@ -128,6 +132,8 @@ class DistributedProcessor(ProcessorAPI):
 
     def complete_on(self, conn: Conn, records: Sequence[Record], unblock: Iterable[str] = ()) -> int:
         """Fenced completion of ``records`` on ``conn`` (inside the caller's transaction, if any)."""
+        records = check_records(records)
+        unblock = keys("unblock", unblock)
         if isinstance(self.store, ShardedStore):
             shards = {r.shard for r in records}
             if len(shards) > 1:

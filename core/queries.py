@@ -30,6 +30,7 @@ TABLES = {
     "add_records_function": "dp_add_records",
     "enqueue_prepare_function": "dp_enqueue_prepare",
     "enqueue_finish_function": "dp_enqueue_finish",
+    "key_checks_function": "dp_key_checks",
     "partition_function": "dp_partition_of",
     "channel_function": "dp_channel",
 }

@@ -140,6 +140,8 @@ claim_floor_events = Table(
     Column("created_at", TS, nullable=False, server_default=text("clock_timestamp()")),
     # Dated again at the commit of the transaction that wrote it (one that goes on after the insert).
     Column("at_commit", Boolean, nullable=False, server_default=text("false")),
+    # A key check: at that commit, the key's earliest pending record is made claimable if it is blocked.
+    Column("ordering_key", Text),
     PrimaryKeyConstraint("id"),
 )
 Index("ix_claim_floor_events_queue", claim_floor_events.c.queue, claim_floor_events.c.created_at)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import psycopg
 import pytest
 
 from core import DistributedProcessor
+from core.testing.plugin import processor_options
 from tests.servers import leaked
 from tests.support import Server, unique_name
 
@@ -68,6 +70,21 @@ def empty_dsn(pg_server: Server) -> Iterator[str]:
     url = pg_server.create_database(name)
     yield url
     pg_server.drop_database(name)
+
+
+@pytest.fixture
+def dp_shards(request: pytest.FixtureRequest, dp_server: Any, dp_template: str) -> Iterator[DistributedProcessor]:
+    """A processor over three shards: three fresh databases of the test server, set up as shards."""
+    names = [unique_name(f"dp_s{i}") for i in range(3)]
+    dsns = [dp_server.create_database(name, template=dp_template) for name in names]
+    try:
+        options = {"connect_timeout": 5, **processor_options(request)}
+        with DistributedProcessor(shards=dsns, **options) as p:
+            p.migrate()  # numbers the shards, writes the partition map
+            yield p
+    finally:
+        for name in names:
+            dp_server.drop_database(name)
 
 
 @pytest.fixture

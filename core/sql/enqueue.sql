@@ -9,13 +9,17 @@
 SELECT status, ids, deduplicated, owner, queue_limit, depth, adding
   FROM {add_records_function}(%(queue)s, %(payloads)s::jsonb[], %(priority)s, %(run_at)s::timestamptz,
                               %(max_attempts)s, %(keys)s::text[], %(dedupes)s::text[], %(dedupe_while)s,
-                              %(notify)s, %(expect_shard)s::int, %(key_gap)s);
+                              %(notify)s, %(expect_shard)s::int, %(key_gap)s, %(own)s);
 
 -- name: enqueue_prepare
 -- Before a COPY: the shard's guard, the producers' locks, which keyed records go in blocked, the limit.
 SELECT status, owner, blocked, queue_limit
   FROM {enqueue_prepare_function}(%(queue)s, %(priority)s, %(run_at)s::timestamptz, %(keys)s::text[],
-                                  %(dedupes)s::text[], %(expect_shard)s::int, %(key_gap)s);
+                                  %(dedupes)s::text[], %(expect_shard)s::int, %(key_gap)s, %(own)s);
+
+-- name: enqueue_key_checks
+-- After a COPY in an application's transaction: its keys with records inserted blocked are checked at its commit.
+SELECT {key_checks_function}(%(queue)s, %(keys)s::text[], %(blocked)s::bool[]);
 
 -- name: enqueue_finish
 -- After a COPY: the limit (with undo, the batch deleted again when over it), the announcement, the NOTIFY.

@@ -8,8 +8,8 @@ service), over the in-memory store. Time is a :class:`~core.testing.FakeClock` w
 
 Where it differs from the real one (each checked against it on PostgreSQL):
 
-* no connection: ``connection()``, ``complete_on()`` and ``run(transactional=True)`` raise
-  :class:`~core.testing.NoDatabase`; no ``dsn``, ``q``, ``shards``; ``migrate()`` does nothing;
+* no connection: ``connection()``, ``complete_on()``, ``add_records(conn=...)`` and ``run(transactional=True)``
+  raise :class:`~core.testing.NoDatabase`; no ``dsn``, ``q``, ``shards``; ``migrate()`` does nothing;
 * what the real statements keep for speed is not kept (claim floors, the ``key_blocked`` hint, NOTIFY): a
   record is claimable the moment the claim rules allow it, where the real one may wait for an unblock, the
   maintenance sweep or a floor reset (e.g. a key freed by ``set_key_concurrency`` on a glob pattern);
@@ -35,6 +35,7 @@ from core.api import ProcessorAPI
 from core.config import Settings, default
 from core.errors import ConfigurationError
 from core.instance import ProcessFacts
+from core.plans import Plan
 from core.record import Record
 from core.retry import RetryPolicy
 from core.testing.clock import FakeClock
@@ -132,6 +133,11 @@ class InMemoryProcessor(ProcessorAPI):
     def complete_on(self, conn: Any, records: Sequence[Record], unblock: Iterable[str] = ()) -> int:
         """A completion inside a database transaction: raises :class:`~core.testing.NoDatabase`."""
         raise NoDatabase("an in-memory processor has no database transaction to complete records in")
+
+    def _application_connection(self, conn: Any) -> Plan[Any]:
+        """``add_records(conn=...)``: no database transaction to add records in; raises
+        :class:`~core.testing.NoDatabase`."""
+        raise NoDatabase("an in-memory processor has no database transaction to add records in (conn=...)")
 
     def __repr__(self) -> str:
         return f"InMemoryProcessor(instance_id={self.instance_id!r}, queue={self.queue!r}, clock={self.clock!r})"

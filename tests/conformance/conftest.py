@@ -1,5 +1,6 @@
-"""One behaviour suite, two backends: every test here runs on the in-memory processor (its fake clock) and on
-a real PostgreSQL (real time), through the plugin's fixtures ``dp_memory`` and ``dp_postgres``.
+"""One behaviour suite, every backend: every test here runs on the in-memory processor (its fake clock), on a
+real PostgreSQL (real time) through the plugin's fixtures ``dp_memory`` and ``dp_postgres``, on three shards,
+and through the asyncio API (``AsyncDistributedProcessor``) on one database.
 
 ``@pytest.mark.dp_options(...)`` sets the processor's constructor arguments for both. Time passes through
 ``clock`` (:class:`FakeTime` or :class:`RealTime`): ``clock.advance(s)`` lets ``s`` seconds pass (a real wait on
@@ -9,6 +10,8 @@ truthy, which must be so ``s`` seconds on (on the fake clock exactly then; on Po
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
@@ -16,14 +19,13 @@ from typing import Any, Protocol, TypeVar
 
 import pytest
 
-from core import DistributedProcessor
+from core import AsyncDistributedProcessor, DistributedProcessor
 from core.api import ProcessorAPI
 from core.testing.plugin import processor_options
-from core.testing.postgres import unique_name
 from tests.support import wait_until
 
 T = TypeVar("T")
-BACKENDS = ["memory", "postgres", "shards"]
+BACKENDS = ["memory", "postgres", "shards", "async"]
 # A real-time wait ends this long after the moment it waits for, at the latest (a loaded test machine).
 SLACK = 10.0
 
@@ -73,24 +75,45 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+class AsyncBacked:
+    """A ``DistributedProcessor`` whose producer and operator calls (``SHARED``) are an
+    ``AsyncDistributedProcessor``'s on the same database, awaited on an event loop of its own: the suite then
+    holds the asyncio API to every behaviour it checks (the worker's calls stay the blocking class's)."""
+
+    SHARED = ("add_records", "get_queue_status", "health_check", "list_instances", "cancel", "retry_failed",
+              "purge", "set_key_concurrency", "set_queue_limit")
+
+    def __init__(self, blocking: DistributedProcessor, aio: AsyncDistributedProcessor) -> None:
+        self._blocking, self._aio = blocking, aio
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="dp-test-loop", daemon=True)
+        self._thread.start()
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self.SHARED:
+            method = getattr(self._aio, name)
+            return lambda *a, **kw: asyncio.run_coroutine_threadsafe(method(*a, **kw), self._loop).result(60)
+        return getattr(self._blocking, name)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._aio.close(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
 @pytest.fixture
-def dp_shards(request: pytest.FixtureRequest, dp_server: Any, dp_template: str) -> Iterator[DistributedProcessor]:
-    """A processor over three shards: three fresh databases of the test server, set up as shards."""
-    names = [unique_name(f"dp_s{i}") for i in range(3)]
-    dsns = [dp_server.create_database(name, template=dp_template) for name in names]
-    try:
-        options = {"connect_timeout": 5, **processor_options(request)}
-        with DistributedProcessor(shards=dsns, **options) as p:
-            p.migrate()  # numbers the shards, writes the partition map
-            yield p
-    finally:
-        for name in names:
-            dp_server.drop_database(name)
+def dp_async(request: pytest.FixtureRequest, dp_postgres: DistributedProcessor) -> Iterator[AsyncBacked]:
+    aio = AsyncDistributedProcessor(dp_postgres.dsn, **{"connect_timeout": 5, **processor_options(request),
+                                                        "instance_id": dp_postgres.instance_id})
+    backed = AsyncBacked(dp_postgres, aio)
+    yield backed
+    backed.close()
 
 
 @pytest.fixture
 def processor(backend: str, request: pytest.FixtureRequest) -> ProcessorAPI:
-    """The backend's processor: the plugin's ``dp_memory`` or ``dp_postgres``, or three shards."""
+    """The backend's processor: the plugin's ``dp_memory`` or ``dp_postgres``, three shards, or the asyncio
+    API on one database."""
     return request.getfixturevalue(f"dp_{backend}")  # type: ignore[no-any-return]
 
 

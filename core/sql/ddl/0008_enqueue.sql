@@ -22,14 +22,55 @@ LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $fn$
            END
 $fn$;
 
--- A floor event written inside a transaction that goes on after the insert (an application's, or one of our
--- COPY batches) is dated again at its commit: claimers read the events of the last few seconds, and the
--- records it announces become visible only then.
+-- At the commit of a transaction that wrote one (an application's, or one of our COPY batches), a floor event
+-- is dated again: claimers read the events of the last few seconds, and the records it announces become
+-- visible only then. An event naming an ordering key is a key check: an application's transaction inserted
+-- records of that key blocked, and the claims that ran while it was open could not see them to make the next
+-- one claimable; if the key's earliest pending record is blocked now, it is made claimable here and the
+-- event announces it (else the event goes). A record a claim holds is passed over: a commit never waits.
 CREATE OR REPLACE FUNCTION {schema}.dp_floor_event_at_commit() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
+DECLARE
+    h record;
 BEGIN
-    UPDATE {schema}.claim_floor_events SET created_at = clock_timestamp(), at_commit = false WHERE id = NEW.id;
+    IF NEW.ordering_key IS NULL THEN
+        UPDATE {schema}.claim_floor_events SET created_at = clock_timestamp(), at_commit = false WHERE id = NEW.id;
+        RETURN NULL;
+    END IF;
+    UPDATE {schema}.processing_queue b SET key_blocked = false
+     WHERE b.id = (SELECT n.id FROM {schema}.processing_queue n
+                    WHERE n.ordering_key = NEW.ordering_key AND n.status = 'pending'
+                    ORDER BY n.ordering_key, n.status, n.id
+                    LIMIT 1
+                      FOR UPDATE SKIP LOCKED)
+       AND b.key_blocked
+    RETURNING b.queue, - b.priority::bigint AS np, b.run_at, b.id INTO h;
+    IF FOUND THEN
+        UPDATE {schema}.claim_floor_events
+           SET queue = h.queue, np = h.np, run_at = h.run_at, record_id = h.id, created_at = clock_timestamp(),
+               at_commit = false
+         WHERE id = NEW.id;
+    ELSE
+        DELETE FROM {schema}.claim_floor_events WHERE id = NEW.id;
+    END IF;
     RETURN NULL;
+END
+$fn$;
+
+-- The key checks of a batch inserted in an application's transaction (see dp_floor_event_at_commit): one per
+-- key with a record inserted blocked, once per transaction.
+CREATE OR REPLACE FUNCTION {schema}.dp_key_checks(p_queue text, p_keys text[], p_blocked boolean[])
+RETURNS void
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    k text;
+BEGIN
+    FOR k IN SELECT DISTINCT u.k FROM unnest(p_keys, p_blocked) AS u(k, b) WHERE u.b ORDER BY 1 LOOP
+        CONTINUE WHEN nullif(current_setting('dp.key_' || md5(k), true), '') IS NOT NULL;
+        INSERT INTO {schema}.claim_floor_events (queue, np, run_at, record_id, at_commit, ordering_key)
+        VALUES (p_queue, 0, now(), 0, true, k);
+        PERFORM set_config('dp.key_' || md5(k), 'y', true);
+    END LOOP;
 END
 $fn$;
 
@@ -48,7 +89,7 @@ CREATE CONSTRAINT TRIGGER dp_floor_event_at_commit AFTER INSERT ON {schema}.clai
 -- 'moving' (a key's partition is moving), 'retiring' (keyless records refused).
 CREATE OR REPLACE FUNCTION {schema}.dp_enqueue_prepare(
     p_queue text, p_priority integer, p_run_at timestamptz, p_keys text[], p_dedupes text[],
-    p_expect_shard integer DEFAULT NULL, p_key_gap integer DEFAULT 1000,
+    p_expect_shard integer DEFAULT NULL, p_key_gap integer DEFAULT 1000, p_own boolean DEFAULT false,
     OUT status text, OUT owner integer, OUT blocked boolean[], OUT queue_limit integer)
 LANGUAGE plpgsql AS $fn$
 DECLARE
@@ -92,8 +133,20 @@ BEGIN
     v_keys := ARRAY(SELECT DISTINCT u.k FROM unnest(p_keys) AS u(k) WHERE u.k IS NOT NULL ORDER BY u.k);
     IF cardinality(v_keys) > 0 THEN
         PERFORM pg_advisory_xact_lock(7117, hashtext(s.k)) FROM unnest(v_keys) AS s(k);
-        -- A new snapshot: the previous holder's records are visible. The head of each key is locked FOR
-        -- SHARE so that a claim of it in progress finishes first (then the next pending one is found).
+        IF p_own THEN
+            -- Our own short transaction: the head of each key is locked FOR SHARE so that a claim of it in
+            -- progress finishes first (the heads are then read after its commit). An application's
+            -- transaction holds no such lock for its whole length (claims unblocking those heads would wait
+            -- for it, and deadlock with it): its blocked records get a key check at its commit instead.
+            PERFORM 1 FROM unnest(v_keys) AS u(k)
+              CROSS JOIN LATERAL (
+                    SELECT r.id FROM {schema}.processing_queue r
+                     WHERE r.ordering_key = u.k AND r.status = 'pending'
+                     ORDER BY r.ordering_key, r.status, r.id
+                     LIMIT 1
+                       FOR SHARE) h;
+        END IF;
+        -- A new snapshot: the previous holders' records are visible.
         WITH heads AS (
             SELECT u.k, h.id IS NOT NULL AS has, CASE WHEN t.follows THEN t.id END AS last_id
               FROM unnest(v_keys) AS u(k)
@@ -101,8 +154,7 @@ BEGIN
                     SELECT r.id FROM {schema}.processing_queue r
                      WHERE r.ordering_key = u.k AND r.status = 'pending'
                      ORDER BY r.ordering_key, r.status, r.id
-                     LIMIT 1
-                       FOR SHARE) h ON true
+                     LIMIT 1) h ON true
               LEFT JOIN LATERAL (
                     SELECT l.id, NOT l.key_blocked AND l.queue = p_queue AND l.priority >= p_priority
                                  AND l.run_at <= coalesce(p_run_at, now()) AS follows
@@ -135,15 +187,15 @@ BEGIN
 END
 $fn$;
 
--- A transaction's records of a queue are announced to the claimers whose floors may have passed them
--- (core/floors.py) once, at the lowest position it inserted (its first record of the lowest priority class; a
--- floor lowered to it finds every later one), when one of them needs it: a priority, an explicit run_at that
--- is due, a statement longer than 0.25 s, or a transaction that goes on after this statement (an
--- application's): its records become visible at its commit, long after their run_at maybe. The event is dated
--- at the commit (dp_floor_event_at_commit). The lowest position so far and whether it was announced live in a
--- setting local to the transaction (no write), so a trigger adding a record per row announces once.
-CREATE OR REPLACE FUNCTION {schema}.dp_announce(p_queue text, p_priority integer, p_run_at timestamptz,
-                                                p_id bigint)
+-- Records that claims may have passed are announced to the claimers whose floors may be above them
+-- (core/floors.py), when they need it: a priority (another class of the claim order), an explicit run_at that is
+-- due, a statement longer than 0.25 s, or a transaction that goes on after this statement (an application's):
+-- records become visible at the commit, maybe long after their run_at. The position announced is the first of
+-- the class, (-priority, run_at, id 0): every record of the class in this transaction is at it or after it, so
+-- a floor lowered to it finds them all. Once per transaction and position (a setting local to the transaction,
+-- no write), so a trigger adding a record per row announces once. The event is dated at the commit
+-- (dp_floor_event_at_commit).
+CREATE OR REPLACE FUNCTION {schema}.dp_announce(p_queue text, p_priority integer, p_run_at timestamptz)
 RETURNS void
 LANGUAGE plpgsql AS $fn$
 DECLARE
@@ -151,26 +203,15 @@ DECLARE
     v_seen text := nullif(current_setting(v_guc, true), '');
     v_np bigint := - p_priority::bigint;
     v_at timestamptz := coalesce(p_run_at, now());
-    v_announced boolean := false;
+    v_us bigint := (extract(epoch FROM coalesce(p_run_at, now())) * 1000000)::bigint;
 BEGIN
-    IF v_seen IS NOT NULL THEN
-        IF (v_np, v_at, p_id) >= (split_part(v_seen, '|', 1)::bigint,
-                                  to_timestamp(0) + split_part(v_seen, '|', 2)::bigint * interval '1 microsecond',
-                                  split_part(v_seen, '|', 3)::bigint) THEN
-            v_np := split_part(v_seen, '|', 1)::bigint;
-            v_at := to_timestamp(0) + split_part(v_seen, '|', 2)::bigint * interval '1 microsecond';
-            p_id := split_part(v_seen, '|', 3)::bigint;
-            v_announced := split_part(v_seen, '|', 4) = 'a';
-        END IF;
+    IF v_seen IS NOT NULL AND (v_np, v_us) >= (split_part(v_seen, '|', 1)::bigint, split_part(v_seen, '|', 2)::bigint)
+    THEN
+        RETURN;  -- a position at or before this one was announced by this transaction
     END IF;
-    IF NOT v_announced AND (p_priority <> 0 OR (p_run_at IS NOT NULL AND p_run_at < clock_timestamp() + interval '2 seconds')
-                            OR clock_timestamp() - now() > interval '0.25 seconds' OR statement_timestamp() > now()) THEN
-        INSERT INTO {schema}.claim_floor_events (queue, np, run_at, record_id, at_commit)
-        VALUES (p_queue, v_np, v_at, p_id, true);
-        v_announced := true;
-    END IF;
-    PERFORM set_config(v_guc, concat_ws('|', v_np, (extract(epoch FROM v_at) * 1000000)::bigint, p_id,
-                                        CASE WHEN v_announced THEN 'a' ELSE 'n' END), true);
+    INSERT INTO {schema}.claim_floor_events (queue, np, run_at, record_id, at_commit)
+    VALUES (p_queue, v_np, v_at, 0, true);
+    PERFORM set_config(v_guc, v_np || '|' || v_us, true);
 END
 $fn$;
 
@@ -202,7 +243,10 @@ BEGIN
             RETURN;
         END IF;
     END IF;
-    PERFORM {schema}.dp_announce(p_queue, p_priority, p_run_at, p_ids[1]);
+    IF p_priority <> 0 OR (p_run_at IS NOT NULL AND p_run_at < clock_timestamp() + interval '2 seconds')
+       OR statement_timestamp() > now() OR clock_timestamp() - now() > interval '0.25 seconds' THEN
+        PERFORM {schema}.dp_announce(p_queue, p_priority, p_run_at);
+    END IF;
     IF p_notify THEN
         PERFORM pg_notify({schema}.dp_channel(p_queue), p_queue);
     END IF;
@@ -212,12 +256,13 @@ $fn$;
 -- A batch in one call: prepare, insert (ids in input order; a held dedupe key, or one repeated in the batch,
 -- inserts nothing and gives the holder's id, its input index listed in deduplicated), finish. Never raises for
 -- a full queue or a key of another shard: status says so (dp_add_record raises), so an application's
--- transaction stays usable. QueueFull's numbers in queue_limit, depth and adding.
+-- transaction stays usable. QueueFull's numbers in queue_limit, depth and adding. A batch without keys, on a
+-- database that is not a shard, takes the short way: no producer locks and no key heads to read.
 CREATE OR REPLACE FUNCTION {schema}.dp_add_records(
     p_queue text, p_payloads jsonb[], p_priority integer DEFAULT 0, p_run_at timestamptz DEFAULT NULL,
     p_max_attempts integer DEFAULT 5, p_keys text[] DEFAULT NULL, p_dedupes text[] DEFAULT NULL,
     p_dedupe_while text DEFAULT 'pending', p_notify boolean DEFAULT true, p_expect_shard integer DEFAULT NULL,
-    p_key_gap integer DEFAULT 1000,
+    p_key_gap integer DEFAULT 1000, p_own boolean DEFAULT false,
     OUT status text, OUT ids bigint[], OUT deduplicated integer[], OUT owner integer, OUT queue_limit integer,
     OUT depth integer, OUT adding integer)
 LANGUAGE plpgsql AS $fn$
@@ -233,15 +278,20 @@ DECLARE
 BEGIN
     deduplicated := '{}';
     ids := '{}';
+    status := 'ok';
     IF n = 0 THEN
-        status := 'ok';
         RETURN;
     END IF;
-    SELECT p.status, p.owner, p.blocked, p.queue_limit INTO status, owner, v_blocked, v_limit
-      FROM {schema}.dp_enqueue_prepare(p_queue, p_priority, p_run_at, v_keys, v_dedupes, p_expect_shard,
-                                       p_key_gap) p;
-    IF status <> 'ok' THEN
-        RETURN;
+    IF p_keys IS NULL AND p_dedupes IS NULL AND p_expect_shard IS NULL
+       AND NOT EXISTS (SELECT 1 FROM {schema}.shard_identity) THEN
+        SELECT l.max_pending INTO v_limit FROM {schema}.queue_limits l WHERE l.queue = p_queue FOR UPDATE;
+    ELSE
+        SELECT p.status, p.owner, p.blocked, p.queue_limit INTO status, owner, v_blocked, v_limit
+          FROM {schema}.dp_enqueue_prepare(p_queue, p_priority, p_run_at, v_keys, v_dedupes, p_expect_shard,
+                                           p_key_gap, p_own) p;
+        IF status <> 'ok' THEN
+            RETURN;
+        END IF;
     END IF;
     WITH ins AS (
         INSERT INTO {schema}.processing_queue AS r (queue, payload, priority, run_at, max_attempts, ordering_key,
@@ -256,13 +306,26 @@ BEGIN
     )
     SELECT coalesce(array_agg(ins.id ORDER BY ins.id), '{}'), coalesce(array_agg(ins.dedupe_key ORDER BY ins.id), '{}')
       INTO v_new, v_new_keys FROM ins;
-    SELECT f.status, f.depth INTO status, v_depth
-      FROM {schema}.dp_enqueue_finish(p_queue, p_priority, p_run_at, v_new, v_limit, p_notify, true) f;
+    IF v_limit IS NOT NULL THEN
+        SELECT f.status, f.depth INTO status, v_depth
+          FROM {schema}.dp_enqueue_finish(p_queue, p_priority, p_run_at, v_new, v_limit, p_notify, true) f;
+    ELSIF cardinality(v_new) > 0 THEN  -- dp_enqueue_finish without a limit, inline: one call less
+        IF p_priority <> 0 OR (p_run_at IS NOT NULL AND p_run_at < clock_timestamp() + interval '2 seconds')
+           OR statement_timestamp() > now() OR clock_timestamp() - now() > interval '0.25 seconds' THEN
+            PERFORM {schema}.dp_announce(p_queue, p_priority, p_run_at);
+        END IF;
+        IF p_notify THEN
+            PERFORM pg_notify({schema}.dp_channel(p_queue), p_queue);
+        END IF;
+    END IF;
     IF status = 'full' THEN
         queue_limit := v_limit;
         depth := v_depth;
         adding := cardinality(v_new);
         RETURN;
+    END IF;
+    IF NOT p_own AND true = ANY(v_blocked) THEN
+        PERFORM {schema}.dp_key_checks(p_queue, v_keys, v_blocked);
     END IF;
     IF cardinality(v_new) = n THEN
         ids := v_new;  -- ids are taken in input order (INSERT ... SELECT ... ORDER BY ordinality)
