@@ -75,7 +75,9 @@ def test_compose_config_migrate_and_three_workers(
                  120, f"{RECORDS} records completed by the compose workers")
         figures["compose_3_workers_2000_records_seconds"] = round(time.monotonic() - started, 1)
         assert one(conn, keda_query()) == 0
-        assert one(conn, "SELECT count(*) FROM processor_instances WHERE status = 'running'") == 3
+        # The first replica up may drain everything before the last one has registered.
+        wait_for(lambda: one(conn, "SELECT count(*) FROM processor_instances WHERE status = 'running'") == 3,
+                 60, "3 compose workers registered")
 
         compose("stop")  # stop_grace_period: 40s
         for container in workers:
