@@ -385,7 +385,8 @@ BEGIN
     SELECT * INTO r
       FROM {schema}.dp_add_records(queue, ARRAY[payload], priority,
                                    CASE WHEN run_at = now() THEN NULL ELSE run_at END, coalesce(max_attempts, 5),
-                                   ARRAY[ordering_key], ARRAY[dedupe_key]);
+                                   CASE WHEN ordering_key IS NOT NULL THEN ARRAY[ordering_key] END,
+                                   CASE WHEN dedupe_key IS NOT NULL THEN ARRAY[dedupe_key] END);
     IF r.status = 'full' THEN
         RAISE EXCEPTION 'queue % is full: limit % pending, depth %; the record was not added',
               quote_literal(queue), r.queue_limit, r.depth

@@ -1,0 +1,46 @@
+"""The README's examples, run as written: every code block of the sections named here, against a fresh
+database (``DATABASE_URL``), Python blocks as a user's script in a process of its own, SQL blocks on one
+connection."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.support import ROOT
+
+SECTIONS = ("Enqueue in your transaction",)
+_BLOCK = re.compile(r"^```(python|sql)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+
+
+def blocks(section: str) -> list[tuple[str, str]]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index(f"\n## {section}\n")
+    end = text.find("\n## ", start + 4)
+    return [(m.group(1), m.group(2)) for m in _BLOCK.finditer(text[start:end if end > 0 else None])]
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_the_sections_examples_run(section: str, dsn: str, db: Any) -> None:
+    found = blocks(section)
+    assert found, f"no examples under {section!r}"
+    for i, (language, code) in enumerate(found):
+        if language == "python":
+            result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "DATABASE_URL": dsn},
+                                    capture_output=True, text=True, timeout=120)
+            assert result.returncode == 0, f"example {i} of {section!r}:\n{code}\n{result.stderr[-3000:]}"
+        else:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(code)
+    if section == "Enqueue in your transaction":
+        # three orders, each with its record; the signup's record in queue 'welcome'
+        assert db.execute("SELECT count(*) FROM orders").fetchone()[0] == 3
+        assert db.execute("SELECT count(*) FROM processing_queue WHERE queue = 'default'").fetchone()[0] == 3
+        assert db.execute("SELECT payload->>'email' FROM processing_queue WHERE queue = 'welcome'"
+                          ).fetchone()[0] == "ada@example.com"
