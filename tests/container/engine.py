@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.dsn import redact
 from tests.support import ROOT
 
 # The Dockerfile's default base, tried first; without registry access the base is made from Debian's packages.
@@ -50,10 +51,11 @@ def docker(*args: str, input: str | None = None, timeout: float = 120,
         result = subprocess.run(["docker", *args], input=input, capture_output=True, text=True, timeout=timeout,
                                 env=env)
     except subprocess.TimeoutExpired:
-        raise DockerError(f"docker {' '.join(args)[:300]}: no answer within {timeout:g}s") from None
+        raise DockerError(redact(f"docker {' '.join(args)[:300]}: no answer within {timeout:g}s")) from None
     if check and result.returncode != 0:
-        raise DockerError(f"docker {' '.join(args)[:300]} exited {result.returncode}:\n"
-                          f"{(result.stdout + result.stderr)[-3000:]}")
+        # The command line carries DSNs (--env DATABASE_URL=...): never a password in a failure message.
+        raise DockerError(redact(f"docker {' '.join(args)[:300]} exited {result.returncode}:\n"
+                                 f"{(result.stdout + result.stderr)[-3000:]}"))
     return result
 
 
