@@ -36,7 +36,7 @@ ENV PATH=/opt/dproc/bin:$PATH \
     DP_LOG_FORMAT=json \
     DP_HEALTH_PORT=8080
 WORKDIR /home/dproc
-# Your handlers: copy your package into a derived image (or mount it on PYTHONPATH) and set DP_HANDLER.
+# Your handlers: an image FROM this one with your package (docs/containers.md), and DP_HANDLER.
 USER 10001:10001
 EXPOSE 8080
 
