@@ -60,6 +60,16 @@ class AsyncDistributedProcessor(Operations):
     purge = awaiting(operations.purge)
     set_key_concurrency = awaiting(operations.set_key_concurrency)
     set_queue_limit = awaiting(operations.set_queue_limit)
+    pause = awaiting(operations.pause)
+    resume = awaiting(operations.resume)
+    paused_queues = awaiting(operations.paused_queues)
+    set_queue_rate = awaiting(operations.set_queue_rate)
+    set_key_rate = awaiting(operations.set_key_rate)
+    rates = awaiting(operations.rates)
+    schedule = awaiting(operations.schedule)  # type: ignore[arg-type]  # (mypy: ParamSpec with **kwargs)
+    unschedule = awaiting(operations.unschedule)
+    list_schedules = awaiting(operations.list_schedules)
+    fire_due_schedules = awaiting(operations.fire_due_schedules)
 
     @property
     def dsn(self) -> str:

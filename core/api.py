@@ -281,6 +281,17 @@ class ProcessorAPI(Operations):
 
     # ------------------------------------------------------------------ observing
 
+    pause = blocking(operations.pause)
+    resume = blocking(operations.resume)
+    paused_queues = blocking(operations.paused_queues)
+    set_queue_rate = blocking(operations.set_queue_rate)
+    set_key_rate = blocking(operations.set_key_rate)
+    rates = blocking(operations.rates)
+    schedule = blocking(operations.schedule)  # type: ignore[arg-type]  # (mypy: ParamSpec with **kwargs)
+    unschedule = blocking(operations.unschedule)
+    list_schedules = blocking(operations.list_schedules)
+    fire_due_schedules = blocking(operations.fire_due_schedules)
+
     get_queue_status = blocking(operations.get_queue_status)
     list_instances = blocking(operations.list_instances)
     health_check = blocking(operations.health_check)

@@ -84,6 +84,13 @@ def positive_int(name: str, value: object, *, allow_zero: bool = False, maximum:
     return value
 
 
+def new_priority(value: object) -> int:
+    """A record's priority: a 32-bit integer (higher first)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not -(2**31) <= value <= INT4:
+        raise InvalidArgument(f"priority must be a 32-bit integer, got {value!r}")
+    return value
+
+
 def record_id(value: object, name: str = "id") -> int:
     """A record id: a positive 64-bit integer."""
     return positive_int(name, value, maximum=INT8)
@@ -224,8 +231,7 @@ def check_new_records(
     check_payloads(items)
     n = len(items)
     check_queue_name(queue)
-    if isinstance(priority, bool) or not isinstance(priority, int) or not -(2**31) <= priority <= INT4:
-        raise InvalidArgument(f"priority must be a 32-bit integer, got {priority!r}")
+    new_priority(priority)
     attempts_cap = positive_int("max_attempts", max_attempts)
     run_at = run_at_or_delay(run_at, delay, now)
     if dedupe_while not in ("pending", "active"):

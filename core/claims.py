@@ -18,7 +18,7 @@ from core.errors import DatabaseUnavailable, InvalidArgument
 from core.floors import Floors, Ticket, start_params
 from core.plans import Plan, Stmt, on, run
 from core.queries import channel_for
-from core.record import Record, format_error
+from core.record import Claimed, Record, format_error
 
 log = logging.getLogger("core.claims")
 
@@ -111,13 +111,17 @@ class Claims:
         params = self.claim_params(done, size, queues, unblock, ticket=ticket, announce=announce)
         # Binary results: timestamps, UUIDs and integers decode several times faster than from text.
         rows = self.db.execute_raw(conn, "claim", params, binary=True).fetchall()
-        completed = int(rows[0][-1]) if rows else 0
+        completed = int(rows[0][-2]) if rows else 0
+        claimed = Claimed()
+        if rows:
+            claimed.rate_wait = rows[0][-1]  # a rate-limited queue or key has no token for that long
         if not rows or rows[0][0] is None:
-            return [], completed
+            return claimed, completed
         new, head, tail = tuple.__new__, (params["token"],), (self.db.shard,)
         if ticket is not None:  # where each queue's floor moves: its first pending record, seen unlocked
             ticket.seen = {r[1]: (r[13], r[14], r[15]) for r in rows if r[13] is not None}
-        return [new(Record, r[:6] + head + r[6:13] + tail) for r in rows], completed
+        claimed.extend([new(Record, r[:6] + head + r[6:13] + tail) for r in rows])
+        return claimed, completed
 
     def unblock(self, keys: Iterable[str], *, announce: bool = True) -> None:
         """Make each key's earliest pending record claimable (after a claim or a cancel), through the claim

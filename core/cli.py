@@ -18,6 +18,8 @@ from typing import Any
 from core.checks import parse_duration
 from core.commands import COMMANDS, EXIT_ERROR, CliError
 from core.config import KNOBS, RUN_KNOBS, Knob
+from core.controlcommands import CONTROL_COMMANDS
+from core.controlcommands import add_parsers as add_control_parsers
 from core.dsn import redact
 from core.errors import ConfigurationError, ProcessorError
 
@@ -178,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(wb, "--hide-payloads", "DP_DASHBOARD_HIDE_PAYLOADS", "never show a record's payload", action="store_true")
     _add(wb, "--auth-file", "DP_DASHBOARD_AUTH_FILE", "basic auth from a file holding user:password")
 
+    add_control_parsers(sub, _add, _typed)
+
     dm = sub.add_parser("demo", help="show the product: 3 worker processes drain sample records, with proof")
     _add(dm, "--count", "DP_DEMO_COUNT", "records to enqueue", type=_positive(int), default=3000)
     _add(dm, "--workers", "DP_DEMO_WORKERS", "worker processes", type=_positive(int), default=3)
@@ -198,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from core import logs  # after parsing: --help stays fast
 
         logs.configure(args.log_format, args.log_level)
-        return COMMANDS[args.command](args)
+        return {**COMMANDS, **CONTROL_COMMANDS}[args.command](args)
     except KeyboardInterrupt:
         return 130
     except (CliError, ProcessorError, ConfigurationError, OSError) as exc:

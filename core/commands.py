@@ -212,14 +212,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         status = p.get_queue_status()
         instances = p.list_instances()
     if args.json:
-        print(json.dumps({"queues": status["queues"], "totals": status["totals"], "instances": instances},
+        print(json.dumps({"queues": status["queues"], "totals": status["totals"], "paused": status["paused"],
+                          "instances": instances},
                          default=str, indent=2))
         return EXIT_OK
     cols = ("pending", "processing", "completed", "failed", "cancelled")
     print(f"{'queue':<20}" + "".join(f"{c:>12}" for c in cols) + f"{'oldest pending':>16}")
     for name, q in sorted(status["queues"].items()):
         age = q["oldest_pending_age_seconds"]
-        print(f"{name:<20}" + "".join(f"{q[c]:>12}" for c in cols) + f"{(f'{age:.1f}s' if age else '-'):>16}")
+        paused = q.get("paused")
+        state = "" if not paused else "  paused" + (f" ({paused['reason']})" if paused.get("reason") else "") + (
+            f" until {paused['until'].isoformat()}" if paused.get("until") else "")
+        print(f"{name:<20}" + "".join(f"{q[c]:>12}" for c in cols) + f"{(f'{age:.1f}s' if age else '-'):>16}{state}")
     print()
     print(f"{'instance':<40}{'status':>10}{'processing':>12}{'heartbeat age':>15}")
     now = time.time()

@@ -82,6 +82,8 @@ def health_report(
         if rows is None:
             return report
         report["queues"] = status_dict(rows, STATUSES)
+        # A pause is a state the report lists, with its reason, not a failure.
+        report["paused"] = yield from store.paused()
         latency_ms = report["database"].get("latency_ms", 0.0)
         if latency_ms > latency_degraded_ms:
             reasons.append(f"database round trip {latency_ms:.0f} ms > {latency_degraded_ms:g} ms")

@@ -99,6 +99,9 @@ class HealthServer:
             return
         for name, q in status["queues"].items():
             self.p.metrics.queue_depth.labels(queue=name).set(q["pending"])
+            self.p.metrics.queue_paused.labels(queue=name).set(1 if q.get("paused") else 0)
+        for name in status.get("paused", {}):
+            self.p.metrics.queue_paused.labels(queue=name).set(1)
         try:
             self.p.metrics.horizon_age.set(self.p.horizon()["age_seconds"])
         except Exception:  # a gauge is best effort; /health reports the cause

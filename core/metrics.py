@@ -50,6 +50,8 @@ class Metrics:
                 buckets=(0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300)),
         }
         self.queue_depth = Gauge("dp_queue_depth", "Pending records per queue", ["queue"], registry=r)
+        self.queue_paused = Gauge("dp_queue_paused", "1 while a queue is paused (on every instance)", ["queue"],
+                                  registry=r)
         self.horizon_age = Gauge(
             "dp_horizon_age_seconds", "Age of the oldest snapshot, transaction or slot holding back the database's"
             " MVCC horizon", registry=r)

@@ -158,6 +158,12 @@ def get_queue_status(self: Operations, queue: str | None = None, *,
     if per_shard is not None:
         rows = yield from per_shard(queue)
         out["shards"] = {shard: status_dict(r, wanted) for shard, r in rows.items()}
+    paused = {q: state for q, state in (yield from self.store.paused()).items() if queue is None or q == queue}
+    out["paused"] = paused
+    for name in paused:  # a paused queue is listed, records or not
+        out["queues"].setdefault(name, {**dict.fromkeys(wanted, 0), "due": 0, "oldest_pending_age_seconds": None})
+    for name, entry in out["queues"].items():
+        entry["paused"] = paused.get(name)
     return out
 
 
@@ -186,3 +192,113 @@ def health_check(
     return (yield from health_report(
         self.store, self.instance_id, self.facts, timeout=timeout, latency_degraded_ms=latency_degraded_ms,
         pending_age_degraded_s=pending_age_degraded_s, horizon_warning_seconds=self.settings.horizon_warning_seconds))
+
+
+# ---------------------------------------------------------------------- queue control
+
+
+def _until(self: Operations, until: object) -> datetime | None:
+    if until is None:
+        return None
+    if isinstance(until, datetime):
+        if until.tzinfo is None or until.utcoffset() is None:
+            raise InvalidArgument("until must be a timezone-aware datetime, a timedelta or seconds from now")
+        return until
+    return self._now() + timedelta(seconds=checks.seconds("until", until, allow_zero=False) or 0.0)
+
+
+def pause(self: Operations, queue: str, *, until: datetime | timedelta | float | None = None,
+          reason: str | None = None) -> Plan[None]:
+    """Pause ``queue`` on every instance: from their next claim on, no record of it is claimed (records in
+    flight finish; records keep being added). ``until`` (a datetime, or a timedelta or seconds from now): it
+    resumes by itself then. ``reason`` shows in status and health, where a pause is a state, not a failure."""
+    checks.check_queue_name(queue)
+    ends = _until(self, until)
+    checks.optional_text("reason", reason, max_length=1000)
+    yield from self.store.pause(queue, ends, reason)
+
+
+def resume(self: Operations, queue: str) -> Plan[bool]:
+    """Resume a paused ``queue``; its idle workers are woken at once. Returns whether it was paused."""
+    checks.check_queue_name(queue)
+    return (yield from self.store.resume(queue))
+
+
+def paused_queues(self: Operations) -> Plan[dict[str, dict[str, Any]]]:
+    """The queues paused now: ``{queue: {"since", "until", "reason"}}``."""
+    return (yield from self.store.paused())
+
+
+def _rate(n: object, per: object) -> tuple[int | None, float | None]:
+    if n is None:
+        return None, None
+    return positive_int("n", n), checks.seconds("per", per, allow_zero=False)
+
+
+def set_queue_rate(self: Operations, queue: str, n: int | None, per: float | timedelta = 1.0) -> Plan[None]:
+    """At most ``n`` records of ``queue`` start per ``per`` seconds across all instances, in bursts of up to
+    ``n`` (a token bucket in the database, charged by the claim itself); ``None`` removes the rate. Records
+    not yet admitted stay pending in their order. Over shards each shard's bucket has ``n / shards``."""
+    checks.check_queue_name(queue)
+    count, period = _rate(n, per)
+    yield from self.store.set_queue_rate(queue, count, period)
+
+
+def set_key_rate(self: Operations, key_or_pattern: str, n: int | None, per: float | timedelta = 1.0) -> Plan[None]:
+    """At most ``n`` records of each matching ordering key start per ``per`` seconds across all instances
+    (patterns as in :meth:`set_key_concurrency`: an exact key wins, then the longest glob); ``None`` removes it.
+    Other keys' records are not held back."""
+    checks.text("key_or_pattern", key_or_pattern, max_length=checks.MAX_KEY)
+    count, period = _rate(n, per)
+    yield from self.store.set_key_rate(key_or_pattern, count, period)
+
+
+def rates(self: Operations) -> Plan[dict[str, dict[str, dict[str, float]]]]:
+    """The rates set: ``{"queues": {queue: {"n", "per"}}, "keys": {pattern: {"n", "per"}}}``."""
+    return (yield from self.store.rates())
+
+
+def schedule(self: Operations, name: str, *, cron: str | None = None, every: timedelta | float | None = None,
+             payload: dict[str, Any] | None = None, queue: str | None = None, timezone: str = "UTC",
+             misfire: str = "latest", backfill: timedelta | float | None = None, overlap: str = "allow",
+             flow: Any = None, **add_options: Any) -> Plan[dict[str, Any]]:
+    """Declare or update the schedule ``name`` (idempotent: every container may declare its schedules at
+    start; a changed definition starts from the next tick after now). Returns it as :meth:`list_schedules`.
+
+    ``cron``: five fields, or six with seconds first, in ``timezone`` (a zoneinfo name); or ``every``: an
+    interval of at least a second. Each tick adds one record of ``payload`` to ``queue`` (``run_at`` its tick,
+    dedupe key ``schedule:<name>:<tick>``), once however many workers run: any running worker fires a due tick
+    by one guarded statement, no leader. ``misfire`` for ticks missed while nothing ran: ``"skip"`` (only a
+    tick not missed), ``"latest"`` (one record for them), ``"all"`` (every one within ``backfill``).
+    ``overlap="skip_if_running"``: no record while the previous one is pending or processing. ``add_options``:
+    ``priority``, ``max_attempts``, ``ordering_key`` of the records.
+    """
+    from core.schedules import ScheduleSpec
+
+    if flow is not None:
+        raise InvalidArgument("flow: schedules of flows need core.flows")
+    spec = ScheduleSpec.check(
+        name, cron=cron, every=every, payload=payload, queue=self.settings.queue if queue is None else queue,
+        timezone=timezone, misfire=misfire, backfill=backfill, overlap=overlap, flow=None, options=add_options,
+        max_payload_bytes=self.settings.max_payload_bytes)
+    yield from self.store.declare_schedule(spec)
+    found = [s for s in (yield from self.store.list_schedules()) if s["name"] == spec.name]
+    return found[0] if found else {}
+
+
+def unschedule(self: Operations, name: str) -> Plan[bool]:
+    """Remove the schedule ``name`` (records it added stay); returns whether it existed."""
+    checks.text("name", name, max_length=200)
+    return (yield from self.store.remove_schedule(name))
+
+
+def list_schedules(self: Operations) -> Plan[list[dict[str, Any]]]:
+    """Every schedule: ``name``, ``cron`` or ``every``, ``timezone``, ``queue``, ``next_fire``, ``last_fire``,
+    ``misfire``, ``backfill``, ``overlap``, ``fired`` (records added), ..."""
+    return (yield from self.store.list_schedules())
+
+
+def fire_due_schedules(self: Operations) -> Plan[int]:
+    """Fire the schedules' due ticks now (workers do it on their own; this is for callers without ``run()``);
+    each tick fires once whoever fires it. Returns the records added."""
+    return (yield from self.store.fire_schedules())

@@ -31,6 +31,13 @@ TABLES = {
     "enqueue_prepare_function": "dp_enqueue_prepare",
     "enqueue_finish_function": "dp_enqueue_finish",
     "key_checks_function": "dp_key_checks",
+    "key_token_function": "dp_key_token",
+    "fire_schedule_function": "dp_fire_schedule",
+    "queue_state": "queue_state",
+    "queue_rates": "queue_rates",
+    "key_rates": "key_rates",
+    "key_buckets": "key_buckets",
+    "schedules": "schedules",
     "partition_function": "dp_partition_of",
     "channel_function": "dp_channel",
 }

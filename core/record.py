@@ -54,3 +54,10 @@ class AddResult(list[int]):
     def __init__(self, ids: Iterable[int] = (), deduplicated: Iterable[int] = ()) -> None:
         super().__init__(ids)
         self.deduplicated = list(deduplicated)
+
+
+class Claimed(list[Record]):
+    """The records a claim took, in claim order; ``rate_wait``: when a rate-limited queue or key had no token
+    left for more, the seconds until it has one (None otherwise)."""
+
+    rate_wait: float | None = None

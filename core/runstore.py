@@ -29,9 +29,11 @@ from core.dedicated import DedicatedDatabase
 from core.errors import ConfigurationError
 from core.floors import Floors
 from core.instance import ProcessFacts
+from core.plans import Stmt, on, run
 from core.queries import channel_for
 from core.record import Record
 from core.recovery import Recovery
+from core.schedules import Schedules
 
 log = logging.getLogger("core.runstore")
 
@@ -64,6 +66,7 @@ class PostgresRun:
         self.service_claims = service_claims
         self.recovery = Recovery(self.service_db, service_claims)
         self.admin = Admin(self.service_db, service_claims, facts)
+        self.schedules = Schedules(self.service_db)
         self.claimers, self.handler_slots = claimers, handler_slots
         self.needed = connections_needed(claimers, handler_slots)
         self.listener: Listener | None = self.service_db if channels else None
@@ -117,14 +120,26 @@ class PostgresRun:
         # Recovery, then a few bounded batches of retention (each its own statement, SKIP LOCKED, by the
         # finished index: a backlog of expired rows goes over several rounds without one long transaction).
         yield from self.recovery.steps()
+        yield self.prune_key_buckets
         if self.settings.retention is not None:
             yield from self.admin.purge_steps(self.settings.retention, RETENTION_BATCH, RETENTION_BATCHES)
+
+    def fire_due(self) -> int:
+        """Fire the due ticks of the schedules (once each across instances: core/schedules.py)."""
+        return run(self.schedules.fire_due())
+
+    def seconds_to_next_schedule(self) -> float | None:
+        return run(self.schedules.seconds_to_next())
 
     def register(self, metadata: dict[str, Any] | None) -> None:
         self.admin.register(metadata)
 
     def set_instance_status(self, status: str) -> None:
         self.admin.set_instance_status(status)
+
+    def prune_key_buckets(self) -> int:
+        """Token buckets of keys idle long enough to be full again go (a key that starts again gets one)."""
+        return int(run(on(self.service_db, Stmt(self.service_db.q.prune_key_buckets, None, "rowcount"))))
 
     def wait(self, timeout: float) -> bool:
         return self.service_db.wait(timeout)

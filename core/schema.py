@@ -28,6 +28,7 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
+    Float,
     Identity,
     Index,
     Integer,
@@ -53,6 +54,11 @@ metadata = MetaData(
 )
 
 TS = DateTime(timezone=True)
+
+
+def _template(name: str) -> str:
+    """The text of ``core/sql/ddl/<name>.sql``, its ``{schema}`` placeholders left for ``str.format``."""
+    return resources.files("core").joinpath("sql").joinpath("ddl").joinpath(f"{name}.sql").read_text(encoding="utf-8")
 
 processing_queue = Table(
     "processing_queue",
@@ -243,78 +249,96 @@ shard_moves = Table(
     PrimaryKeyConstraint("move_id"),
 )
 
+# Queue control (migration 0009). A paused queue gives nothing to any claim (read by the claim statement itself,
+# so no instance can miss it); with resume_at it resumes by itself then.
+queue_state = Table(
+    "queue_state",
+    metadata,
+    Column("queue", Text, nullable=False),
+    Column("paused_at", TS),
+    Column("resume_at", TS),
+    Column("reason", Text),
+    Column("updated_at", TS, nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("queue"),
+)
+
+# Rate limits: a token bucket per queue (at most n record starts per ``per`` seconds, bursts up to n), charged
+# by the claim statement under the bucket's row lock; per ordering key (exact or glob, as key_concurrency),
+# with one bucket per key that has one (key_buckets).
+queue_rates = Table(
+    "queue_rates",
+    metadata,
+    Column("queue", Text, nullable=False),
+    Column("n", Float, nullable=False),
+    Column("per", Float, nullable=False),
+    Column("tokens", Float, nullable=False),
+    Column("updated_at", TS, nullable=False, server_default=text("clock_timestamp()")),
+    PrimaryKeyConstraint("queue"),
+    CheckConstraint("n > 0 AND per > 0", name="positive"),
+)
+key_rates = Table(
+    "key_rates",
+    metadata,
+    Column("pattern", Text, nullable=False),
+    Column("like_pattern", Text, nullable=False),
+    Column("is_exact", Boolean, nullable=False),
+    Column("n", Integer, nullable=False),
+    Column("per", Float, nullable=False),
+    Column("updated_at", TS, nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("pattern"),
+    CheckConstraint("n > 0 AND per > 0", name="positive"),
+)
+key_buckets = Table(
+    "key_buckets",
+    metadata,
+    Column("ordering_key", Text, nullable=False),
+    Column("tokens", Float, nullable=False),
+    Column("updated_at", TS, nullable=False, server_default=text("clock_timestamp()")),
+    PrimaryKeyConstraint("ordering_key"),
+)
+
+# Schedules (core/schedules.py): a tick fires once, however many instances see it due, by one statement that
+# moves next_fire on from the value it read (compare and swap) and adds the tick's record.
+schedules = Table(
+    "schedules",
+    metadata,
+    Column("name", Text, nullable=False),
+    Column("cron", Text),
+    Column("every_seconds", Float),
+    Column("timezone", Text, nullable=False, server_default=text("'UTC'")),
+    Column("queue", Text, nullable=False),
+    Column("payload", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("options", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("misfire", Text, nullable=False, server_default=text("'latest'")),
+    Column("backfill_seconds", Float),
+    Column("overlap", Text, nullable=False, server_default=text("'allow'")),
+    Column("flow", Text),
+    Column("definition", Text, nullable=False),
+    Column("next_fire", TS, nullable=False),
+    Column("last_fire", TS),
+    Column("last_record_id", BigInteger),
+    Column("fired", BigInteger, nullable=False, server_default=text("0")),
+    Column("created_at", TS, nullable=False, server_default=func.now()),
+    Column("updated_at", TS, nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("name"),
+    CheckConstraint("(cron IS NULL) <> (every_seconds IS NULL)", name="cron_or_every"),
+    CheckConstraint("misfire IN ('skip', 'latest', 'all')", name="misfire"),
+    CheckConstraint("overlap IN ('allow', 'skip_if_running')", name="overlap"),
+)
+Index("ix_schedules_next_fire", schedules.c.next_fire)
+
 # dp_set_shard_ids sets the id sequence of a new shard: every id it hands out is congruent to its number
 # modulo the stride (the most shards there may be), above every id it holds and above ``above`` (the other
 # shards' highest), so ids are unique across shards and a record moved to another shard keeps its id.
 # dp_raise_ids takes ids until the next one is above ``above``: records moved in keep their order before
 # the shard's own later ones (per-key FIFO is id order). It only ever moves the sequence forward, by taking
 # values as any insert does, so it cannot race with inserts. {schema} is replaced by the quoted schema name.
-SHARD_FUNCTION_SQL = """
-CREATE OR REPLACE FUNCTION {schema}.dp_set_shard_ids(shard integer, stride integer, above bigint)
-RETURNS bigint LANGUAGE plpgsql AS $fn$
-DECLARE
-    next_id bigint;
-BEGIN
-    SELECT (greatest(coalesce(max(id), 0), above) / stride + 1) * stride + shard INTO next_id
-      FROM {schema}.processing_queue;
-    EXECUTE format('ALTER TABLE %s.processing_queue ALTER COLUMN id SET INCREMENT BY %s RESTART WITH %s',
-                   '{schema}', stride, next_id);
-    RETURN next_id;
-END
-$fn$;
-CREATE OR REPLACE FUNCTION {schema}.dp_raise_ids(above bigint) RETURNS bigint
-LANGUAGE plpgsql AS $fn$
-DECLARE
-    seq text := pg_get_serial_sequence('{schema}.processing_queue', 'id');
-    taken bigint;
-BEGIN
-    LOOP
-        taken := nextval(seq);
-        EXIT WHEN taken > above;
-    END LOOP;
-    RETURN taken;
-END
-$fn$;
-"""
+SHARD_FUNCTION_SQL = _template("shard_ids")
 
 # The function of the triggers that maintain queue_stats (statement-level, after insert, update and delete;
 # migration 0001 creates them): this version, with slots, is installed by 0006. {schema} is replaced by the
 # quoted schema name.
-STATS_TRIGGER_SQL = """
-CREATE OR REPLACE FUNCTION {schema}.dp_track_finished() RETURNS trigger
-LANGUAGE plpgsql AS $fn$
-BEGIN
-    IF TG_OP = 'UPDATE' THEN
-        INSERT INTO {schema}.queue_stats AS s (queue, status, slot, count)
-        SELECT queue, status, pg_backend_pid() % 16, sum(delta) FROM (
-            SELECT queue, status, 1 AS delta FROM dp_new
-             WHERE status IN ('completed', 'failed', 'cancelled')
-            UNION ALL
-            SELECT queue, status, -1 FROM dp_old
-             WHERE status IN ('completed', 'failed', 'cancelled')
-        ) d
-        GROUP BY queue, status HAVING sum(delta) <> 0
-        ORDER BY queue, status
-        ON CONFLICT (queue, status, slot) DO UPDATE SET count = s.count + EXCLUDED.count;
-    ELSIF TG_OP = 'DELETE' THEN
-        INSERT INTO {schema}.queue_stats AS s (queue, status, slot, count)
-        SELECT queue, status, pg_backend_pid() % 16, -count(*) FROM dp_old
-         WHERE status IN ('completed', 'failed', 'cancelled')
-        GROUP BY queue, status
-        ORDER BY queue, status
-        ON CONFLICT (queue, status, slot) DO UPDATE SET count = s.count + EXCLUDED.count;
-    ELSE
-        INSERT INTO {schema}.queue_stats AS s (queue, status, slot, count)
-        SELECT queue, status, pg_backend_pid() % 16, count(*) FROM dp_new
-         WHERE status IN ('completed', 'failed', 'cancelled')
-        GROUP BY queue, status
-        ORDER BY queue, status
-        ON CONFLICT (queue, status, slot) DO UPDATE SET count = s.count + EXCLUDED.count;
-    END IF;
-    RETURN NULL;
-END
-$fn$;
-"""
+STATS_TRIGGER_SQL = _template("stats_trigger")
 
 # Migration 0007: the slot may be set for a transaction (``dp.stats_slot``): a move between shards counts its
 # rows in a slot of its own, so a prepared move left by a killed mover locks no row that completions write.
@@ -322,18 +346,13 @@ STATS_TRIGGER_SQL_SLOTTED = STATS_TRIGGER_SQL.replace(
     "pg_backend_pid() % 16",
     "coalesce(nullif(current_setting('dp.stats_slot', true), '')::int, pg_backend_pid() % 16)")
 
-DROP_STATS_TRIGGER_SQL = """
-DROP TRIGGER IF EXISTS dp_track_finished_update ON {schema}.processing_queue;
-DROP TRIGGER IF EXISTS dp_track_finished_delete ON {schema}.processing_queue;
-DROP TRIGGER IF EXISTS dp_track_finished_insert ON {schema}.processing_queue;
-DROP FUNCTION IF EXISTS {schema}.dp_track_finished();
-"""
+DROP_STATS_TRIGGER_SQL = _template("drop_stats_trigger")
 
 
 def ddl(name: str, schema: str) -> str:
     """The DDL script ``core/sql/ddl/<name>.sql`` for ``schema``: ``{schema}`` becomes the quoted schema name,
     ``{schema_literal}`` the name as a string literal (the functions that name NOTIFY channels)."""
-    text_ = resources.files("core").joinpath("sql").joinpath("ddl").joinpath(f"{name}.sql").read_text(encoding="utf-8")
+    text_ = _template(name)
     quoted = '"' + schema.replace('"', '""') + '"'
     literal = "'" + schema.replace("'", "''") + "'"
     return text_.replace("{schema}", quoted).replace("{schema_literal}", literal)

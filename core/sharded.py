@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
 
@@ -206,6 +207,61 @@ class ShardedStore:
     def set_queue_limit(self, queue: str, n: int | None) -> Plan[None]:
         """Exact across the shards (see :meth:`ShardedInserts.limited`); every shard stores it."""
         yield from self._each(lambda s: s.set_queue_limit(queue, n))
+
+    # ------------------------------------------------------------------ queue control
+
+    def pause(self, queue: str, until: datetime | None, reason: str | None) -> Plan[None]:
+        yield from self._each(lambda s: s.pause(queue, until, reason))
+
+    def resume(self, queue: str) -> Plan[bool]:
+        return any((yield from self._each(lambda s: s.resume(queue))))
+
+    def paused(self) -> Plan[dict[str, dict[str, Any]]]:
+        out: dict[str, dict[str, Any]] = {}
+        for part in (yield from self._each(lambda s: s.paused(), tolerate=True)):
+            for queue, state in part.items():
+                out.setdefault(queue, state)
+        return out
+
+    def set_queue_rate(self, queue: str, n: float | None, per: float | None) -> Plan[None]:
+        """A queue's rate is split evenly: each shard's bucket has ``n / shards`` (README "Shards")."""
+        share = None if n is None else n / len(self.stores)
+        yield from self._each(lambda s: s.set_queue_rate(queue, share, per))
+
+    def set_key_rate(self, pattern: str, n: int | None, per: float | None) -> Plan[None]:
+        """Exact: a key lives on one shard, whose bucket is the key's."""
+        yield from self._each(lambda s: s.set_key_rate(pattern, n, per))
+
+    def rates(self) -> Plan[dict[str, dict[str, dict[str, float]]]]:
+        first = (yield from self._each(lambda s: s.rates(), tolerate=True))[0]
+        for rate in first["queues"].values():
+            rate["n"] *= len(self.stores)
+        return first
+
+    def declare_schedule(self, spec: Any) -> Plan[None]:
+        """A schedule lives on one shard, which fires it: its ordering key's, else the first."""
+        key = spec.options.get("ordering_key")
+        if key is None:
+            known = yield from self.topology.known_plan()
+            if not known:
+                raise DatabaseUnavailable("no shard is reachable")
+            store = known[min(known)]
+        else:
+            shard_map = yield from self.topology.shard_map_plan()
+            store = yield from self.topology.store_of_plan(shard_map.owner[partition_of(key)])
+        yield from self._each(lambda s: s.remove_schedule(spec.name) if s is not store else later(lambda: False),
+                              tolerate=True)
+        yield from store.declare_schedule(spec)
+
+    def remove_schedule(self, name: str) -> Plan[bool]:
+        return any((yield from self._each(lambda s: s.remove_schedule(name))))
+
+    def list_schedules(self) -> Plan[list[dict[str, Any]]]:
+        parts = yield from self._each(lambda s: s.list_schedules(), tolerate=True)
+        return sorted((row for part in parts for row in part), key=lambda r: str(r["name"]))
+
+    def fire_schedules(self) -> Plan[int]:
+        return sum((yield from self._each(lambda s: s.fire_schedules(), tolerate=True)))
 
     # ------------------------------------------------------------------ observing
 

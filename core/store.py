@@ -4,6 +4,7 @@ wired to one :class:`Database`. Implements :class:`core.backend.Store`; the faca
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
 from typing import Any
 
 from core.admin import Admin
@@ -11,6 +12,7 @@ from core.appconn import AppConn
 from core.backend import CountRow, NewRecords
 from core.claims import Claims
 from core.config import Settings
+from core.control import Control
 from core.db import Borrow, Database
 from core.enqueue import Enqueuer, Refused
 from core.errors import WrongShard
@@ -21,6 +23,7 @@ from core.plans import Plan, run
 from core.record import AddResult, Record
 from core.recovery import Recovery
 from core.runstore import RETENTION_BATCH, RETENTION_BATCHES, PostgresRun
+from core.schedules import Schedules, ScheduleSpec
 
 
 class PostgresStore:
@@ -39,6 +42,8 @@ class PostgresStore:
         self.recovery = Recovery(self.db, self.claims)
         self.admin = Admin(self.db, self.claims, facts)
         self.health = Health(self.db)
+        self.control = Control(self.db)
+        self.schedules = Schedules(self.db)
 
     # ------------------------------------------------------------------ producing and claiming
 
@@ -109,6 +114,38 @@ class PostgresStore:
 
     def set_instance_status(self, status: str) -> None:
         self.admin.set_instance_status(status)
+
+    # ------------------------------------------------------------------ queue control
+
+    def pause(self, queue: str, until: datetime | None, reason: str | None) -> Plan[None]:
+        return self.control.pause(queue, until, reason)
+
+    def resume(self, queue: str) -> Plan[bool]:
+        return self.control.resume(queue)
+
+    def paused(self) -> Plan[dict[str, dict[str, Any]]]:
+        return self.control.paused()
+
+    def set_queue_rate(self, queue: str, n: float | None, per: float | None) -> Plan[None]:
+        return self.control.set_queue_rate(queue, n, per)
+
+    def set_key_rate(self, pattern: str, n: int | None, per: float | None) -> Plan[None]:
+        return self.control.set_key_rate(pattern, n, per)
+
+    def rates(self) -> Plan[dict[str, dict[str, dict[str, float]]]]:
+        return self.control.rates()
+
+    def declare_schedule(self, spec: ScheduleSpec) -> Plan[None]:
+        return self.schedules.declare(spec, datetime.now(timezone.utc))
+
+    def remove_schedule(self, name: str) -> Plan[bool]:
+        return self.schedules.remove(name)
+
+    def list_schedules(self) -> Plan[list[dict[str, Any]]]:
+        return self.schedules.list()
+
+    def fire_schedules(self) -> Plan[int]:
+        return self.schedules.fire_due()
 
     # ------------------------------------------------------------------ observing
 

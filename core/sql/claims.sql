@@ -61,6 +61,16 @@ notified AS (
       FROM unnest(%(channels)s::text[], %(nqueues)s::text[]) AS w(channel, queue)
      WHERE EXISTS (SELECT 1 FROM done WHERE done.ordering_key IS NOT NULL)
 ),
+-- The token buckets of the rate-limited queues claimed (none: nothing to read), locked: claimers of a
+-- rate-limited queue take turns on its bucket, so the tokens are exact across instances. Refilled to now.
+rates AS (
+    SELECT b.queue, b.per / b.n AS interval_s,
+           least(b.n, b.tokens + extract(epoch FROM clock_timestamp() - b.updated_at) * b.n / b.per) AS tokens
+      FROM {queue_rates} b
+     WHERE b.queue = ANY(%(queues)s::text[]) AND %(batch)s > 0
+     ORDER BY b.queue
+       FOR UPDATE
+),
 picked AS (
     SELECT c.id, qn.name AS queue, fs.np AS fs_np, fs.run_at AS fs_at, fs.id AS fs_id
       FROM unnest(%(queues)s::text[], %(floor_np)s::bigint[], %(floor_at)s::timestamptz[], %(floor_id)s::bigint[])
@@ -99,7 +109,7 @@ picked AS (
                    AND (- r.priority::bigint, r.run_at, r.id) >= (fl.np, fl.at, fl.id)
                  ORDER BY - r.priority::bigint, r.run_at, r.id
                    FOR UPDATE OF r SKIP LOCKED) l
-         WHERE l.ordering_key IS NULL OR (
+         WHERE l.ordering_key IS NULL OR CASE WHEN (
                 -- Not EXISTS: PostgreSQL drops an EXISTS subquery's ORDER BY, and the ORDER BY is what keeps
                 -- every plan on the key index (a plan made on an empty table would walk the pending index).
                 (SELECT e.id FROM {records} e
@@ -129,9 +139,18 @@ picked AS (
                     AND (SELECT f.id FROM {records} f
                           WHERE f.ordering_key = l.ordering_key AND f.status = 'failed' AND f.id < l.id
                           ORDER BY f.ordering_key, f.status, f.id LIMIT 1) IS NOT NULL)
-           )
-         LIMIT %(batch)s
+           -- A record its key's order allows starts when its key's rate (if any) has a token: charged only
+           -- now (CASE: after every other test), by a function that never waits for another claim's bucket.
+           ) THEN NOT (SELECT EXISTS (SELECT 1 FROM {key_rates})) OR {key_token_function}(l.ordering_key)
+           ELSE false END
+         -- A rate-limited queue gives no more records than its bucket has tokens.
+         LIMIT least(%(batch)s, coalesce((SELECT floor(r.tokens)::int FROM rates r WHERE r.queue = qn.name),
+                                         %(batch)s))
      ) c
+     -- A paused queue gives nothing (its floor stays where it is): read by every claim, so no instance misses it.
+     WHERE NOT EXISTS (SELECT 1 FROM {queue_state} ps
+                        WHERE ps.queue = qn.name AND ps.paused_at IS NOT NULL
+                          AND (ps.resume_at IS NULL OR ps.resume_at > now()))
      ORDER BY c.priority DESC, c.run_at, c.id
      LIMIT %(batch)s
 ),
@@ -155,9 +174,21 @@ claimed AS (
     -- Not the lease token: the caller chose it, so it need not travel back and be decoded per row.
     RETURNING t.id, t.queue, t.payload, t.priority, t.attempts, t.max_attempts, t.claimed_at,
               t.lease_expires_at, t.run_at, t.created_at, t.ordering_key, t.dedupe_key, t.cancel_requested
+),
+-- The tokens spent: what each rate-limited queue's claim took. Returned: how long until a bucket left
+-- without a whole token has the next (an idle claimer sleeps that long rather than ask again at once).
+charged AS (
+    UPDATE {queue_rates} b
+       SET tokens = r.tokens - (SELECT count(*) FROM claimed c WHERE c.queue = b.queue),
+           updated_at = clock_timestamp()
+      FROM rates r
+     WHERE b.queue = r.queue
+    RETURNING b.tokens, r.interval_s
 )
 SELECT claimed.*, picked.fs_np, picked.fs_at, picked.fs_id,
-       (SELECT count(*) FROM done) + 0 * (SELECT count(*) FROM notified) AS completed
+       (SELECT count(*) FROM done) + 0 * (SELECT count(*) FROM notified) AS completed,
+       least((SELECT min((1 - ch.tokens) * ch.interval_s) FROM charged ch WHERE ch.tokens < 1),
+             nullif(current_setting('dp.rate_wait', true), '')::float8) AS rate_wait
   FROM (SELECT 1) AS one
   LEFT JOIN claimed ON true
   -- The floor's peek on one row per queue (fewer values to decode); both sides are the statement's own
@@ -290,6 +321,10 @@ UPDATE {records} t
 RETURNING t.id, t.cancel_requested;
 
 -- name: any_due
--- stop_when_empty: stops at the first due record instead of counting the backlog.
+-- stop_when_empty: stops at the first due record instead of counting the backlog. A paused queue's records
+-- are not due (nothing would take them).
 SELECT EXISTS (SELECT 1 FROM {records}
-                WHERE status = 'pending' AND queue = ANY(%(queues)s::text[]) AND run_at <= now());
+                WHERE status = 'pending' AND queue = ANY(%(queues)s::text[]) AND run_at <= now()
+                  AND NOT EXISTS (SELECT 1 FROM {queue_state} ps
+                                   WHERE ps.queue = {records}.queue AND ps.paused_at IS NOT NULL
+                                     AND (ps.resume_at IS NULL OR ps.resume_at > now())));

@@ -24,7 +24,7 @@ from core.errors import DatabaseUnavailable, QueueFull
 from core.floors import Floors
 from core.instance import ProcessFacts
 from core.payloads import encode_payload
-from core.record import AddResult, Record, format_error
+from core.record import AddResult, Claimed, Record, format_error
 from core.testing import pg
 from core.testing.tables import MemoryTables, Row
 
@@ -136,7 +136,8 @@ class MemoryRecords:
                 t.drop_dedupe(row)
             token = uuid.uuid4()
             lease = now + timedelta(seconds=s.lease_seconds)
-            claimed = [self._take(row, token, now, lease) for row in picked]
+            claimed = Claimed(self._take(row, token, now, lease) for row in picked)
+            claimed.rate_wait = t.rate_wait if size else None
         if s.notify and any(row.ordering_key is not None for _, row in finished):
             t.changed()  # a keyed completion may free its key's next record: wake idle runs
         return claimed, len(finished)
@@ -234,7 +235,8 @@ class MemoryRecords:
         self.check_open()
         with t.lock:
             now = t.now()
-            return any(t.rows[i].run_at <= now for q in queues for i in t.pending_ids(q))
+            return any(t.rows[i].run_at <= now for q in queues if not t.control.is_paused(q, now)
+                       for i in t.pending_ids(q))
 
     # ------------------------------------------------------------------ recovery
 

@@ -17,8 +17,8 @@ from core.config import Settings
 from core.instance import ProcessFacts
 from core.record import Record
 from core.runstore import RETENTION_BATCH, RETENTION_BATCHES
+from core.testing.controlstore import MemoryControlOps
 from core.testing.errors import NoDatabase
-from core.testing.records import MemoryRecords
 from core.testing.tables import MemoryTables
 
 TRANSACTIONAL = ("transactional handlers are called with a database connection, and an in-memory processor"
@@ -38,7 +38,7 @@ class MemoryListener:
         return None
 
 
-class MemoryRun(MemoryRecords):
+class MemoryRun(MemoryControlOps):
     """The records of the processor's tables, for one run: the same state changes, plus the wake-ups."""
 
     def __init__(self, tables: MemoryTables, settings: Settings, facts: ProcessFacts, *, handler_slots: int,
@@ -57,8 +57,20 @@ class MemoryRun(MemoryRecords):
 
     def maintenance(self) -> Iterator[Callable[[], int]]:
         yield from self.recovery_steps()
+        yield self.prune_key_buckets
         if self.settings.retention is not None:
             yield from self.purge_steps(self.settings.retention, RETENTION_BATCH, RETENTION_BATCHES)
+
+    def prune_key_buckets(self) -> int:
+        """Buckets of keys idle long enough to be full go (as the real maintenance)."""
+        t = self.tables
+        with t.lock:
+            now = t.now()
+            longest = max((r.per for r in t.control.key_rates.values()), default=0.0)
+            idle = [k for k, b in t.control.key_buckets.items() if (now - b.updated).total_seconds() > longest]
+            for key in idle:
+                del t.control.key_buckets[key]
+        return len(idle)
 
     def wait(self, timeout: float) -> bool:
         seen = self._seen

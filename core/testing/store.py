@@ -14,12 +14,13 @@ from core.plans import Plan, later
 from core.record import AddResult
 from core.runstore import RETENTION_BATCH, RETENTION_BATCHES
 from core.testing import pg
-from core.testing.records import REGISTRY_COLUMNS, MemoryRecords
+from core.testing.controlstore import MemoryControlOps
+from core.testing.records import REGISTRY_COLUMNS
 from core.testing.run import MemoryRun
 from core.testing.tables import KeyLimit
 
 
-class MemoryStore(MemoryRecords):
+class MemoryStore(MemoryControlOps):
     """One processor's store over its :class:`~core.testing.tables.MemoryTables`."""
 
     def for_run(self, *, claimers: int, handler_slots: int, listen_to: Sequence[str]) -> MemoryRun:

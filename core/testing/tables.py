@@ -24,6 +24,7 @@ from core.constants import FINAL_STATUSES
 from core.errors import ConfigurationError
 from core.floors import Position
 from core.testing.clock import Clock, FakeClock, SystemClock
+from core.testing.control import MemoryControl
 
 _EARLIEST = datetime(1, 1, 1, tzinfo=timezone.utc)
 # The claim counts a key's records in flight up to this many (a LIMIT in the statement).
@@ -115,6 +116,8 @@ class MemoryTables:
         self._pending: dict[str, set[int]] = {}
         self._claimable: dict[str, list[Position]] = {}  # per queue, claim order: keyless and key heads
         self._keys: dict[str, KeyRows] = {}
+        self.control = MemoryControl()  # paused queues, rate buckets, schedules
+        self.rate_wait: float | None = None  # the last pick's: seconds until a rate-limited bucket has a token
         # Wake-ups for idle runs (inserts, keyed completions, the clock moving): a generation counter.
         self._news = threading.Condition(threading.Lock())
         self.generation = 0
@@ -278,18 +281,28 @@ class MemoryTables:
         first ``size`` of those by priority DESC, run_at, id. Reads only: like the statement, it judges
         every record by the state before the claim (one record per key at most)."""
         found: list[Row] = []
+        control, waits = self.control, list[float]()
         for queue in queues:
+            if control.is_paused(queue, now):  # a paused queue gives nothing
+                continue
+            cap = control.queue_cap(queue, now)  # a rate-limited queue no more than its tokens
             positions = self._claimable.get(queue)
-            taken, i = 0, 0
-            while positions and i < len(positions) and taken < size:
+            taken, i, limit = 0, 0, size if cap is None else min(size, cap)
+            while positions and i < len(positions) and taken < limit:
                 neg_priority, run_at, rid = positions[i]
                 if run_at > now:  # the rest of this priority is due later still: on to the next priority
                     i = bisect_left(positions, (neg_priority + 1, _EARLIEST, 0), i)
                     continue
                 row = self.rows[rid]
-                if self.key_allows(row, default_limit, default_block):
+                if self.key_allows(row, default_limit, default_block) and (
+                        row.ordering_key is None or not control.key_rates
+                        or control.key_token(row.ordering_key, now, waits)):
                     found.append(row)
                     taken += 1
                 i += 1
         found.sort(key=Row.position)
-        return found[:size]
+        found = found[:size]
+        if control.queue_rates:
+            control.charge(Counter(r.queue for r in found), now, waits)
+        self.rate_wait = min(waits, default=None)
+        return found

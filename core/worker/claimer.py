@@ -95,6 +95,12 @@ class Claimer:
             if s.options.stop_when_empty and self._quiet() and self._nothing_due():
                 s.stop(0)
                 break
+            rate_wait = getattr(records, "rate_wait", None)
+            if rate_wait is not None:
+                # A rate-limited queue or key has no token now: sleep until its next one (new records would
+                # only wake us to find none), within the poll interval, a stop ending it at once.
+                s.stopping.wait(min(float(rate_wait) + 0.001, s.options.poll_interval))
+                continue
             # Idle: sleep until NOTIFY, a freed slot, a stop, or the jittered poll (at once if one of those
             # came since this statement started).
             self.idle_wait(s.options.poll_interval * random.uniform(0.5, 1.0), seen)

@@ -29,6 +29,7 @@ from core.worker.completer import Completer
 from core.worker.executor import Executor, is_handler_thread
 from core.worker.heartbeat import Heartbeat
 from core.worker.maintainer import Maintainer
+from core.worker.scheduler import Scheduler
 from core.worker.service import Service
 from core.worker.signals import SignalDrain
 from core.worker.state import Held, RunOptions, RunState, RunSummary
@@ -50,7 +51,8 @@ class Worker(SignalDrain):
         self.claimer = Claimer(s, self.completer, self.executor)
         self.heartbeat = Heartbeat(s, self.completer)
         self.maintainer = Maintainer(s)
-        self.service = Service(s, self.heartbeat, self.maintainer)
+        self.scheduler = Scheduler(s)
+        self.service = Service(s, self.heartbeat, self.maintainer, self.scheduler)
         self.listener: Listener | None = store.listener
 
     # ------------------------------------------------------------------ what callers and probes see

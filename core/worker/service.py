@@ -1,4 +1,4 @@
-"""The service loop: heartbeats, maintenance and notifications, on the run's one service connection.
+"""The service loop: heartbeats, maintenance, schedules and notifications, on the run's one service connection.
 
 Between its statements it waits for NOTIFY (a hint: the claim loop also polls) at most a quarter of a second
 at a time, so a heartbeat is never late by more than that, and never waits behind handler work: the
@@ -14,6 +14,7 @@ import time
 from core.errors import DatabaseUnavailable
 from core.worker.heartbeat import Heartbeat
 from core.worker.maintainer import Maintainer
+from core.worker.scheduler import Scheduler
 from core.worker.state import RunState
 
 log = logging.getLogger("core.worker")
@@ -22,10 +23,11 @@ WAIT_SLICE = 0.25  # seconds: the longest wait for a notification between two lo
 
 
 class Service:
-    def __init__(self, state: RunState, heartbeat: Heartbeat, maintainer: Maintainer) -> None:
+    def __init__(self, state: RunState, heartbeat: Heartbeat, maintainer: Maintainer, scheduler: Scheduler) -> None:
         self.s = state
         self.heartbeat = heartbeat
         self.maintainer = maintainer
+        self.scheduler = scheduler
 
     def run(self) -> None:
         s = self.s
@@ -36,7 +38,7 @@ class Service:
             try:
                 # While a maintenance round is under way its next step follows at once; else wait for the
                 # next heartbeat or maintenance round, listening meanwhile.
-                due = min(next_beat, self.maintainer.next_round)
+                due = min(next_beat, self.maintainer.next_round, self.scheduler.next_look)
                 timeout = 0.0 if self.maintainer.busy else min(WAIT_SLICE, max(0.0, due - time.monotonic()))
                 if s.store.listener is None:
                     s.finished.wait(timeout)  # nothing to listen for: the poll finds new records
@@ -45,6 +47,8 @@ class Service:
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + beat_every * random.uniform(0.9, 1.0)
                     self.heartbeat.beat()
+                elif time.monotonic() >= self.scheduler.next_look:
+                    self.scheduler.step()
                 else:
                     self.maintainer.step()  # one statement at most: the next heartbeat is never late for it
                 failures = 0

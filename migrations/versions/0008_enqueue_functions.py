@@ -28,10 +28,10 @@ depends_on: str | Sequence[str] | None = None
 FUNCTIONS = (
     "dp_add_record(jsonb, text, integer, timestamptz, text, text, integer)",
     "dp_add_records(text, jsonb[], integer, timestamptz, integer, text[], text[], text, boolean, integer, integer,"
-    " boolean)",
+    " boolean, boolean)",
     "dp_enqueue_finish(text, integer, timestamptz, bigint[], integer, boolean, boolean)",
     "dp_announce(text, integer, timestamptz)",
-    "dp_enqueue_prepare(text, integer, timestamptz, text[], text[], integer, integer, boolean)",
+    "dp_enqueue_prepare(text, integer, timestamptz, text[], text[], integer, integer, boolean, boolean)",
     "dp_key_checks(text, text[], boolean[])",
     "dp_channel(text)",
     "dp_partition_of(text)",

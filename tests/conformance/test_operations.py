@@ -12,7 +12,8 @@ from core.api import ProcessorAPI
 from core.errors import InvalidArgument
 from tests.conformance.conftest import Clock, counts, ids
 
-STATUS_KEYS = {"pending", "processing", "completed", "failed", "cancelled", "due", "oldest_pending_age_seconds"}
+STATUS_KEYS = {"pending", "processing", "completed", "failed", "cancelled", "due", "oldest_pending_age_seconds",
+               "paused"}
 
 
 def test_cancel_ends_pending_records_at_once(processor: ProcessorAPI) -> None:
@@ -106,12 +107,12 @@ def test_queue_status_counts_per_status_and_queue(processor: ProcessorAPI, clock
     processor.cancel([recs[4].id])  # held: still processing
     clock.advance(0.2)
     status = shared(processor.get_queue_status())
-    assert set(status) == {"queues", "totals", "oldest_pending_age_seconds"}
+    assert set(status) == {"queues", "totals", "oldest_pending_age_seconds", "paused"}
     assert set(status["queues"]) == {"a", "b"}
     a, b = status["queues"]["a"], status["queues"]["b"]
     assert set(a) == set(b) == STATUS_KEYS
     assert {k: a[k] for k in STATUS_KEYS - {"oldest_pending_age_seconds"}} == {
-        "pending": 2, "processing": 1, "completed": 2, "failed": 1, "cancelled": 0, "due": 1}
+        "pending": 2, "processing": 1, "completed": 2, "failed": 1, "cancelled": 0, "due": 1, "paused": None}
     assert (b["pending"], b["due"], b["processing"]) == (3, 2, 0)
     assert status["totals"] == {"pending": 5, "processing": 1, "completed": 2, "failed": 1, "cancelled": 0}
     assert 0.2 <= a["oldest_pending_age_seconds"] < 30
@@ -119,7 +120,7 @@ def test_queue_status_counts_per_status_and_queue(processor: ProcessorAPI, clock
                                                        b["oldest_pending_age_seconds"])
     only_b = processor.get_queue_status("b", statuses=["pending", "failed"])
     assert set(only_b["queues"]) == {"b"} and set(only_b["totals"]) == {"pending", "failed"}
-    assert set(only_b["queues"]["b"]) == {"pending", "failed", "due", "oldest_pending_age_seconds"}
+    assert set(only_b["queues"]["b"]) == {"pending", "failed", "due", "oldest_pending_age_seconds", "paused"}
     with pytest.raises(InvalidArgument):
         processor.get_queue_status(statuses=["done"])
 
@@ -137,7 +138,7 @@ def shared(status: dict[str, Any]) -> dict[str, Any]:
 def test_queue_status_of_an_empty_queue(processor: ProcessorAPI) -> None:
     assert shared(processor.get_queue_status()) == {
         "queues": {}, "totals": dict.fromkeys(("pending", "processing", "completed", "failed", "cancelled"), 0),
-        "oldest_pending_age_seconds": None}
+        "oldest_pending_age_seconds": None, "paused": {}}
     (rid,) = processor.add_records([{}])
     processor.mark_completed(processor.claim_records())
     queue = processor.get_queue_status()["queues"]["default"]

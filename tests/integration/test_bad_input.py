@@ -29,10 +29,11 @@ NUL, SURROGATE, NAN, INF = "a\x00b", "a\ud800b", float("nan"), float("inf")
 NAIVE = datetime(2026, 1, 1)
 NOW = datetime.now(timezone.utc)
 ASYNC = {"add_records", "get_queue_status", "health_check", "list_instances", "cancel", "retry_failed", "purge",
-         "set_key_concurrency", "set_queue_limit"}
+         "set_key_concurrency", "set_queue_limit", "pause", "resume", "set_queue_rate", "set_key_rate", "schedule",
+         "unschedule"}
 # Public methods without arguments to get wrong.
 NO_ARGUMENTS = {"cleanup_orphaned_records", "deregister_instance", "horizon", "ready", "close", "migrate",
-                "next_due"}
+                "next_due", "paused_queues", "rates", "list_schedules", "fire_due_schedules"}
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,31 @@ TABLE: list[Case] = [
     _c("health_check", "latency_degraded_ms", "negative", lambda p: p.health_check(latency_degraded_ms=-1)),
     _c("health_check", "pending_age_degraded_s", "infinite",
        lambda p: p.health_check(pending_age_degraded_s=INF)),
+    _c("pause", "queue", "a NUL", lambda p: p.pause(NUL)),
+    _c("pause", "until", "naive", lambda p: p.pause("q", until=NAIVE)),
+    _c("pause", "until", "NaN seconds", lambda p: p.pause("q", until=NAN)),
+    _c("pause", "reason", "a NUL", lambda p: p.pause("q", reason=NUL)),
+    _c("resume", "queue", "empty", lambda p: p.resume("")),
+    _c("set_queue_rate", "queue", "a NUL", lambda p: p.set_queue_rate(NUL, 1, 1)),
+    _c("set_queue_rate", "n", "0", lambda p: p.set_queue_rate("q", 0, 1)),
+    _c("set_queue_rate", "per", "infinite", lambda p: p.set_queue_rate("q", 1, INF)),
+    _c("set_queue_rate", "per", "0", lambda p: p.set_queue_rate("q", 1, 0)),
+    _c("set_key_rate", "key_or_pattern", "a lone surrogate", lambda p: p.set_key_rate(SURROGATE, 1, 1)),
+    _c("set_key_rate", "n", "2**31", lambda p: p.set_key_rate("k", 2**31, 1)),
+    _c("set_key_rate", "per", "negative", lambda p: p.set_key_rate("k", 1, -1)),
+    _c("schedule", "name", "a NUL", lambda p: p.schedule(NUL, every=60)),
+    _c("schedule", "cron", "not cron", lambda p: p.schedule("s", cron="every day")),
+    _c("schedule", "cron", "minute 61", lambda p: p.schedule("s", cron="61 * * * *")),
+    _c("schedule", "every", "half a second", lambda p: p.schedule("s", every=0.5)),
+    _c("schedule", "every", "NaN", lambda p: p.schedule("s", every=NAN)),
+    _c("schedule", "timezone", "unknown", lambda p: p.schedule("s", every=60, timezone="Mars/Olympus")),
+    _c("schedule", "payload", "a list", lambda p: p.schedule("s", every=60, payload=[1])),
+    _c("schedule", "queue", "a NUL", lambda p: p.schedule("s", every=60, queue=NUL)),
+    _c("schedule", "misfire", "unknown", lambda p: p.schedule("s", every=60, misfire="never")),
+    _c("schedule", "backfill", "negative", lambda p: p.schedule("s", every=60, backfill=-1)),
+    _c("schedule", "overlap", "unknown", lambda p: p.schedule("s", every=60, overlap="queue")),
+    _c("schedule", "add_options", "unknown option", lambda p: p.schedule("s", every=60, colour="red")),
+    _c("unschedule", "name", "empty", lambda p: p.unschedule("")),
     _c("connection", "timeout", "negative", lambda p: p.connection(-1).__enter__(), backends=("blocking",)),
     _c("connection", "shard", "a string", lambda p: p.connection(shard="0").__enter__(), backends=("blocking",)),
     _c("complete_on", "records", "ints", lambda p: p.complete_on(None, [1]), backends=("blocking",)),

@@ -293,18 +293,19 @@ def test_status_counts_per_queue(p: InMemoryProcessor, clock: FakeClock) -> None
     clock.advance(4)
     status = p.get_queue_status()
     assert status["queues"]["a"] == {"pending": 2, "processing": 1, "completed": 0, "failed": 0, "cancelled": 0,
-                                     "due": 2, "oldest_pending_age_seconds": 4.0}
+                                     "due": 2, "oldest_pending_age_seconds": 4.0, "paused": None}
     assert status["queues"]["b"]["due"] == 0
     assert status["totals"]["pending"] == 3 and status["oldest_pending_age_seconds"] == 4.0
     assert p.get_queue_status("b", statuses=["pending"])["queues"] == {
-        "b": {"pending": 1, "due": 0, "oldest_pending_age_seconds": 4.0}}
+        "b": {"pending": 1, "due": 0, "oldest_pending_age_seconds": 4.0, "paused": None}}
 
 
 def test_health_check_has_the_real_ones_shape(p: InMemoryProcessor, clock: FakeClock) -> None:
     p.add_records([{"i": 1}])
     clock.advance(100)
     report = p.health_check(pending_age_degraded_s=50)
-    assert set(report) == {"status", "instance", "database", "reasons", "checked_at", "queues", "pool", "horizon"}
+    assert set(report) == {"status", "instance", "database", "reasons", "checked_at", "queues", "pool", "horizon",
+                           "paused"}
     assert set(report["database"]) == {"reachable", "host", "port", "dbname", "schema", "latency_ms",
                                        "server_version", "migrated"}
     assert set(report["horizon"]) == {"age_seconds", "holder", "holders", "live_tuples", "dead_tuples",

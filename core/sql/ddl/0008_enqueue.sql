@@ -90,6 +90,7 @@ CREATE CONSTRAINT TRIGGER dp_floor_event_at_commit AFTER INSERT ON {schema}.clai
 CREATE OR REPLACE FUNCTION {schema}.dp_enqueue_prepare(
     p_queue text, p_priority integer, p_run_at timestamptz, p_keys text[], p_dedupes text[],
     p_expect_shard integer DEFAULT NULL, p_key_gap integer DEFAULT 1000, p_own boolean DEFAULT false,
+    p_route boolean DEFAULT true,
     OUT status text, OUT owner integer, OUT blocked boolean[], OUT queue_limit integer)
 LANGUAGE plpgsql AS $fn$
 DECLARE
@@ -106,9 +107,10 @@ BEGIN
             status := 'rerouted';
             RETURN;
         END IF;
+        -- (p_route false: a schedule's records live on its shard, whatever their tick's dedupe key routes to)
         v_parts := ARRAY(SELECT DISTINCT {schema}.dp_partition_of(coalesce(u.k, u.d))
                            FROM unnest(p_keys, p_dedupes) AS u(k, d)
-                          WHERE coalesce(u.k, u.d) IS NOT NULL ORDER BY 1);
+                          WHERE coalesce(u.k, u.d) IS NOT NULL AND p_route ORDER BY 1);
         IF cardinality(v_parts) > 0 THEN
             PERFORM 1 FROM {schema}.shard_map m WHERE m.partition = ANY(v_parts) ORDER BY m.partition FOR SHARE;
             SELECT m.shard_no, coalesce(m.moving, false) INTO owner, v_moving
@@ -262,7 +264,7 @@ CREATE OR REPLACE FUNCTION {schema}.dp_add_records(
     p_queue text, p_payloads jsonb[], p_priority integer DEFAULT 0, p_run_at timestamptz DEFAULT NULL,
     p_max_attempts integer DEFAULT 5, p_keys text[] DEFAULT NULL, p_dedupes text[] DEFAULT NULL,
     p_dedupe_while text DEFAULT 'pending', p_notify boolean DEFAULT true, p_expect_shard integer DEFAULT NULL,
-    p_key_gap integer DEFAULT 1000, p_own boolean DEFAULT false,
+    p_key_gap integer DEFAULT 1000, p_own boolean DEFAULT false, p_route boolean DEFAULT true,
     OUT status text, OUT ids bigint[], OUT deduplicated integer[], OUT owner integer, OUT queue_limit integer,
     OUT depth integer, OUT adding integer)
 LANGUAGE plpgsql AS $fn$
@@ -288,7 +290,7 @@ BEGIN
     ELSE
         SELECT p.status, p.owner, p.blocked, p.queue_limit INTO status, owner, v_blocked, v_limit
           FROM {schema}.dp_enqueue_prepare(p_queue, p_priority, p_run_at, v_keys, v_dedupes, p_expect_shard,
-                                           p_key_gap, p_own) p;
+                                           p_key_gap, p_own, p_route) p;
         IF status <> 'ok' THEN
             RETURN;
         END IF;
