@@ -75,7 +75,8 @@ def due_ticks(cadence: Cadence, next_fire: datetime, now: datetime, misfire: str
     """The ticks to fire when ``next_fire`` is due at ``now``, by the misfire policy, and the next fire time.
 
     * ``latest``: one record for the missed ticks (the latest of them);
-    * ``skip``: only a tick not missed (the latest, if it is no later than its grace: a period, within 1 to 60 s);
+    * ``skip``: only a tick not missed (the one due, if no later one is due too and it is no later than its grace:
+      a period, within 1 to 60 s), so after an outage only the ticks still to come fire;
     * ``all``: every missed tick, or those within ``backfill`` seconds (at most ``limit``, the latest ones).
     """
     upcoming = cadence.next_after(now)
@@ -84,9 +85,10 @@ def due_ticks(cadence: Cadence, next_fire: datetime, now: datetime, misfire: str
     latest = max(cadence.last_at_or_before(now), next_fire)
     if misfire == "latest":
         return [latest], upcoming
-    if misfire == "skip":
+    if misfire == "skip":  # a tick is missed when a later one is due too, or when it is late past its grace
         grace = max(1.0, min(60.0, (upcoming - latest).total_seconds()))
-        return ([latest] if (now - latest).total_seconds() <= grace else []), upcoming
+        on_time = latest == next_fire and (now - latest).total_seconds() <= grace
+        return ([latest] if on_time else []), upcoming
     start = next_fire if backfill is None else max(next_fire, now - timedelta(seconds=backfill))
     ticks: list[datetime] = []
     t = latest

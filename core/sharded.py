@@ -22,7 +22,7 @@ from core.errors import DatabaseUnavailable
 from core.floors import Floors
 from core.instance import ProcessFacts
 from core.plans import Plan, later, run
-from core.record import AddResult, Record
+from core.record import AddResult, Claimed, Record
 from core.runstore import PostgresRun
 from core.shardhealth import probe_shards
 from core.sharding import merge_counts, partition_of
@@ -93,7 +93,7 @@ class ShardedStore:
         if unblock:
             self.unblock(unblock, announce=announce)
         known = self.topology.known()
-        claimed: list[Record] = []
+        claimed = Claimed()
         if size <= 0 or not known:
             return claimed, completed
         # Each shard's first positions in claim order are read (not locked), the first ``size`` of them all
@@ -118,6 +118,8 @@ class ShardedStore:
                 log.warning("shard unreachable for a claim", extra={"shard": shard, "error": str(exc)[:200]})
                 continue
             claimed.extend(got)
+            waits = [w for w in (claimed.rate_wait, getattr(got, "rate_wait", None)) if w is not None]
+            claimed.rate_wait = min(waits, default=None)
         claimed.sort(key=lambda r: (-r.priority, r.run_at, r.id))
         return claimed, completed
 

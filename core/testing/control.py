@@ -128,11 +128,12 @@ class MemoryControl:
         bucket.take(now, 1)
         return True
 
-    def charge(self, taken: dict[str, int], now: datetime, waits: list[float]) -> None:
-        """The claim's queue tokens spent, and the waits of buckets left without a whole token."""
-        for queue, bucket in self.queue_rates.items():
-            if queue in taken:
-                bucket.take(now, taken[queue])
+    def charge(self, queues: list[str], taken: dict[str, int], now: datetime, waits: list[float]) -> None:
+        """The claim's queue tokens spent, and the waits of its queues' buckets left without a whole token."""
+        for queue in queues:
+            bucket = self.queue_rates.get(queue)
+            if bucket is not None:
+                bucket.take(now, taken.get(queue, 0))
                 wait = bucket.wait(now)
                 if wait is not None:
                     waits.append(wait)

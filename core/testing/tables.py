@@ -303,6 +303,6 @@ class MemoryTables:
         found.sort(key=Row.position)
         found = found[:size]
         if control.queue_rates:
-            control.charge(Counter(r.queue for r in found), now, waits)
+            control.charge(queues, Counter(r.queue for r in found), now, waits)
         self.rate_wait = min(waits, default=None)
         return found
