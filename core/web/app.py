@@ -47,7 +47,8 @@ def source_for(processor: Any) -> Source:
 def templates() -> Environment:
     env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(count=charts.count, age=charts.age, ts=charts.timestamp, ago=charts.since)
+    env.filters.update(count=charts.count, age=charts.age, ts=charts.timestamp, ago=charts.since,
+                       ahead=charts.ahead, number=charts.number, plain=charts.plain, span=charts.span)
     return env
 
 

@@ -4,6 +4,7 @@ SVG in the page, escaped like everything else; no script, no chart library)."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any
 
 from core.web.source import Chart, Count
@@ -87,6 +88,49 @@ def age(seconds: float | None) -> str:
         if s >= size:
             return f"{s // size}{unit} {(s % size) // sub_size}{sub}"
     return f"{s}s"  # pragma: no cover
+
+
+def _float(value: float | int | Decimal | timedelta) -> float:
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+def plain(value: float | int | Decimal | None) -> str:
+    """A number as a form field takes it back: 5, 2.5 (a whole number without its ".0"; no separators)."""
+    if value is None:
+        return ""
+    v = float(value)
+    whole = round(v)
+    return str(whole) if abs(v - whole) <= 1e-9 * max(1.0, abs(v)) else f"{v:.6g}"
+
+
+def number(value: float | int | Decimal | None) -> str:
+    """A rate's n: 1,200 or 2.5."""
+    text = plain(value)
+    return f"{int(text):,}" if text.lstrip("-").isdigit() else (text or "-")
+
+
+def span(value: float | int | Decimal | timedelta | None) -> str:
+    """A period as its parts: 1s, 0.5s, 90s is 1m 30s, 1h, 1d 2h (parseable again by the dashboard's forms)."""
+    if value is None:
+        return "-"
+    seconds = _float(value)
+    if seconds < 60 or seconds != int(seconds):
+        return f"{seconds:.6g}s" if seconds < 60 else f"{plain(seconds)}s"
+    left, parts = int(seconds), []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if left >= size:
+            parts.append(f"{left // size}{unit}")
+            left %= size
+    return " ".join(parts)
+
+
+def ahead(value: datetime | None, now: datetime | None = None) -> str:
+    """How long until: "in 3m 20s"; "due" for a time passed."""
+    if value is None:
+        return "-"
+    now = now or datetime.now(timezone.utc)
+    left = (value - now).total_seconds()
+    return f"in {age(left)}" if left >= 1 else "due"
 
 
 def timestamp(value: datetime | None) -> str:

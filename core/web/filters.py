@@ -6,6 +6,7 @@ bad request here, never a server error.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -14,6 +15,10 @@ from core.constants import STATUSES
 
 MAX_TEXT = 200  # queue names are at most 200 characters; keys and error searches get the same room
 MAX_ID = 2**63 - 1
+MAX_COUNT = 2**31 - 1  # a rate's n: an integer column
+MAX_SECONDS = 1e10     # the longest duration the processor takes (core.checks.MAX_SECONDS)
+UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+DURATION_PART = re.compile(r"(\d{1,12}(?:\.\d{1,6})?)([smhd]?)")
 ACTIVE = ("pending", "processing", "failed")
 # What each bulk action can change, and so the records it is offered for.
 ACTION_STATUSES = {"retry": ("failed",), "cancel": ("pending", "processing", "failed"),
@@ -28,14 +33,14 @@ class NotFound(Exception):
     """Answered 404."""
 
 
-def text(params: Mapping[str, Any], name: str) -> str | None:
+def text(params: Mapping[str, Any], name: str, max_length: int = MAX_TEXT) -> str | None:
     """An optional text value: empty is absent; control characters and overlong values are refused."""
     value = params.get(name)
     if value is None or value == "":
         return None
     value = str(value)
-    if len(value) > MAX_TEXT:
-        raise BadRequest(f"{name} is longer than {MAX_TEXT} characters")
+    if len(value) > max_length:
+        raise BadRequest(f"{name} is longer than {max_length} characters")
     if any(ord(c) < 32 for c in value):
         raise BadRequest(f"{name} must not hold control characters")
     return value
@@ -50,6 +55,44 @@ def record_id(value: Any, name: str = "id") -> int:
     if not 0 < n <= MAX_ID:
         raise BadRequest(f"{name} must be between 1 and {MAX_ID}")
     return n
+
+
+def required(params: Mapping[str, Any], name: str, max_length: int = MAX_TEXT) -> str:
+    """A text value that must be there (see :func:`text`)."""
+    value = text(params, name, max_length)
+    if value is None:
+        raise BadRequest(f"{name} is required")
+    return value
+
+
+def count(params: Mapping[str, Any], name: str, maximum: int = MAX_COUNT) -> int:
+    """A required positive integer up to ``maximum`` (a rate's n)."""
+    raw = str(params.get(name) or "").strip().replace(",", "").replace("_", "")
+    if not raw:
+        raise BadRequest(f"{name} is required")
+    if not raw.isdigit() or not raw.isascii() or len(raw) > 12:
+        raise BadRequest(f"{name} must be a positive integer, got {raw[:40]!r}")
+    n = int(raw)
+    if not 0 < n <= maximum:
+        raise BadRequest(f"{name} must be between 1 and {maximum:,}")
+    return n
+
+
+def duration(params: Mapping[str, Any], name: str) -> float | None:
+    """An optional duration above zero, in seconds: ``90``, ``1.5``, ``90s``, ``30m``, ``2h``, ``1d``, or parts
+    of them together (``1h 30m``); empty is absent."""
+    value = params.get(name)
+    if value is None or str(value).strip() == "":
+        return None
+    raw = str(value).strip().lower()
+    compact = raw.replace(" ", "")
+    parts = DURATION_PART.findall(compact) if len(compact) <= 40 else []
+    if not parts or "".join(n + unit for n, unit in parts) != compact:
+        raise BadRequest(f"{name} must be a duration such as 90, 90s, 30m, 2h or 1d, got {raw[:40]!r}")
+    seconds = sum(float(n) * UNITS[unit] for n, unit in parts)
+    if not 0 < seconds <= MAX_SECONDS:
+        raise BadRequest(f"{name} must be above zero and at most {MAX_SECONDS:.0e} seconds")
+    return seconds
 
 
 def cursor_time(params: Mapping[str, Any]) -> int | None:

@@ -9,9 +9,10 @@ says the processor has the feature (so pages of features still to come can be re
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -37,8 +38,20 @@ def always(processor: Any) -> bool:
     return True
 
 
+def _has(processor: Any, *methods: str) -> bool:
+    return all(callable(getattr(processor, m, None)) for m in methods)
+
+
 def can_pause(processor: Any) -> bool:
-    return callable(getattr(processor, "pause", None)) and callable(getattr(processor, "resume", None))
+    return _has(processor, "pause", "resume", "paused_queues")
+
+
+def can_rate(processor: Any) -> bool:
+    return _has(processor, "set_queue_rate", "set_key_rate", "rates")
+
+
+def has_schedules(processor: Any) -> bool:
+    return _has(processor, "list_schedules", "unschedule", "fire_due_schedules")
 
 
 def sharded(processor: Any) -> bool:
@@ -114,8 +127,13 @@ def page(name: str, path: str, title: str, *, nav: bool = True,
 
 
 DONE = {"retry": "Retried {n} record(s): pending again.", "cancel": "Cancelled {n} record(s).",
-        "purge": "Purged {n} finished record(s).", "limit": "Queue limit saved.", "pause": "Queue paused.",
-        "resume": "Queue resumed."}
+        "purge": "Purged {n} finished record(s).", "limit": "Queue limit saved.",
+        "pause": "Queue paused: no record of it is claimed until it is resumed.",
+        "resume": "Queue resumed.", "not_paused": "The queue was not paused: nothing to resume.",
+        "rate": "Queue rate saved.", "unrate": "Queue rate removed.",
+        "key_rate": "Key rate saved.", "key_unrate": "Key rate removed.",
+        "fire": "Fired the due schedules: {n} record(s) added.", "unschedule": "Schedule removed.",
+        "no_schedule": "No such schedule: nothing removed."}
 
 
 def flash(params: Mapping[str, Any]) -> str | None:
@@ -127,12 +145,18 @@ def flash(params: Mapping[str, Any]) -> str | None:
     return DONE[str(done)].format(n=f"{int(n):,}" if str(n).isdigit() and len(str(n)) < 10 else "?")
 
 
-def with_pauses(source: Source, queues: list[QueueRow]) -> list[QueueRow]:
+def with_control(source: Source, queues: list[QueueRow], rates: dict[str, dict[str, Any]] | None = None
+                 ) -> list[QueueRow]:
+    """The queues with their paused state and rate; a queue paused or rated without records is listed too."""
     paused = source.paused()
-    for q in queues:
+    rates = rates or {}
+    rows = {q.name: q for q in queues}
+    for name in (set(paused) | set(rates)) - set(rows):
+        rows[name] = QueueRow(name)
+    for q in rows.values():
         q.paused = paused.get(q.name)
-    known = {q.name for q in queues}
-    return queues + [QueueRow(name, paused=info) for name, info in sorted(paused.items()) if name not in known]
+        q.rate = rates.get(q.name)
+    return [rows[name] for name in sorted(rows)]
 
 
 # ---------------------------------------------------------------------- pages
@@ -140,15 +164,14 @@ def with_pauses(source: Source, queues: list[QueueRow]) -> list[QueueRow]:
 
 @page("overview", "/", "Overview")
 def overview(v: View) -> dict[str, Any]:
-    queues = with_pauses(v.source, v.source.queues())
-    horizon, reasons = v.source.health_parts()
-    reasons += [f"queue {q.name!r} is paused" for q in queues if q.paused is not None]
+    queues = with_control(v.source, v.source.queues())
+    horizon, reasons = v.source.health_parts()  # a paused queue is a state, not a reason to be degraded
     instances = v.source.instances()
     now = datetime.now(timezone.utc)
     for inst in instances:
         inst["heartbeat_age"] = (now - inst["last_heartbeat_at"]).total_seconds()
     return {"queues": queues, "chart": charts.bars(v.source.chart(now)), "instances": instances,
-            "horizon": horizon, "reasons": reasons,
+            "horizon": horizon, "reasons": reasons, "paused": [q for q in queues if q.paused is not None],
             "status": "degraded" if reasons else "healthy"}
 
 
@@ -174,8 +197,10 @@ def record(v: View) -> dict[str, Any]:
 
 @page("queues", "/queues", "Queues")
 def queues(v: View) -> dict[str, Any]:
-    return {"queues": with_pauses(v.source, v.source.queues()), "settings": v.source.settings(),
-            "can_pause": can_pause(v.processor)}
+    rates = v.source.rates()
+    return {"queues": with_control(v.source, v.source.queues(), rates["queues"]), "settings": v.source.settings(),
+            "key_rates": sorted(rates["keys"].items()), "can_pause": can_pause(v.processor),
+            "can_rate": can_rate(v.processor)}
 
 
 @page("instances", "/instances", "Instances")
@@ -190,3 +215,27 @@ def instances(v: View) -> dict[str, Any]:
 @page("shards", "/shards", "Shards", available=sharded)
 def shards(v: View) -> dict[str, Any]:
     return {"shards": v.source.shards()}
+
+
+@page("schedules", "/schedules", "Schedules", available=has_schedules)
+def schedules(v: View) -> dict[str, Any]:
+    v.source.reach()
+    paused = v.source.paused()
+    now = datetime.now(timezone.utc)
+    rows = []
+    for s in v.source.schedules():
+        every = s.get("every")
+        next_fire = s.get("next_fire")
+        rows.append({**s, "every_seconds": every.total_seconds() if isinstance(every, timedelta) else every,
+                     "fired": int(s.get("fired") or 0), "paused": paused.get(str(s["queue"])),
+                     "late": None if next_fire is None else (now - next_fire).total_seconds(),
+                     "payload_text": payload_text(s.get("payload"))})
+    return {"schedules": rows, "now": now}
+
+
+PAYLOAD_SHOWN = 300  # characters of a schedule's payload shown on its line
+
+
+def payload_text(payload: Any) -> str:
+    text = json.dumps(payload, ensure_ascii=False, sort_keys=True, default=str)
+    return text if len(text) <= PAYLOAD_SHOWN else text[:PAYLOAD_SHOWN] + "…"

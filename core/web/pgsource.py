@@ -88,6 +88,9 @@ class PostgresSource(Source):
             raise failed[0]
         return out
 
+    def reach(self) -> None:
+        self.each(lambda conn, q: None)  # dashboard_begin alone: one round trip per database
+
     # ------------------------------------------------------------------ queues and the chart
 
     def queues(self) -> list[QueueRow]:

@@ -67,7 +67,8 @@ class QueueRow:
     cancelled: int = 0
     oldest_due_age: float | None = None
     max_pending: int | None = None
-    paused: dict[str, Any] | None = None
+    paused: dict[str, Any] | None = None    # {"since", "until", "reason"} while paused
+    rate: dict[str, Any] | None = None      # {"n", "per"}: at most n records start per `per` seconds
 
     def merge(self, other: QueueRow) -> None:
         """Add another shard's line of the same queue."""
@@ -190,14 +191,31 @@ class Source(ABC):
         """The registry through the public API (cheap: a count over in-flight records per instance)."""
         return list(self.processor.list_instances(include_stopped=include_stopped))
 
-    def paused(self) -> dict[str, dict[str, Any]]:
-        """Paused queues ``{queue: {"until": ..., "reason": ...}}``, when the processor can pause queues.
+    def reach(self) -> None:
+        """Note the databases that do not answer in ``down`` (a page whose reads all go through the processor's
+        public methods, which skip a shard that is down, still names it). In memory: nothing to reach."""
+        return None
 
-        The one place the dashboard learns it: a processor with ``paused_queues()`` answers it."""
+    def paused(self) -> dict[str, dict[str, Any]]:
+        """Paused queues ``{queue: {"since", "until", "reason"}}`` (``processor.paused_queues()``), when the
+        processor can pause queues. The one place the dashboard learns it."""
         read = getattr(self.processor, "paused_queues", None)
         if not callable(read):
             return {}
         return {str(q): dict(info or {}) for q, info in dict(read()).items()}
+
+    def rates(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """The rates set (``processor.rates()``): ``{"queues": {queue: {"n", "per"}}, "keys": {pattern: ...}}``;
+        empty for a processor without rates."""
+        read = getattr(self.processor, "rates", None)
+        found = dict(read()) if callable(read) else {}
+        return {kind: {str(name): dict(rate) for name, rate in dict(found.get(kind) or {}).items()}
+                for kind in ("queues", "keys")}
+
+    def schedules(self) -> list[dict[str, Any]]:
+        """Every schedule (``processor.list_schedules()``), by name; none for a processor without schedules."""
+        read = getattr(self.processor, "list_schedules", None)
+        return sorted((dict(s) for s in read()), key=lambda s: str(s["name"])) if callable(read) else []
 
     def chart(self, now: datetime | None = None) -> Chart:
         now = now or datetime.now(timezone.utc)

@@ -1,5 +1,5 @@
 """The dashboard's actions over a real PostgreSQL: confirmed with the count, acting on exactly what was
-confirmed, through the processor's API; and the queue settings."""
+confirmed, through the processor's API; and the queue limits (pause, rates and schedules: test_control.py)."""
 
 from __future__ import annotations
 
@@ -135,9 +135,6 @@ def test_queue_limits_are_set_and_removed(web: Web, processor: DistributedProces
     assert "tenant-*" in web.get("/queues").text
     assert post(web, "/queues/action", {"do": "limit", "queue": "emails", "n": "x"}).status_code == 400
     assert post(web, "/queues/action", {"do": "limit", "n": "3"}).status_code == 400
-    refused = post(web, "/queues/action", {"do": "pause", "queue": "emails"})
-    if not hasattr(processor, "pause"):
-        assert refused.status_code == 400 and "cannot pause" in refused.text
 
 
 def test_a_form_that_is_not_a_form_is_refused(web: Web) -> None:

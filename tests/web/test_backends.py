@@ -40,6 +40,7 @@ def test_three_shards_merged_on_every_page(shards: DistributedProcessor) -> None
         assert page.status_code == 200 and page.text.count("<tr><td>shard ") == 3
         assert "/shards" in overview
         assert "shards" in web.get("/instances").text
+        assert web.get("/schedules").status_code == 200
         pending = shards.get_queue_status()["totals"]["pending"]
         confirm = post(web, "/records/bulk", {"do": "cancel", "scope": "filter", "state": "pending"})
         assert re.search(rf"Cancel <strong>{pending}</strong>", confirm.text)
@@ -87,6 +88,7 @@ def test_the_in_memory_processor(dp_memory: InMemoryProcessor) -> None:
         assert record.status_code == 200 and "&lt;script&gt;" in record.text
         assert "100 pending" in web.get("/queues").text
         assert web.get("/instances").status_code == 200
+        assert web.get("/schedules").status_code == 200  # pause, rates, schedules: test_control.py
         confirm = post(web, "/records/bulk", {"do": "purge", "scope": "filter", "queue": "emails"})
         post(web, "/records/bulk", hidden(confirm.text))
         assert dp_memory.get_queue_status("emails")["queues"]["emails"]["completed"] == 0

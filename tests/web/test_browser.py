@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
 
 from core import DistributedProcessor
 from core.web import dashboard
+from tests.support import wait_until
 from tests.web.seed import XSS, completed, failed, seed
 
 IMAGES = Path(__file__).resolve().parents[2] / "docs" / "images"
@@ -110,22 +110,65 @@ def test_selecting_all_on_a_page_and_cancelling_them(page: Any, serve: Any, proc
     assert {status_of(db, rid) for rid in s.reports} == {"cancelled"}
 
 
-@pytest.mark.skipif(not hasattr(DistributedProcessor, "pause"), reason="pausing queues is not in the product yet")
 def test_pausing_a_queue_shows_it_paused_and_stops_its_claims(page: Any, serve: Any,
                                                               processor: DistributedProcessor) -> None:
     seed(processor)
     site = serve(dashboard(processor))
     page.goto(site.url + "/queues")
-    page.locator('tr[data-queue="emails"] button[value="pause"]').click()
+    emails = page.locator('tr[data-queue="emails"]')
+    assert emails.locator(".queue-state").inner_text() == "running"
+    emails.locator('input[name="reason"]').fill("deploy in progress")
+    emails.locator('input[name="until"]').fill("30m")
+    emails.locator('button[value="pause"]').click()
     page.wait_for_url("**/queues?done=pause")
-    assert page.locator('tr[data-queue="emails"] .badge.paused').count() == 1
+    assert emails.locator(".badge.paused").count() == 1
+    assert "deploy in progress" in emails.locator(".queue-state").inner_text()
+    assert "resumes by itself at" in emails.locator(".queue-state").inner_text()
+    assert page.locator('tr[data-queue="reports"] .badge.paused').count() == 0
+    if SHOTS:
+        page.screenshot(path=str(IMAGES / "dashboard-queues.png"), full_page=True)
+    added = processor.add_records([{"to": "late@example.com"}], queue="emails")[0]  # records keep coming in
     assert processor.claim_records(10, queues=["emails"]) == []
+    assert [r.queue for r in processor.claim_records(10, queues=["reports"])] == ["reports"]  # others run
     page.goto(site.url + "/")
-    assert "queue 'emails' is paused" in page.locator(".reasons").inner_text()
+    assert page.locator("[data-health]").get_attribute("data-health") == "healthy"  # a state, not a failure
+    assert "deploy in progress" in page.locator('.paused-list li[data-paused="emails"]').inner_text()
     page.goto(site.url + "/queues")
     page.locator('tr[data-queue="emails"] button[value="resume"]').click()
     page.wait_for_url("**/queues?done=resume")
-    assert processor.claim_records(10, queues=["emails"]) != []
+    assert page.locator('tr[data-queue="emails"] .badge.paused').count() == 0
+    assert added in [r.id for r in processor.claim_records(10, queues=["emails"])]
+    page.goto(site.url + f"/records/{added}")
+    assert page.locator("h1 .state").inner_text() == "processing"
+
+
+def test_firing_due_schedules_and_removing_one(page: Any, serve: Any, processor: DistributedProcessor) -> None:
+    processor.schedule("every-second", every=1, queue="ticks", payload={"tick": True})
+    processor.schedule("nightly-report", cron="30 2 * * *", timezone="Europe/Paris", queue="reports",
+                       misfire="all", backfill=6 * 3600, overlap="skip_if_running")
+    processor.pause("reports", reason="month-end close")
+    site = serve(dashboard(processor))
+    page.goto(site.url + "/schedules")
+    assert page.locator("tr[data-schedule]").count() == 2
+    assert page.locator('tr[data-schedule="nightly-report"] .badge.paused').count() == 1
+
+    def fired() -> bool:  # a bounded poll through the page: the every-second tick is due within a second
+        page.locator("#fire-due button").click()
+        page.wait_for_url("**/schedules?done=fire*")
+        return "1 record(s) added" in page.locator(".flash").inner_text()
+
+    wait_until(fired, timeout=15, interval=0.1, message="a due tick fired from the page")
+    assert page.locator('tr[data-schedule="every-second"] td.n').inner_text() == "1"
+    assert processor.get_queue_status("ticks")["queues"]["ticks"]["pending"] == 1
+    if SHOTS:
+        page.screenshot(path=str(IMAGES / "dashboard-schedules.png"), full_page=True)
+    page.locator('tr[data-schedule="every-second"] button[value="remove"]').click()
+    assert "every-second" in page.locator("#confirm-unschedule").inner_text()
+    assert [s["name"] for s in processor.list_schedules()] == ["every-second", "nightly-report"]
+    page.locator("button.danger").click()
+    page.wait_for_url("**/schedules?done=unschedule")
+    assert page.locator("tr[data-schedule]").count() == 1
+    assert [s["name"] for s in processor.list_schedules()] == ["nightly-report"]
 
 
 def test_a_script_in_a_record_shows_as_text(page: Any, serve: Any, processor: DistributedProcessor) -> None:
@@ -144,7 +187,9 @@ def test_read_only_offers_no_action(page: Any, serve: Any, processor: Distribute
                                     db: psycopg.Connection[Any]) -> None:
     s = seed(processor)
     site = serve(dashboard(processor, read_only=True))
-    for path in ("/", "/records?state=failed", f"/records/{s.failed[1]}", "/queues"):
+    processor.pause("reports", reason="read-only shows it")
+    processor.schedule("nightly", cron="0 3 * * *", queue="emails")
+    for path in ("/", "/records?state=failed", f"/records/{s.failed[1]}", "/queues", "/schedules"):
         page.goto(site.url + path)
         assert page.locator("form[method=post]").count() == 0, path
         assert page.locator("button[name=do]").count() == 0, path

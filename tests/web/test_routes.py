@@ -41,6 +41,8 @@ def test_every_page_answers_with_the_records_it_holds(web: Web, processor: Distr
     assert queues.status_code == 200 and 'data-queue="reports"' in queues.text
     instances = web.get("/instances")
     assert instances.status_code == 200
+    schedules = web.get("/schedules")
+    assert schedules.status_code == 200 and 'href="/schedules"' in overview.text
     assert web.get("/shards").status_code == 404  # one database: no shards page, no nav entry
     assert "/shards" not in overview.text
     assert web.head("/records").status_code == 200
@@ -147,7 +149,9 @@ def test_every_response_carries_the_security_headers(processor: DistributedProce
 
 def test_pages_have_no_inline_script(web: Web, processor: DistributedProcessor) -> None:
     s = seed(processor)
-    for path in ("/", "/records", f"/records/{s.xss}", "/queues", "/instances"):
+    processor.pause("emails", reason="no script here")
+    processor.schedule("nightly", cron="0 3 * * *", queue="emails")
+    for path in ("/", "/records", f"/records/{s.xss}", "/queues", "/instances", "/schedules"):
         html = web.get(path).text
         scripts = re.findall(r"<script([^>]*)>(.*?)</script>", html, re.S)
         assert scripts and all('src="' in attrs and body == "" for attrs, body in scripts), path
@@ -161,11 +165,17 @@ def test_a_script_in_a_payload_key_or_error_shows_as_text(web: Web, processor: D
         html = web.get(path).text
         assert XSS not in html, path
         assert escaped in html, path
-    # a queue named so, on the overview and the queues page
+    # a queue named so, paused and rated for that reason, and a schedule named so
     processor.add_records([{"n": 1}], queue=XSS)
-    for path in ("/", "/queues"):
+    processor.pause(XSS, reason=XSS)
+    processor.set_queue_rate(XSS, 2)
+    processor.set_key_rate(XSS, 2)
+    processor.schedule(XSS, every=60, queue=XSS, payload={"html": XSS})
+    for path in ("/", "/queues", "/schedules"):
         html = web.get(path).text
-        assert XSS not in html and escaped in html
+        assert XSS not in html and escaped in html, path
+    confirm = post(web, "/schedules/remove", {"name": XSS})
+    assert confirm.status_code == 200 and XSS not in confirm.text and escaped in confirm.text
 
 
 def test_basic_auth_is_required_and_checked(processor: DistributedProcessor) -> None:
@@ -221,6 +231,9 @@ def test_a_get_never_acts(web: Web, processor: DistributedProcessor) -> None:
     query = {"do": "cancel", "scope": "selected", "id": s.pending[0], "confirm": "1"}
     assert web.get("/records/bulk", params=query).status_code in (400, 405)
     assert web.get("/queues/action", params={"do": "limit", "queue": "emails", "n": "1"}).status_code == 405
+    assert web.get("/queues/action", params={"do": "pause", "queue": "emails"}).status_code == 405
+    assert web.get("/schedules/fire").status_code == 405
+    assert processor.paused_queues() == {}
     assert web.put("/records/bulk", data=query, headers={"Origin": ORIGIN}).status_code == 405
     assert processor.get_queue_status("emails")["queues"]["emails"]["cancelled"] == 0
     assert 'data-queue="emails"' in web.get("/queues").text and "1 pending" not in web.get("/queues").text
@@ -229,7 +242,7 @@ def test_a_get_never_acts(web: Web, processor: DistributedProcessor) -> None:
 def test_read_only_offers_no_action_and_refuses_every_post(processor: DistributedProcessor) -> None:
     s = seed(processor)
     with client_of(dashboard(processor, read_only=True)) as client:
-        for path in ("/", "/records", f"/records/{s.failed[1]}", "/queues", "/records?state=failed"):
+        for path in ("/", "/records", f"/records/{s.failed[1]}", "/queues", "/records?state=failed", "/schedules"):
             html = client.get(path).text
             assert 'method="post"' not in html and '<button name="do"' not in html, path
             assert "read-only" in html
