@@ -58,6 +58,9 @@ def test_a_shard_down_is_named_and_the_others_shown(dp_server: Any, dp_template:
         with DistributedProcessor(shards=dsns, connect_timeout=2) as p:
             p.migrate()
             ids = list(p.add_records([{"n": 1}], queue="q"))
+            p.pause("q", reason="held")
+            p.set_queue_rate("q", 4)
+            p.schedule("nightly", cron="0 3 * * *", queue="q")
             p.store.stores[1].db.close()  # as good as down: its pool refuses every borrow
             with client_of(dashboard(p)) as web:
                 page = web.get("/")
@@ -68,6 +71,10 @@ def test_a_shard_down_is_named_and_the_others_shown(dp_server: Any, dp_template:
                 assert "unreachable:" in shard_page
                 assert web.get("/records").status_code == 200
                 assert web.get(f"/records/{ids[0]}").status_code in (200, 404)
+                queues = web.get("/queues").text  # pauses and rates: from the shard that answers
+                assert "Unreachable: shard" in queues and 'class="badge paused"' in queues and "4 per 1s" in queues
+                schedules = web.get("/schedules")
+                assert schedules.status_code == 200 and "Unreachable: shard" in schedules.text
     finally:
         for n in names:
             dp_server.drop_database(n)

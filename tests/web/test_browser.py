@@ -113,6 +113,10 @@ def test_selecting_all_on_a_page_and_cancelling_them(page: Any, serve: Any, proc
 def test_pausing_a_queue_shows_it_paused_and_stops_its_claims(page: Any, serve: Any,
                                                               processor: DistributedProcessor) -> None:
     seed(processor)
+    if SHOTS:  # the screenshot shows rates too
+        processor.set_queue_rate("reports", 120, 60)
+        processor.set_key_rate("tenant-*", 2, 1)
+        processor.set_key_rate("customer-7", 10, 3600)
     site = serve(dashboard(processor))
     page.goto(site.url + "/queues")
     emails = page.locator('tr[data-queue="emails"]')
