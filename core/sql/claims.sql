@@ -64,9 +64,12 @@ notified AS (
 -- The token buckets of the rate-limited queues claimed (none: nothing to read), locked: claimers of a
 -- rate-limited queue take turns on its bucket, so the tokens are exact across instances. Refilled to now.
 rates AS (
-    SELECT b.queue, b.per / b.n AS interval_s,
-           least(b.n, b.tokens + extract(epoch FROM clock_timestamp() - b.updated_at) * b.n / b.per) AS tokens
-      FROM {queue_rates} b
+    -- Refilled to one instant, which the charge below dates the bucket at (no refill lost in between). The
+    -- instant is read before the lock is had: a claim that waited for another's charge refills nothing and
+    -- keeps the other's date (the next claim gets the time since), never a negative refill.
+    SELECT b.queue, b.per / b.n AS interval_s, greatest(c.at, b.updated_at) AS at,
+           least(b.n, b.tokens + greatest(0, extract(epoch FROM c.at - b.updated_at)) * b.n / b.per) AS tokens
+      FROM {queue_rates} b CROSS JOIN (SELECT clock_timestamp() AS at) c
      WHERE b.queue = ANY(%(queues)s::text[]) AND %(batch)s > 0
      ORDER BY b.queue
        FOR UPDATE
@@ -144,8 +147,8 @@ picked AS (
            ) THEN NOT (SELECT EXISTS (SELECT 1 FROM {key_rates})) OR {key_token_function}(l.ordering_key)
            ELSE false END
          -- A rate-limited queue gives no more records than its bucket has tokens.
-         LIMIT least(%(batch)s, coalesce((SELECT floor(r.tokens)::int FROM rates r WHERE r.queue = qn.name),
-                                         %(batch)s))
+         LIMIT least(%(batch)s, coalesce((SELECT greatest(0, floor(r.tokens))::int FROM rates r
+                                           WHERE r.queue = qn.name), %(batch)s))
      ) c
      -- A paused queue gives nothing (its floor stays where it is): read by every claim, so no instance misses it.
      WHERE NOT EXISTS (SELECT 1 FROM {queue_state} ps
@@ -180,7 +183,7 @@ claimed AS (
 charged AS (
     UPDATE {queue_rates} b
        SET tokens = r.tokens - (SELECT count(*) FROM claimed c WHERE c.queue = b.queue),
-           updated_at = clock_timestamp()
+           updated_at = r.at
       FROM rates r
      WHERE b.queue = r.queue
     RETURNING b.tokens, r.interval_s

@@ -1,7 +1,7 @@
 """A worker OS process running ``DistributedProcessor.run`` with the ledger handler.
 
 Usage: python -m tests.procs.ledger_worker DSN INSTANCE_ID [--concurrency N] [--slow SECONDS]
-           [--stop-when-empty] [--lease S] [--key-concurrency N]
+           [--stop-when-empty] [--lease S] [--queues a,b] [--schedule NAME]
 Runs until SIGTERM (or until nothing is due with --stop-when-empty); prints the run summary as JSON.
 """
 
@@ -29,6 +29,9 @@ def main() -> int:
     ap.add_argument("--lease", type=float, default=30.0)
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--poll", type=float, default=0.2)
+    ap.add_argument("--queues", default="default", help="comma-separated queues to work")
+    ap.add_argument("--schedule", help="declare this every-second schedule (queue 'ticks') before running, as a"
+                                       " container declares its schedules at start")
     args = ap.parse_args()
     with DistributedProcessor(
         args.dsn,
@@ -40,6 +43,8 @@ def main() -> int:
         application_name=f"ledger-{args.instance}",  # a test can tell this process's backends apart
     ) as p:
         inner = ledger_handler(p, args.instance)
+        if args.schedule:
+            p.schedule(args.schedule, every=1, queue="ticks", payload={"schedule": args.schedule})
 
         def handler(record: Any) -> None:
             if args.slow:
@@ -47,7 +52,8 @@ def main() -> int:
             inner(record)
 
         summary = p.run(
-            handler, concurrency=args.concurrency, stop_when_empty=args.stop_when_empty, poll_interval=args.poll
+            handler, concurrency=args.concurrency, stop_when_empty=args.stop_when_empty, poll_interval=args.poll,
+            queues=args.queues.split(","),
         )
     print(json.dumps(summary.as_dict()))
     return 0

@@ -13,6 +13,7 @@ DECLARE
     bucket record;
     available float8;
     wait float8;
+    at timestamptz;
 BEGIN
     SELECT r.n, r.per INTO cfg
       FROM {schema}.key_rates r
@@ -31,15 +32,15 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    available := least(cfg.n::float8,
-                       bucket.tokens + extract(epoch FROM clock_timestamp() - bucket.updated_at) * cfg.n / cfg.per);
+    at := greatest(clock_timestamp(), bucket.updated_at);  -- one instant for the refill and the bucket's date
+    available := least(cfg.n::float8, bucket.tokens + extract(epoch FROM at - bucket.updated_at) * cfg.n / cfg.per);
     IF available < 1 THEN
         wait := (1 - available) * cfg.per / cfg.n;
         PERFORM set_config('dp.rate_wait', least(wait, coalesce(nullif(current_setting('dp.rate_wait', true),
                                                                          '')::float8, wait))::text, true);
         RETURN false;
     END IF;
-    UPDATE {schema}.key_buckets SET tokens = available - 1, updated_at = clock_timestamp() WHERE ordering_key = k;
+    UPDATE {schema}.key_buckets SET tokens = available - 1, updated_at = at WHERE ordering_key = k;
     RETURN true;
 END
 $fn$;
