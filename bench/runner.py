@@ -138,12 +138,14 @@ class Bench:
     # ------------------------------------------------------------------ processes
 
     def drain_procs(self, mode: str, workers: int, batch: int, extra: list[str] | None = None, *,
-                    dsn: str | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
-        """Start ``workers`` processes, fire them together, return throughput and their RSS."""
+                    dsn: str | None = None, env: dict[str, str] | None = None,
+                    cwd: Path | None = None) -> dict[str, Any]:
+        """Start ``workers`` processes, fire them together, return throughput and their RSS. ``cwd``: a checkout
+        whose code they run (another version's: bench.baseline)."""
         procs = [
             subprocess.Popen([sys.executable, "-m", "bench.workers", mode, dsn or self.dsn, str(batch),
-                              *(extra or [])], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                             env={**os.environ, **(env or {})})
+                              *(extra or [])], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             cwd=cwd or ROOT, env={**os.environ, **(env or {})})
             for _ in range(workers)
         ]
         for p in procs:  # each prints "ready" once connected and imported
@@ -537,6 +539,11 @@ class Bench:
 
         run(self, Row)
 
+    def suite_control(self) -> None:
+        from bench.control import run
+
+        run(self)
+
     def suite_producers(self) -> None:
         from bench.producers import run
 
@@ -633,7 +640,7 @@ def find_server() -> tuple[str, str]:
 
 
 SUITES = ("drain", "enqueue", "latency", "table", "keys", "horizon", "pooling", "shards", "memory", "dashboard",
-          "producers")
+          "producers", "control")
 
 
 def main(argv: list[str] | None = None) -> int:

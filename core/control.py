@@ -12,6 +12,7 @@ from core.admin import glob_to_like, is_glob
 from core.db import Database
 from core.plans import Plan, Stmt, on
 from core.queries import channel_for
+from core.schema import RATE_SLOTS
 
 
 class Control:
@@ -35,7 +36,10 @@ class Control:
         if n is None or per is None:
             yield from on(self.db, Stmt(self.q.delete_queue_rate, {"queue": queue}, "none"))
             return
-        yield from on(self.db, Stmt(self.q.set_queue_rate, {"queue": queue, "n": n, "per": per}, "none"))
+        # slots of at least one token each (a slot's burst is n / slots): a rate of 3 has 3 slots
+        slots = max(1, min(RATE_SLOTS, int(n)))
+        params = {"queue": queue, "n": n, "per": per, "slots": slots}
+        yield from on(self.db, Stmt(self.q.set_queue_rate, params, "none"))
 
     def set_key_rate(self, pattern: str, n: int | None, per: float | None) -> Plan[None]:
         if n is None or per is None:

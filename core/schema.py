@@ -269,13 +269,17 @@ queue_rates = Table(
     "queue_rates",
     metadata,
     Column("queue", Text, nullable=False),
+    # A queue's bucket is striped over up to RATE_SLOTS rows of n / slots each: a claim charges one it can lock
+    # at once (SKIP LOCKED), so claimers of a rate-limited queue never wait for each other.
+    Column("slot", SmallInteger, nullable=False),
     Column("n", Float, nullable=False),
     Column("per", Float, nullable=False),
     Column("tokens", Float, nullable=False),
     Column("updated_at", TS, nullable=False, server_default=text("clock_timestamp()")),
-    PrimaryKeyConstraint("queue"),
+    PrimaryKeyConstraint("queue", "slot"),
     CheckConstraint("n > 0 AND per > 0", name="positive"),
 )
+RATE_SLOTS = 8
 key_rates = Table(
     "key_rates",
     metadata,

@@ -61,18 +61,26 @@ notified AS (
       FROM unnest(%(channels)s::text[], %(nqueues)s::text[]) AS w(channel, queue)
      WHERE EXISTS (SELECT 1 FROM done WHERE done.ordering_key IS NOT NULL)
 ),
--- The token buckets of the rate-limited queues claimed (none: nothing to read), locked: claimers of a
--- rate-limited queue take turns on its bucket, so the tokens are exact across instances. Refilled to now.
+-- The token buckets of the rate-limited queues claimed (none: nothing to read). A queue's bucket is striped
+-- over slots (core/schema.py: queue_rates); the claim charges the slot charged longest ago among those no
+-- other claim holds (SKIP LOCKED), so claimers never wait for each other and the slots' tokens are exact.
+-- Refilled to one instant, which the charge below dates the slot at (no refill lost in between); a slot
+-- dated after our instant (charged meanwhile) refills nothing. limited: the queue has a rate, whether or not
+-- a slot was free (none free: nothing to take now).
 rates AS (
-    -- Refilled to one instant, which the charge below dates the bucket at (no refill lost in between). The
-    -- instant is read before the lock is had: a claim that waited for another's charge refills nothing and
-    -- keeps the other's date (the next claim gets the time since), never a negative refill.
-    SELECT b.queue, b.per / b.n AS interval_s, greatest(c.at, b.updated_at) AS at,
-           least(b.n, b.tokens + greatest(0, extract(epoch FROM c.at - b.updated_at)) * b.n / b.per) AS tokens
-      FROM {queue_rates} b CROSS JOIN (SELECT clock_timestamp() AS at) c
-     WHERE b.queue = ANY(%(queues)s::text[]) AND %(batch)s > 0
-     ORDER BY b.queue
-       FOR UPDATE
+    SELECT qr.name AS queue, s.slot, s.interval_s, s.at, s.tokens,
+           s.slot IS NOT NULL OR EXISTS (SELECT 1 FROM {queue_rates} x WHERE x.queue = qr.name) AS limited
+      FROM unnest(%(queues)s::text[]) AS qr(name)
+      LEFT JOIN LATERAL (
+            SELECT b.slot, b.per / b.n AS interval_s, greatest(c.at, b.updated_at) AS at,
+                   least(b.n, b.tokens + greatest(0, extract(epoch FROM c.at - b.updated_at)) * b.n / b.per)
+                       AS tokens
+              FROM {queue_rates} b CROSS JOIN (SELECT clock_timestamp() AS at) c
+             WHERE b.queue = qr.name
+             ORDER BY b.updated_at
+             LIMIT 1
+               FOR UPDATE OF b SKIP LOCKED) s ON true
+     WHERE %(batch)s > 0
 ),
 picked AS (
     SELECT c.id, qn.name AS queue, fs.np AS fs_np, fs.run_at AS fs_at, fs.id AS fs_id
@@ -147,8 +155,9 @@ picked AS (
            ) THEN NOT (SELECT EXISTS (SELECT 1 FROM {key_rates})) OR {key_token_function}(l.ordering_key)
            ELSE false END
          -- A rate-limited queue gives no more records than its bucket has tokens.
-         LIMIT least(%(batch)s, coalesce((SELECT greatest(0, floor(r.tokens))::int FROM rates r
-                                           WHERE r.queue = qn.name), %(batch)s))
+         LIMIT least(%(batch)s, coalesce((SELECT CASE WHEN r.slot IS NOT NULL THEN greatest(0, floor(r.tokens))::int
+                                                      WHEN r.limited THEN 0 END
+                                             FROM rates r WHERE r.queue = qn.name), %(batch)s))
      ) c
      -- A paused queue gives nothing (its floor stays where it is): read by every claim, so no instance misses it.
      WHERE NOT EXISTS (SELECT 1 FROM {queue_state} ps
@@ -185,12 +194,14 @@ charged AS (
        SET tokens = r.tokens - (SELECT count(*) FROM claimed c WHERE c.queue = b.queue),
            updated_at = r.at
       FROM rates r
-     WHERE b.queue = r.queue
+     WHERE b.queue = r.queue AND b.slot = r.slot
     RETURNING b.tokens, r.interval_s
 )
 SELECT claimed.*, picked.fs_np, picked.fs_at, picked.fs_id,
        (SELECT count(*) FROM done) + 0 * (SELECT count(*) FROM notified) AS completed,
        least((SELECT min((1 - ch.tokens) * ch.interval_s) FROM charged ch WHERE ch.tokens < 1),
+             (SELECT min(x.per / x.n) / 8 FROM rates r JOIN {queue_rates} x ON x.queue = r.queue
+               WHERE r.limited AND r.slot IS NULL),  -- every slot held by another claim: look again soon
              nullif(current_setting('dp.rate_wait', true), '')::float8) AS rate_wait
   FROM (SELECT 1) AS one
   LEFT JOIN claimed ON true

@@ -28,11 +28,17 @@ SELECT queue, paused_at, resume_at, reason FROM {queue_state}
  ORDER BY queue;
 
 -- name: set_queue_rate
--- A new rate starts with a full bucket; a changed one keeps the tokens left (at most its new burst).
-INSERT INTO {queue_rates} AS r (queue, n, per, tokens, updated_at)
-VALUES (%(queue)s, %(n)s, %(per)s, %(n)s, clock_timestamp())
-ON CONFLICT (queue) DO UPDATE
-   SET n = EXCLUDED.n, per = EXCLUDED.per, tokens = least(r.tokens, EXCLUDED.n);
+-- The bucket striped over %(slots)s rows of n / slots (core/schema.py: queue_rates): a new rate starts full;
+-- a changed one keeps each slot's tokens left (at most its new burst). Slots beyond the new count go.
+WITH put AS (
+    INSERT INTO {queue_rates} AS r (queue, slot, n, per, tokens, updated_at)
+    SELECT %(queue)s, s, %(n)s::float8 / %(slots)s, %(per)s, %(n)s::float8 / %(slots)s, clock_timestamp()
+      FROM generate_series(0, %(slots)s - 1) s
+    ON CONFLICT (queue, slot) DO UPDATE
+       SET n = EXCLUDED.n, per = EXCLUDED.per, tokens = least(r.tokens, EXCLUDED.n)
+    RETURNING slot
+)
+DELETE FROM {queue_rates} WHERE queue = %(queue)s AND slot >= %(slots)s AND (SELECT count(*) FROM put) > 0;
 
 -- name: delete_queue_rate
 DELETE FROM {queue_rates} WHERE queue = %(queue)s;
@@ -50,7 +56,7 @@ WITH gone AS (DELETE FROM {key_rates} WHERE pattern = %(pattern)s RETURNING like
 DELETE FROM {key_buckets} b USING gone WHERE b.ordering_key LIKE gone.like_pattern;
 
 -- name: rates
-SELECT 'queue', queue, n, per FROM {queue_rates}
+SELECT 'queue', queue, sum(n), min(per) FROM {queue_rates} GROUP BY queue
 UNION ALL
 SELECT 'key', pattern, n, per FROM {key_rates}
  ORDER BY 1, 2;

@@ -42,11 +42,12 @@ def upgrade() -> None:
     op.create_table(
         "queue_rates",
         sa.Column("queue", sa.Text, nullable=False),
+        sa.Column("slot", sa.SmallInteger, nullable=False),
         sa.Column("n", sa.Float, nullable=False),
         sa.Column("per", sa.Float, nullable=False),
         sa.Column("tokens", sa.Float, nullable=False),
         sa.Column("updated_at", TS, nullable=False, server_default=sa.text("clock_timestamp()")),
-        sa.PrimaryKeyConstraint("queue", name="pk_queue_rates"),
+        sa.PrimaryKeyConstraint("queue", "slot", name="pk_queue_rates"),
         sa.CheckConstraint("n > 0 AND per > 0", name="ck_queue_rates_positive"),
     )
     op.create_table(

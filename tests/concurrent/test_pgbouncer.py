@@ -111,3 +111,36 @@ def test_no_duplicate_claiming_across_5_processes_through_pgbouncer(
 ) -> None:
     claimed = race_5_processes(dsn, db, tmp_path, claim_dsn=via_bouncer, pooling="transaction")
     assert len(claimed) == 20_000
+
+
+def test_queue_control_through_pgbouncer(via_bouncer: str, db: Any, workers: WorkerProcs) -> None:
+    # pause, rates and schedules keep no session state: they work behind a transaction pooler, in the claim
+    # statement and the schedules' compare and swap alike
+    with DistributedProcessor(via_bouncer, pooling="transaction", pool_max=3) as p:
+        p.add_records([{}, {}], queue="held")
+        p.pause("held", reason="through the pooler")
+        assert p.claim_records(10, queues=["held"]) == []
+        assert p.get_queue_status()["queues"]["held"]["paused"]["reason"] == "through the pooler"
+        assert p.resume("held") and len(p.claim_records(10, queues=["held"])) == 2
+        p.set_queue_rate("slow", 2, 10.0)
+        p.set_key_rate("k", 1, 10.0)
+        p.add_records([{} for _ in range(5)], queue="slow")
+        p.add_records([{}, {}], ordering_key="k", queue="keyed")
+        got = p.claim_records(10, queues=["slow"])
+        assert len(got) == 2 and p.claim_records(10, queues=["slow"]).rate_wait is not None
+        first = p.claim_records(10, queues=["keyed"])
+        p.mark_completed(first)
+        assert len(first) == 1 and p.claim_records(10, queues=["keyed"]) == []  # the key's one token spent
+        p.schedule("pooled", every=1, queue="ticks")
+    # two workers through the pooler fire the schedule: one record per tick
+    for i in range(2):
+        workers.start(f"w{i}", ["-m", "core", "--dsn", via_bouncer, "--pooling", "transaction", "run", "--handler",
+                                "tests.procs.handlers:noop", "--queue", "ticks", "--poll-only", "--poll-interval",
+                                "0.2"])
+    wait_until(lambda: db.execute("SELECT count(*) FROM processing_queue WHERE queue = 'ticks'").fetchone()[0] >= 4,
+               60, interval=0.2, message="ticks fired through the pooler")
+    for name, (code, _, err) in workers.terminate_all().items():
+        assert code == 0, f"{name}: {err[-2000:]}"
+        assert not any(e in err for e in POOLING_ERRORS), err[-2000:]
+    ticks = [r[0] for r in db.execute("SELECT run_at FROM processing_queue WHERE queue = 'ticks' ORDER BY run_at")]
+    assert len(set(ticks)) == len(ticks)
