@@ -15,7 +15,7 @@ import pytest
 
 from tests.support import ROOT
 
-SECTIONS = ("Enqueue in your transaction",)
+SECTIONS = ("Enqueue in your transaction", "Queue control: schedules, pause and resume, rate limits")
 _BLOCK = re.compile(r"^```(python|sql)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
@@ -38,6 +38,10 @@ def test_the_sections_examples_run(section: str, dsn: str, db: Any) -> None:
         else:
             with psycopg.connect(dsn, autocommit=True) as conn:
                 conn.execute(code)
+    if section.startswith("Queue control"):
+        assert [r[0] for r in db.execute("SELECT name FROM schedules").fetchall()] == ["nightly-export"]
+        assert db.execute("SELECT count(*) FROM queue_state WHERE paused_at IS NOT NULL").fetchone()[0] == 0
+        assert db.execute("SELECT pattern, n FROM key_rates").fetchall() == [("tenant-*", 10)]
     if section == "Enqueue in your transaction":
         # three orders, each with its record; the signup's record in queue 'welcome'
         assert db.execute("SELECT count(*) FROM orders").fetchone()[0] == 3
