@@ -16,6 +16,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from core import operations
 from core.asyncdriver import AsyncDriver
+from core.flows import operations as flow_operations
 from core.operations import Operations
 from core.plans import Plan, method_signature
 from core.processor import DistributedProcessor
@@ -52,6 +53,10 @@ class AsyncDistributedProcessor(Operations):
         self._driver = AsyncDriver()
 
     add_records = awaiting(operations.add_records)
+    start_flow = awaiting(flow_operations.start_flow)
+    flow_status = awaiting(flow_operations.flow_status)
+    cancel_flow = awaiting(flow_operations.cancel_flow)
+    list_flow_runs = awaiting(flow_operations.list_flow_runs)
     get_queue_status = awaiting(operations.get_queue_status)
     health_check = awaiting(operations.health_check)
     list_instances = awaiting(operations.list_instances)

@@ -19,6 +19,9 @@ from core.config import Settings, run_default
 from core.constants import INSTANCE_STATUSES
 from core.errors import InvalidArgument
 from core.floors import Floors
+from core.flows import operations as flow_operations
+from core.flows.dispatch import FlowHandler
+from core.flows.template import as_flows
 from core.instance import ProcessFacts
 from core.metrics import Metrics
 from core.operations import Operations
@@ -58,6 +61,10 @@ class ProcessorAPI(Operations):
         return serialise(payloads)
 
     add_records = blocking(operations.add_records)
+    start_flow = blocking(flow_operations.start_flow)
+    flow_status = blocking(flow_operations.flow_status)
+    cancel_flow = blocking(flow_operations.cancel_flow)
+    list_flow_runs = blocking(flow_operations.list_flow_runs)
 
     # ------------------------------------------------------------------ claiming
 
@@ -193,6 +200,8 @@ class ProcessorAPI(Operations):
     ) -> RunSummary:
         """Claim and process records until stopped; returns a :class:`RunSummary`.
 
+        ``handler``: a function, or a :class:`core.flows.Flow` (or a list of them): each record goes to its
+        step's function, the queues default to the flows' (transactional steps get their own transaction).
         ``handler(record)`` runs on a pool of ``concurrency`` threads (a coroutine function is awaited on an
         event-loop thread). Success completes the record, an exception fails it through the retry policy.
         With ``transactional=True`` the handler is called as ``handler(record, conn)`` inside a transaction that
@@ -215,8 +224,16 @@ class ProcessorAPI(Operations):
             raise InvalidArgument("stop_event must be a threading.Event (or have is_set())")
         if metadata is not None:
             checks.json_object("metadata", metadata)
-        if not callable(handler):
-            raise InvalidArgument("handler must be callable")
+        flows = as_flows(handler)
+        if flows is not None:
+            handler = FlowHandler(flows, self.settings.max_payload_bytes)
+            if queues is None:
+                queues = handler.queues()
+            if transactional:
+                raise InvalidArgument("transactional: a flow's steps say whether they are (step(transactional=True))")
+        elif not callable(handler):
+            raise InvalidArgument("handler must be callable (a function), or a Flow or a list of flows")
+        slots = concurrency if transactional or (isinstance(handler, FlowHandler) and handler.any_transactional) else 0
         options = RunOptions(
             handler=handler,
             concurrency=concurrency,
@@ -235,7 +252,7 @@ class ProcessorAPI(Operations):
             claimers=claimers,
         )
         claimers = max(1, claimers)
-        runs = self.store.for_run(claimers=claimers, handler_slots=concurrency if transactional else 0,
+        runs = self.store.for_run(claimers=claimers, handler_slots=slots,
                                   listen_to=options.queues if listen else [])
         parts = list(runs) if isinstance(runs, Sequence) else [runs]  # several: one per shard
         try:

@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 from core.floors import Floors
 from core.plans import Plan
 from core.record import AddResult, Record
+from core.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from core.appconn import AppConn
+    from core.flows.run import FlowRun, StartRequest
 
 # (queue, status, count, oldest pending age in seconds or None, due count): one row per queue and status.
 CountRow = tuple[str, str, int, float | None, int]
@@ -72,7 +74,8 @@ class WorkerStore(Protocol):
 
     def complete(self, records: Sequence[Record], unblock: Sequence[str] = (), announce: bool = False) -> int: ...
 
-    def fail(self, records: Sequence[Record], error: BaseException | str, retryable: bool) -> list[tuple[int, str]]:
+    def fail(self, records: Sequence[Record], error: BaseException | str, retryable: bool,
+             policy: RetryPolicy | None = None) -> list[tuple[int, str]]:
         """Fenced failure; returns (id, status after) of the records still held."""
         ...
 
@@ -145,7 +148,8 @@ class Store(Protocol):
 
     def complete(self, records: Sequence[Record], unblock: Sequence[str] = (), announce: bool = False) -> int: ...
 
-    def fail(self, records: Sequence[Record], error: BaseException | str, retryable: bool) -> list[tuple[int, str]]: ...
+    def fail(self, records: Sequence[Record], error: BaseException | str, retryable: bool,
+             policy: RetryPolicy | None = None) -> list[tuple[int, str]]: ...
 
     def release(self, records: Sequence[Record], reason: str) -> int: ...
 
@@ -207,6 +211,20 @@ class Store(Protocol):
 
     def horizon(self) -> Plan[dict[str, Any]]:
         """Who holds back the MVCC horizon (``health_check()["horizon"]``)."""
+        ...
+
+    def start_flow(self, req: StartRequest, conn: AppConn | None = None) -> Plan[FlowRun]:
+        """Write a run and its records in one transaction (core/flows/)."""
+        ...
+
+    def flow_status(self, run_id: int) -> Plan[dict[str, Any] | None]: ...
+
+    def cancel_flow(self, run_id: int) -> Plan[str | None]: ...
+
+    def list_flow_runs(self, flow: str | None, status: str | None, limit: int) -> Plan[list[dict[str, Any]]]: ...
+
+    def flow_defects(self) -> Plan[list[int]]:
+        """Waiting flow records none of whose parents is unfinished (the oldest slice): a defect."""
         ...
 
     def retain(self) -> int: ...

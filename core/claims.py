@@ -19,6 +19,7 @@ from core.floors import Floors, Ticket, start_params
 from core.plans import Plan, Stmt, on, run
 from core.queries import channel_for
 from core.record import Claimed, Record, format_error
+from core.retry import RetryPolicy
 
 log = logging.getLogger("core.claims")
 
@@ -28,6 +29,17 @@ ERROR_TEXT_LIMIT = 2000
 # faster than attrgetter). For an id offered twice (an old claim and its re-claim) width_bucket picks the
 # last, so the latest claim, the only one whose token can still be on the row, comes last.
 _record_order = operator.itemgetter(0, 7)
+
+
+_NO_RESULT = (None,)
+
+
+def done_results(done: Sequence[Record]) -> list[str | None] | None:
+    """The results of the flow steps among ``done`` (JSON text), in the order of the fenced id arrays; None
+    when none is a flow step's."""
+    if not any(r.flow_run is not None for r in done):
+        return None
+    return [r.result for r in sorted_records(done)]
 
 
 def _token_text(tokens: list[Any]) -> dict[Any, str]:
@@ -93,6 +105,8 @@ class Claims:
             # token); one join is much cheaper on this per-batch path.
             "done_ids": "{" + ",".join(map(str, done_ids)) + "}",
             "done_tokens": "{" + ",".join(map(_token_text(done_tokens).__getitem__, done_tokens)) + "}",
+            # Flow steps' results, aligned with done_ids (none without flow records: the statement reads none).
+            "done_results": done_results(done),
             "queues": queues,
             "token": uuid.uuid4(),
             "batch": size,
@@ -119,8 +133,10 @@ class Claims:
             return claimed, completed
         new, head, tail = tuple.__new__, (params["token"],), (self.db.shard,)
         if ticket is not None:  # where each queue's floor moves: its first pending record, seen unlocked
-            ticket.seen = {r[1]: (r[13], r[14], r[15]) for r in rows if r[13] is not None}
-        claimed.extend([new(Record, r[:6] + head + r[6:13] + tail) for r in rows])
+            ticket.seen = {r[1]: (r[16], r[17], r[18]) for r in rows if r[16] is not None}
+        # The row's columns in the named tuple's order: the token (ours) after the first six, the shard after
+        # the thirteenth, the flow columns, and no result yet.
+        claimed.extend([new(Record, r[:6] + head + r[6:13] + tail + r[13:16] + _NO_RESULT) for r in rows])
         return claimed, completed
 
     def unblock(self, keys: Iterable[str], *, announce: bool = True) -> None:
@@ -157,10 +173,12 @@ class Claims:
         """Fenced completion of ``records`` on ``conn`` (inside the caller's transaction, if any)."""
         return self.claim_on(conn, records, 0, [], sorted(set(unblock)))[1]
 
-    def fail_params(self, records: Iterable[Record], error: BaseException | str, retryable: bool) -> dict[str, Any]:
-        """Parameters of the fail statement: the arrays in id order, each record with its own backoff."""
+    def fail_params(self, records: Iterable[Record], error: BaseException | str, retryable: bool,
+                    policy: RetryPolicy | None = None) -> dict[str, Any]:
+        """Parameters of the fail statement: the arrays in id order, each record with its own backoff (from
+        ``policy``, a flow step's, else the processor's)."""
         batch = sorted_records(records)
-        retry = self.settings.retry
+        retry = policy or self.settings.retry
         return {
             "ids": [r.id for r in batch],
             "tokens": [r.lease_token for r in batch],
@@ -170,12 +188,13 @@ class Claims:
             "default_block_on_failure": self.settings.block_on_failure,
         }
 
-    def fail(self, records: Sequence[Record], error: BaseException | str, retryable: bool) -> list[tuple[int, str]]:
+    def fail(self, records: Sequence[Record], error: BaseException | str, retryable: bool,
+             policy: RetryPolicy | None = None) -> list[tuple[int, str]]:
         """Fenced failure: back to ``pending`` after its backoff when retryable with attempts left, else
         ``failed`` (``cancelled`` when flagged). Returns (id, status after) of the records still held."""
         if not records:
             return []
-        params = self.fail_params(records, error, retryable)
+        params = self.fail_params(records, error, retryable, policy)
         rows = self.db.with_retry(lambda conn: conn.execute(self.q.fail, params).fetchall())
         return [(int(r[0]), str(r[1])) for r in rows]
 

@@ -43,6 +43,23 @@ class WrongShard(InvalidArgument):
         super().__init__(message)
 
 
+class FlowDefinitionError(InvalidArgument):
+    """A flow template is invalid where it is defined: a step defined twice, a dependency on a step it does not
+    define (or not yet: a step may only follow steps defined before it), a cycle, a bad option."""
+
+
+class FlowDefinitionChanged(ProcessorError):
+    """``start_flow`` with a template whose definition differs from the one stored for the same name and
+    version: give the changed template a new version (runs keep the version they started with). Nothing was
+    written."""
+
+    def __init__(self, flow: str, version: int) -> None:
+        self.flow = flow
+        self.version = version
+        super().__init__(f"flow {flow!r} version {version} is stored with another definition: a changed template "
+                         "needs a new version; nothing was written")
+
+
 class DatabaseUnavailable(ProcessorError):
     """The database could not be reached within the connect timeout, or the connection broke mid-call."""
 

@@ -37,6 +37,8 @@ class Metrics:
             "retried": Counter("dp_records_retried", "Failures sent back to pending for a retry", names, registry=r),
             "lost": Counter("dp_records_lost_lease", "Records whose lease was lost before the outcome was written",
                             names, registry=r),
+            "flow_repairs": Counter("dp_flow_repairs", "Flow records found waiting although none of their parents"
+                                    " was unfinished (a defect), repaired by maintenance", names, registry=r),
         }
         self._histograms = {
             "claim_latency": Histogram(
@@ -61,6 +63,7 @@ class Metrics:
         self._bind({LABEL: instance_id, SHARD: "all"} if sharded else {LABEL: instance_id})
 
     def _bind(self, labels: dict[str, str]) -> None:
+        self._labels = labels
         c, h = self._counters, self._histograms
         self._claimed, self._completed = c["claimed"].labels(**labels), c["completed"].labels(**labels)
         self._failed, self._retried = c["failed"].labels(**labels), c["retried"].labels(**labels)
@@ -114,6 +117,10 @@ class Metrics:
     def lost(self, n: int) -> None:
         if n:
             self._lost.inc(n)
+
+    def count(self, name: str, n: int) -> None:
+        """Add ``n`` to the counter ``name`` (e.g. ``flow_repairs``) of this processor's (or shard's) series."""
+        self._counters[name].labels(**self._labels).inc(n)
 
     def set_in_flight(self, n: int) -> None:
         self._in_flight.set(n)

@@ -51,6 +51,14 @@ def encode_payload(i: int, payload: dict[str, Any], max_bytes: int | None = MAX_
     return text
 
 
+def encode_value(value: Any, max_bytes: int | None = MAX_PAYLOAD_BYTES) -> str:
+    """Any JSON value (a flow step's result) as JSONB will store it; ValueError says what is wrong with it."""
+    try:
+        return encode_payload(0, value, max_bytes)
+    except InvalidPayload as exc:
+        raise ValueError(exc.reason) from None
+
+
 def _check_escapes(i: int, text: str) -> None:
     # The encoder writes a NUL as \u0000 and every non-ASCII character as \uXXXX; a NUL, or a surrogate
     # left unpaired (a paired one is one character), is what PostgreSQL refuses. The data's own backslashes

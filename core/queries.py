@@ -40,6 +40,15 @@ TABLES = {
     "schedules": "schedules",
     "partition_function": "dp_partition_of",
     "channel_function": "dp_channel",
+    "flow_templates": "flow_templates",
+    "flow_runs": "flow_runs",
+    "flow_edges": "flow_edges",
+    "flow_results": "flow_results",
+    "flow_settle_function": "dp_flow_settle",
+    "flow_parents_function": "dp_flow_parents",
+    "start_flow_function": "dp_start_flow",
+    "cancel_flow_function": "dp_cancel_flow",
+    "flow_repair_function": "dp_flow_repair",
 }
 
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)

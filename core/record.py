@@ -29,6 +29,13 @@ class Record(NamedTuple):
     dedupe_key: str | None = None
     cancel_requested: bool = False
     shard: int = 0  # the number of the shard it was claimed from (0 without shards)
+    # A flow step's record (core/flows/): its run's id, its step's name and its parents' results by step name
+    # ({} for a first step); None outside flows.
+    flow_run: int | None = None
+    step: str | None = None
+    parents: dict[str, Any] | None = None
+    # A flow step's result as JSON text, set by the worker when the step returns: its completion stores it.
+    result: str | None = None
 
     @property
     def is_last_attempt(self) -> bool:

@@ -28,11 +28,13 @@ from core.db import Borrow, Conn, Database, routed
 from core.dedicated import DedicatedDatabase
 from core.errors import ConfigurationError
 from core.floors import Floors
+from core.flows.store import CountedStep, DefectSweep, PostgresFlows
 from core.instance import ProcessFacts
 from core.plans import Stmt, on, run
 from core.queries import channel_for
 from core.record import Record
 from core.recovery import Recovery
+from core.retry import RetryPolicy
 from core.schedules import Schedules
 
 log = logging.getLogger("core.runstore")
@@ -67,6 +69,8 @@ class PostgresRun:
         self.recovery = Recovery(self.service_db, service_claims)
         self.admin = Admin(self.service_db, service_claims, facts)
         self.schedules = Schedules(self.service_db)
+        self.flows = PostgresFlows(self.service_db)
+        self.flow_sweep = CountedStep(DefectSweep(self.flows), "flow_repairs")
         self.claimers, self.handler_slots = claimers, handler_slots
         self.needed = connections_needed(claimers, handler_slots)
         self.listener: Listener | None = self.service_db if channels else None
@@ -102,8 +106,9 @@ class PostgresRun:
     def complete(self, records: Sequence[Record], unblock: Sequence[str] = (), announce: bool = False) -> int:
         return self.claims.complete(records, unblock, announce)
 
-    def fail(self, records: Sequence[Record], error: BaseException | str, retryable: bool) -> list[tuple[int, str]]:
-        return self.claims.fail(records, error, retryable)
+    def fail(self, records: Sequence[Record], error: BaseException | str, retryable: bool,
+             policy: RetryPolicy | None = None) -> list[tuple[int, str]]:
+        return self.claims.fail(records, error, retryable, policy)
 
     def release(self, records: Sequence[Record], reason: str) -> int:
         return self.claims.release(records, reason)
@@ -121,8 +126,11 @@ class PostgresRun:
         # finished index: a backlog of expired rows goes over several rounds without one long transaction).
         yield from self.recovery.steps()
         yield self.prune_key_buckets
+        yield self.flow_sweep  # flow records waiting although their parents finished: a defect, repaired
         if self.settings.retention is not None:
             yield from self.admin.purge_steps(self.settings.retention, RETENTION_BATCH, RETENTION_BATCHES)
+            retention = self.settings.retention
+            yield lambda: self.flows.purge_runs(retention, RETENTION_BATCH)
 
     def fire_due(self) -> int:
         """Fire the due ticks of the schedules (once each across instances: core/schedules.py)."""

@@ -43,6 +43,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 
 from core.constants import FINAL_STATUSES, INSTANCE_STATUSES, STATUSES
+from core.flows import tables as flow_tables
 
 __all__ = ["FINAL_STATUSES", "INSTANCE_STATUSES", "STATUSES", "metadata"]
 
@@ -86,8 +87,15 @@ processing_queue = Table(
     Column("created_at", TS, nullable=False, server_default=func.now()),
     Column("updated_at", TS, nullable=False, server_default=func.now()),
     Column("finished_at", TS),
+    # Flows (migration 0010, core/flows/): the run, the step, the element of a for_each step (-1: its
+    # placeholder until its source completes), and, while waiting, how many parents have not finished.
+    Column("flow_run_id", BigInteger),
+    Column("step", Text),
+    Column("flow_index", Integer),
+    Column("waiting_on", Integer),
     PrimaryKeyConstraint("id"),
-    CheckConstraint("status IN ('pending', 'processing', 'completed', 'failed', 'cancelled')", name="status"),
+    CheckConstraint("status IN ('pending', 'processing', 'completed', 'failed', 'cancelled', 'waiting')",
+                    name="status"),
     CheckConstraint("max_attempts >= 1", name="max_attempts"),
     CheckConstraint("attempts >= 0", name="attempts"),
     CheckConstraint("dedupe_while IS NULL OR dedupe_while IN ('pending', 'active')", name="dedupe_while"),
@@ -129,6 +137,19 @@ Index(
     "ix_processing_queue_finished",
     processing_queue.c.finished_at,
     postgresql_where=text("status IN ('completed', 'failed', 'cancelled')"),
+)
+# A run's records (flow_status, cancel_flow, retention's check of a run); and the waiting ones (counts, the
+# health check of a waiting record whose parents all finished). Records outside flows are in neither.
+Index(
+    "ix_processing_queue_flow",
+    processing_queue.c.flow_run_id,
+    postgresql_where=text("flow_run_id IS NOT NULL"),
+)
+Index(
+    "ix_processing_queue_waiting",
+    processing_queue.c.id,
+    postgresql_include=["queue"],
+    postgresql_where=text("status = 'waiting'"),
 )
 
 # Where statements that put a claimable record below other instances' claim floors say so (an insert, a
@@ -330,6 +351,9 @@ schedules = Table(
     CheckConstraint("overlap IN ('allow', 'skip_if_running')", name="overlap"),
 )
 Index("ix_schedules_next_fire", schedules.c.next_fire)
+
+# Flows (core/flows/tables.py, migration 0010): templates, runs, edges, results.
+flow_templates, flow_runs, flow_edges, flow_results = flow_tables.define(metadata)
 
 # dp_set_shard_ids sets the id sequence of a new shard: every id it hands out is congruent to its number
 # modulo the stride (the most shards there may be), above every id it holds and above ``above`` (the other

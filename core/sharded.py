@@ -20,9 +20,12 @@ from core.backend import CountRow, NewRecords
 from core.config import Settings
 from core.errors import DatabaseUnavailable
 from core.floors import Floors
+from core.flows.run import FlowRun, StartRequest
+from core.flows.sharded import ShardedFlows
 from core.instance import ProcessFacts
 from core.plans import Plan, later, run
 from core.record import AddResult, Claimed, Record
+from core.retry import RetryPolicy
 from core.runstore import PostgresRun
 from core.shardhealth import probe_shards
 from core.sharding import merge_counts, partition_of
@@ -61,6 +64,7 @@ class ShardedStore:
             store.db.name = "shard"
         self.topology = Topology(self.stores)
         self.inserts = ShardedInserts(settings, self.stores, self.topology)
+        self.flows = ShardedFlows(self.stores, self.topology)
 
     @property
     def db(self) -> Any:
@@ -137,10 +141,11 @@ class ShardedStore:
             self.unblock(unblock, announce=announce)
         return total
 
-    def fail(self, records: Sequence[Record], error: BaseException | str, retryable: bool) -> list[tuple[int, str]]:
+    def fail(self, records: Sequence[Record], error: BaseException | str, retryable: bool,
+             policy: RetryPolicy | None = None) -> list[tuple[int, str]]:
         out: list[tuple[int, str]] = []
         for shard, rs in self._by_shard(records).items():
-            out.extend(self.topology.store_of(shard).fail(rs, error, retryable))
+            out.extend(self.topology.store_of(shard).fail(rs, error, retryable, policy))
         return out
 
     def release(self, records: Sequence[Record], reason: str) -> int:
@@ -264,6 +269,23 @@ class ShardedStore:
 
     def fire_schedules(self) -> Plan[int]:
         return sum((yield from self._each(lambda s: s.fire_schedules(), tolerate=True)))
+
+    # ------------------------------------------------------------------ flows: a run on one shard
+
+    def start_flow(self, req: StartRequest, conn: AppConn | None = None) -> Plan[FlowRun]:
+        return self.flows.start(req, conn)
+
+    def flow_status(self, run_id: int) -> Plan[dict[str, Any] | None]:
+        return self.flows.status(run_id)
+
+    def cancel_flow(self, run_id: int) -> Plan[str | None]:
+        return self.flows.cancel(run_id)
+
+    def list_flow_runs(self, flow: str | None, status: str | None, limit: int) -> Plan[list[dict[str, Any]]]:
+        return self.flows.list_runs(flow, status, limit)
+
+    def flow_defects(self) -> Plan[list[int]]:
+        return self.flows.defects()
 
     # ------------------------------------------------------------------ observing
 

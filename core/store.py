@@ -15,13 +15,16 @@ from core.config import Settings
 from core.control import Control
 from core.db import Borrow, Database
 from core.enqueue import Enqueuer, Refused
-from core.errors import WrongShard
+from core.errors import FlowDefinitionChanged, WrongShard
 from core.floors import Floors
+from core.flows.run import FlowRun, StartRequest
+from core.flows.store import PostgresFlows, StartRefused
 from core.health import Health
 from core.instance import ProcessFacts
 from core.plans import Plan, run
 from core.record import AddResult, Record
 from core.recovery import Recovery
+from core.retry import RetryPolicy
 from core.runstore import RETENTION_BATCH, RETENTION_BATCHES, PostgresRun
 from core.schedules import Schedules, ScheduleSpec
 
@@ -44,6 +47,7 @@ class PostgresStore:
         self.health = Health(self.db)
         self.control = Control(self.db)
         self.schedules = Schedules(self.db)
+        self.flows = PostgresFlows(self.db)
 
     # ------------------------------------------------------------------ producing and claiming
 
@@ -65,8 +69,9 @@ class PostgresStore:
     def complete(self, records: Sequence[Record], unblock: Sequence[str] = (), announce: bool = False) -> int:
         return self.claims.complete(records, unblock, announce)
 
-    def fail(self, records: Sequence[Record], error: BaseException | str, retryable: bool) -> list[tuple[int, str]]:
-        return self.claims.fail(records, error, retryable)
+    def fail(self, records: Sequence[Record], error: BaseException | str, retryable: bool,
+             policy: RetryPolicy | None = None) -> list[tuple[int, str]]:
+        return self.claims.fail(records, error, retryable, policy)
 
     def release(self, records: Sequence[Record], reason: str) -> int:
         return self.claims.release(records, reason)
@@ -92,7 +97,8 @@ class PostgresStore:
         retention = self.settings.retention
         if retention is None:
             return 0
-        return run(self.admin.purge(retention, RETENTION_BATCH, RETENTION_BATCHES))
+        return run(self.admin.purge(retention, RETENTION_BATCH, RETENTION_BATCHES)) + self.flows.purge_runs(
+            retention, RETENTION_BATCH)
 
     def cancel(self, ids: list[int]) -> Plan[dict[int, str]]:
         return self.admin.cancel(ids)
@@ -147,6 +153,26 @@ class PostgresStore:
     def fire_schedules(self) -> Plan[int]:
         return self.schedules.fire_due()
 
+    # ------------------------------------------------------------------ flows
+
+    def start_flow(self, req: StartRequest, conn: AppConn | None = None) -> Plan[FlowRun]:
+        try:
+            return (yield from self.flows.start(req, conn))
+        except StartRefused as exc:
+            raise start_refused(exc, req) from None
+
+    def flow_status(self, run_id: int) -> Plan[dict[str, Any] | None]:
+        return self.flows.status(run_id)
+
+    def cancel_flow(self, run_id: int) -> Plan[str | None]:
+        return self.flows.cancel(run_id)
+
+    def list_flow_runs(self, flow: str | None, status: str | None, limit: int) -> Plan[list[dict[str, Any]]]:
+        return self.flows.list_runs(flow, status, limit)
+
+    def flow_defects(self) -> Plan[list[int]]:
+        return (yield from self.flows.defects())[1]
+
     # ------------------------------------------------------------------ observing
 
     def counts(self, queue: str | None) -> Plan[list[CountRow]]:
@@ -166,6 +192,13 @@ class PostgresStore:
 
     def close(self) -> None:
         self.db.close()
+
+
+def start_refused(exc: StartRefused, req: StartRequest) -> Exception:
+    """What ``start_flow`` raises when the database wrote nothing."""
+    if exc.status == "changed":
+        return FlowDefinitionChanged(req.flow, req.version)
+    return wrong_shard(Refused(exc.status, exc.owner))
 
 
 def wrong_shard(exc: Refused) -> WrongShard:

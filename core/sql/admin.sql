@@ -3,17 +3,33 @@
 -- %(name)s are bound parameters. A literal % is written %%, a literal brace doubled. Blocks: "-- name: <name>".
 
 -- name: cancel
--- Pending records are cancelled at once; processing ones are flagged, and their outcome becomes cancelled.
--- A failed record may be cancelled too: that is how an operator unblocks a key stopped by block_on_failure.
-UPDATE {records}
+-- Pending (and waiting) records are cancelled at once; processing ones are flagged, and their outcome becomes
+-- cancelled. A failed record may be cancelled too: that is how an operator unblocks a key stopped by
+-- block_on_failure. A flow step cancelled here settles its run in the same statement.
+WITH cancelled AS (
+UPDATE {records} t
    SET status = CASE WHEN status = 'processing' THEN status ELSE 'cancelled' END,
        finished_at = CASE WHEN status = 'processing' THEN finished_at ELSE now() END,
        dedupe_held = CASE WHEN status = 'processing' THEN dedupe_held ELSE false END,
+       waiting_on = CASE WHEN status = 'waiting' THEN 0 ELSE waiting_on END,
        cancel_requested = true,
        updated_at = now()
- WHERE id = ANY(%(ids)s::bigint[])
-   AND status IN ('pending', 'processing', 'failed')
-RETURNING id, status, ordering_key;
+  -- The status before (a failed flow step settled its run when it failed: it must not again).
+  FROM (SELECT o.id, o.status AS was FROM {records} o
+         WHERE o.id = ANY(%(ids)s::bigint[]) AND o.status IN ('pending', 'processing', 'failed', 'waiting')
+         ORDER BY o.id
+           FOR UPDATE) o
+ WHERE t.id = o.id
+   AND t.status IN ('pending', 'processing', 'failed', 'waiting')
+RETURNING t.id, t.status, t.ordering_key, t.flow_run_id, o.was
+),
+settled AS (
+    SELECT {flow_settle_function}(NULL, NULL, array_agg(c.id ORDER BY c.id)) AS n
+      FROM cancelled c
+     WHERE c.flow_run_id IS NOT NULL AND c.status = 'cancelled' AND c.was IN ('pending', 'waiting')
+    HAVING count(*) > 0
+)
+SELECT id, status, ordering_key FROM cancelled WHERE (SELECT count(*) FROM settled) >= 0;
 
 -- name: retry_failed
 -- Back to pending, announced to the claimers (core/floors.py).
@@ -43,13 +59,16 @@ announced AS (
 SELECT id FROM retried;
 
 -- name: purge
--- One bounded, ordered batch of finished rows older than the cutoff.
+-- One bounded, ordered batch of finished rows older than the cutoff. A flow step's record stays while its run
+-- is unfinished (a child's parents and the run's status read it).
 DELETE FROM {records}
  WHERE id = ANY(ARRAY(  -- an id list: see retry_failed
-    SELECT id FROM {records}
-     WHERE status IN ('completed', 'failed', 'cancelled')
-       AND finished_at < now() - %(older_than)s * interval '1 second'
-     ORDER BY finished_at
+    SELECT r.id FROM {records} r
+     WHERE r.status IN ('completed', 'failed', 'cancelled')
+       AND r.finished_at < now() - %(older_than)s * interval '1 second'
+       AND (r.flow_run_id IS NULL OR NOT EXISTS (SELECT 1 FROM {flow_runs} fr
+                                                  WHERE fr.id = r.flow_run_id AND fr.finished_at IS NULL))
+     ORDER BY r.finished_at
      LIMIT %(batch)s
        FOR UPDATE SKIP LOCKED))
    AND status IN ('completed', 'failed', 'cancelled')

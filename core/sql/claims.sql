@@ -29,7 +29,20 @@ WITH done AS (
      WHERE d.id = ANY(%(done_ids)s::bigint[])
        AND d.lease_token = (%(done_tokens)s::uuid[])[width_bucket(d.id, %(done_ids)s::bigint[])]
        AND d.status = 'processing'
-    RETURNING d.ordering_key
+    RETURNING d.id, d.ordering_key, d.status, d.flow_run_id
+),
+-- Flow steps completed (or cancelled) here settle their run in this statement: results stored, children's
+-- counts down, those at zero claimable from the next statement on (core/sql/ddl/0010_flows.sql). Only records
+-- this statement completed (fenced): a stale instance settles nothing. No flow record: no call.
+settled AS (
+    SELECT {flow_settle_function}(
+               array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'completed'),
+               array_agg((%(done_results)s::jsonb[])[width_bucket(s.id, %(done_ids)s::bigint[])] ORDER BY s.id)
+                   FILTER (WHERE s.status = 'completed'),
+               array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'cancelled')) AS n
+      FROM done s
+     WHERE s.flow_run_id IS NOT NULL
+    HAVING count(*) > 0
 ),
 -- Keys whose earliest pending record must become claimable (the keys of records claimed by the caller's
 -- previous statement: this statement's snapshot sees every insert committed since).
@@ -185,7 +198,10 @@ claimed AS (
      WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
     -- Not the lease token: the caller chose it, so it need not travel back and be decoded per row.
     RETURNING t.id, t.queue, t.payload, t.priority, t.attempts, t.max_attempts, t.claimed_at,
-              t.lease_expires_at, t.run_at, t.created_at, t.ordering_key, t.dedupe_key, t.cancel_requested
+              t.lease_expires_at, t.run_at, t.created_at, t.ordering_key, t.dedupe_key, t.cancel_requested,
+              t.flow_run_id, t.step,
+              -- A flow step's parents' results (a function call for flow records only).
+              CASE WHEN t.flow_run_id IS NOT NULL THEN {flow_parents_function}(t.id, t.flow_run_id) END AS parents
 ),
 -- The tokens spent: what each rate-limited queue's claim took. Returned: how long until a bucket left
 -- without a whole token has the next (an idle claimer sleeps that long rather than ask again at once).
@@ -198,7 +214,8 @@ charged AS (
     RETURNING b.tokens, r.interval_s
 )
 SELECT claimed.*, picked.fs_np, picked.fs_at, picked.fs_id,
-       (SELECT count(*) FROM done) + 0 * (SELECT count(*) FROM notified) AS completed,
+       (SELECT count(*) FROM done) + 0 * (SELECT count(*) FROM notified) + 0 * (SELECT count(*) FROM settled)
+           AS completed,
        least((SELECT min((1 - ch.tokens) * ch.interval_s) FROM charged ch WHERE ch.tokens < 1),
              (SELECT min(x.per / x.n) / 8 FROM rates r JOIN {queue_rates} x ON x.queue = r.queue
                WHERE r.limited AND r.slot IS NULL),  -- every slot held by another claim: look again soon
@@ -236,7 +253,15 @@ WITH failed AS (
      WHERE t.id = ANY(%(ids)s::bigint[])
        AND t.lease_token = (%(tokens)s::uuid[])[width_bucket(t.id, %(ids)s::bigint[])]
        AND t.status = 'processing'
-    RETURNING t.id, t.status, t.ordering_key, t.queue, t.priority, t.run_at
+    RETURNING t.id, t.status, t.ordering_key, t.queue, t.priority, t.run_at, t.flow_run_id
+),
+-- A flow step that ended failed or cancelled settles its run here: its waiting descendants cancelled (or
+-- counting it finished), the run failed, its on_failure step claimable (core/sql/ddl/0010_flows.sql).
+settled AS (
+    SELECT {flow_settle_function}(NULL, NULL, array_agg(f.id ORDER BY f.id)) AS n
+      FROM failed f
+     WHERE f.flow_run_id IS NOT NULL AND f.status <> 'pending'
+    HAVING count(*) > 0
 ),
 -- A keyed record that ends failed or cancelled frees its key (unless the key blocks on failure): its next
 -- record, which claims may have passed, is claimable. Announced at the failed record's position, before it.
@@ -288,7 +313,7 @@ chain AS (
 reblocked AS (
     UPDATE {records} b SET key_blocked = true WHERE b.id = ANY(ARRAY(SELECT id FROM chain))
 )
-SELECT failed.id, failed.status FROM failed;
+SELECT failed.id, failed.status FROM failed WHERE (SELECT count(*) FROM settled) >= 0;
 
 -- name: release
 -- Hand records back at once (graceful shutdown): pending again, the attempt not charged, in their place in

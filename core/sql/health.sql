@@ -17,6 +17,13 @@ SELECT queue, 'processing', count(*), NULL, 0
  WHERE status = 'processing'
    AND lease_expires_at IS NOT NULL  -- read through the lease index (every processing row has a lease)
    AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+ GROUP BY queue
+UNION ALL
+-- Flow steps waiting for their parents, through their own partial index (none: nothing read).
+SELECT queue, 'waiting', count(*), NULL, 0
+  FROM {records}
+ WHERE status = 'waiting'
+   AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
  GROUP BY queue;
 
 -- name: queue_status_finished

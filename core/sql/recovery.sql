@@ -62,7 +62,14 @@ UPDATE {records} t
   -- An id list, not a join with the table (a join planned on an empty table walks the primary key).
  WHERE t.id = ANY(ARRAY(SELECT id FROM orphan))
    AND t.status = 'processing'
-RETURNING t.id, t.status, t.ordering_key, t.queue, t.priority, t.run_at
+RETURNING t.id, t.status, t.ordering_key, t.queue, t.priority, t.run_at, t.flow_run_id
+),
+-- A flow step recovered to failed or cancelled settles its run here (core/sql/ddl/0010_flows.sql).
+settled AS (
+    SELECT {flow_settle_function}(NULL, NULL, array_agg(f.id ORDER BY f.id)) AS n
+      FROM recovered f
+     WHERE f.flow_run_id IS NOT NULL AND f.status <> 'pending'
+    HAVING count(*) > 0
 ),
 -- Back in service: announced to every claimer (core/floors.py), the first record per queue in claim order.
 announced AS (
@@ -70,7 +77,7 @@ announced AS (
     SELECT DISTINCT ON (queue) queue, - priority::bigint, run_at, id FROM recovered WHERE status = 'pending'
      ORDER BY queue, - priority::bigint, run_at, id
 )
-SELECT id, status, ordering_key FROM recovered;
+SELECT id, status, ordering_key FROM recovered WHERE (SELECT count(*) FROM settled) >= 0;
 
 -- name: unblock_sweep
 -- Safety net for a key left blocked (a claimer gone between a claim and its unblock, a record recovered to

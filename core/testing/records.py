@@ -25,6 +25,7 @@ from core.floors import Floors
 from core.instance import ProcessFacts
 from core.payloads import encode_payload
 from core.record import AddResult, Claimed, Record, format_error
+from core.retry import RetryPolicy
 from core.testing import pg
 from core.testing.tables import MemoryTables, Row
 
@@ -163,14 +164,15 @@ class MemoryRecords:
     def complete(self, records: Sequence[Record], unblock: Sequence[str] = (), announce: bool = False) -> int:
         return self.claim(records, 0, [], unblock)[1]
 
-    def fail(self, records: Sequence[Record], error: BaseException | str, retryable: bool) -> list[tuple[int, str]]:
+    def fail(self, records: Sequence[Record], error: BaseException | str, retryable: bool,
+             policy: RetryPolicy | None = None) -> list[tuple[int, str]]:
         """``fail``: back to ``pending`` after the record's own backoff when retryable with attempts left,
         else ``failed`` (``cancelled`` when flagged). Returns (id, status after) of the records still held."""
         if not records:
             return []
         text = format_error(error, ERROR_TEXT_LIMIT)
         pg.text(text)
-        retry = self.settings.retry
+        retry = policy or self.settings.retry
         t = self.tables
         self.check_open()
         with t.lock:

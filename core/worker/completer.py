@@ -180,8 +180,11 @@ class Completer:
 
     def fail(self, held: Held, err: BaseException) -> None:
         s = self.s
-        retryable = s.settings.retry.should_retry(err) and not isinstance(err, RecordCancelled)
-        rows = self.retrying_write(lambda: s.store.fail([held.record], err, retryable), [held])
+        # A flow step may have a retry policy of its own.
+        retry_for = getattr(s.options.handler, "retry_for", None)
+        policy = retry_for(held.record) if retry_for is not None and held.record.flow_run is not None else None
+        retryable = (policy or s.settings.retry).should_retry(err) and not isinstance(err, RecordCancelled)
+        rows = self.retrying_write(lambda: s.store.fail([held.record], err, retryable, policy), [held])
         s.forget(held)
         if rows is None:
             return

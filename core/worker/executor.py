@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from core.errors import DatabaseUnavailable
+from core.flows.dispatch import FlowHandler
 from core.record import Record
 from core.worker.completer import Completer
 from core.worker.state import Held, LeaseLost, Outcome, RunState, current
@@ -30,6 +31,8 @@ class Executor:
         self.handler = state.options.handler
         self.concurrency = state.options.concurrency
         self.transactional = state.options.transactional
+        # A run over flows: each record's step says whether it is transactional; a step's result is kept.
+        self.flows = self.handler if isinstance(self.handler, FlowHandler) else None
         self.is_async = inspect.iscoroutinefunction(self.handler)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._async_slots: asyncio.Semaphore | None = None
@@ -80,6 +83,12 @@ class Executor:
             if self.transactional:
                 for held in mine:
                     self._execute_transactional(held)
+            elif self.flows is not None and self.flows.any_transactional:
+                for held in [h for h in mine if self.flows.transactional(h.record)]:
+                    self._execute_transactional(held)
+                rest = [h for h in mine if not self.flows.transactional(h.record)]
+                if rest:
+                    self._execute_chunk(rest)
             else:
                 self._execute_chunk(mine)
 
@@ -107,11 +116,13 @@ class Executor:
                 continue
             token = current.set(held)
             try:
-                handler(held.record)
+                out = handler(held.record)
             except BaseException as exc:  # the handler's error is the record's outcome
                 held.finished = True
                 outcomes.put(Outcome(held, exc))
             else:
+                if held.record.flow_run is not None:  # a flow step: its completion stores its result
+                    held.record = held.record._replace(result=out)
                 held.finished = True
                 ok.append(held)
             finally:
@@ -191,9 +202,12 @@ class Executor:
         while True:
             try:
                 with s.store.transaction() as conn:
-                    self.handler(held.record, conn)
+                    out = self.handler(held.record, conn)
                     held.completing = True
-                    updated = s.store.complete_in(conn, [held.record])
+                    record = held.record
+                    if record.flow_run is not None:  # a flow step: its result commits with its completion
+                        record = record._replace(result=out)
+                    updated = s.store.complete_in(conn, [record])
                     if updated == 0:
                         raise LeaseLost(f"record {held.record.id}: lease lost before commit; handler work rolled back")
             except LeaseLost:

@@ -39,7 +39,10 @@ class Maintainer:
             self.next_round = time.monotonic() + self.s.settings.cleanup_interval * random.uniform(0.8, 1.2)
             return
         try:
-            step()
+            n = step()
+            metric = getattr(step, "metric", None)  # a step whose result is counted (core.flows.store.CountedStep)
+            if metric is not None and n:
+                self.s.metrics.count(metric, n)
         except BaseException:
             self._steps = None  # a failed round starts afresh next time
             self.next_round = time.monotonic() + min(1.0, self.s.settings.cleanup_interval)

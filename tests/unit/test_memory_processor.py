@@ -220,7 +220,7 @@ def test_retries_wait_for_the_policys_backoff(p: InMemoryProcessor, clock: FakeC
     (last,) = p.claim_records()
     assert last.is_last_attempt
     p.mark_failed([last], ValueError("try 3"))
-    assert totals(p) == {"pending": 0, "processing": 0, "completed": 0, "failed": 1, "cancelled": 0}
+    assert totals(p) == {"pending": 0, "processing": 0, "completed": 0, "failed": 1, "cancelled": 0, "waiting": 0}
     assert p.retry_failed(error_pattern="^ValueError: try 3$") == 1
     assert p.claim_records()[0].attempts == 1  # a fresh attempt budget
 
@@ -245,7 +245,7 @@ def test_cancel_ends_waiting_records_and_flags_running_ones(p: InMemoryProcessor
     assert p.extend_leases([r]) == ({running}, {running})
     assert p.claim_records(10) == []
     assert p.mark_completed([r]) == 1
-    assert totals(p) == {"pending": 0, "processing": 0, "completed": 1, "failed": 0, "cancelled": 3}
+    assert totals(p) == {"pending": 0, "processing": 0, "completed": 1, "failed": 0, "cancelled": 3, "waiting": 0}
 
 
 def test_a_flagged_record_ends_cancelled_whatever_its_handler_did(p: InMemoryProcessor) -> None:
@@ -278,7 +278,7 @@ def test_purge_deletes_finished_records_older_than_the_cutoff(p: InMemoryProcess
     p.mark_completed(rs[3:4])
     assert p.purge(30, batch=1, max_batches=2) == 2
     assert p.purge(timedelta(seconds=30)) == 1
-    assert totals(p) == {"pending": 0, "processing": 1, "completed": 1, "failed": 0, "cancelled": 0}
+    assert totals(p) == {"pending": 0, "processing": 1, "completed": 1, "failed": 0, "cancelled": 0, "waiting": 0}
     clock.advance(1)
     assert p.purge(0) == 1
 
@@ -292,7 +292,7 @@ def test_status_counts_per_queue(p: InMemoryProcessor, clock: FakeClock) -> None
     p.claim_records(1, queues=["a"])
     clock.advance(4)
     status = p.get_queue_status()
-    assert status["queues"]["a"] == {"pending": 2, "processing": 1, "completed": 0, "failed": 0, "cancelled": 0,
+    assert status["queues"]["a"] == {"pending": 2, "processing": 1, "completed": 0, "failed": 0, "cancelled": 0, "waiting": 0,
                                      "due": 2, "oldest_pending_age_seconds": 4.0, "paused": None}
     assert status["queues"]["b"]["due"] == 0
     assert status["totals"]["pending"] == 3 and status["oldest_pending_age_seconds"] == 4.0
@@ -362,7 +362,7 @@ def test_run_drains_through_a_handler_and_retries_after_the_clock_moves(p: InMem
     clock.advance(2)
     second = p.run(handler, concurrency=4, stop_when_empty=True, handle_signals=False)
     assert (second.claimed, second.failed) == (5, 5)
-    assert totals(p) == {"pending": 0, "processing": 0, "completed": 65, "failed": 5, "cancelled": 0}
+    assert totals(p) == {"pending": 0, "processing": 0, "completed": 65, "failed": 5, "cancelled": 0, "waiting": 0}
     for key in ("k0", "k1", "k2"):
         order = [rid for k, rid in seen if k == key]
         assert order == sorted(order)

@@ -1,0 +1,467 @@
+-- Migration 0010: flows (core/flows/). {schema} is the quoted schema name.
+--
+-- A run's records are written at its start: roots pending, every other step 'waiting' (outside the claim's
+-- index, which holds pending records only) with waiting_on, its count of unfinished parents, and one row of
+-- flow_edges per (parent, child). A for_each step starts as one placeholder (flow_index -1) that its source's
+-- completion turns into one record per element of the source's result. The fenced statements that finish a
+-- flow record (the claim's completion, fail, recovery, cancel) call dp_flow_settle in the same statement, so a
+-- parent's end and its children's counts commit together: no poll, no "are my parents done?" query.
+
+-- Waiting records made claimable: pending from now (run_at now, so they queue behind what is due already),
+-- announced to the claimers whose floors may be above them (core/floors.py: they keep their small ids) and
+-- their queues' idle workers woken at the commit.
+CREATE OR REPLACE FUNCTION {schema}.dp_flow_release(p_ids bigint[]) RETURNS integer
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    q record;
+    n integer := 0;
+BEGIN
+    IF coalesce(cardinality(p_ids), 0) = 0 THEN
+        RETURN 0;
+    END IF;
+    FOR q IN
+        WITH released AS (
+            UPDATE {schema}.processing_queue r
+               SET status = 'pending', waiting_on = 0, run_at = now(), key_blocked = false, updated_at = now()
+             WHERE r.id = ANY(p_ids) AND r.status = 'waiting'
+            RETURNING r.queue, r.priority
+        )
+        SELECT released.queue, max(released.priority) AS priority, count(*) AS c
+          FROM released GROUP BY released.queue ORDER BY released.queue
+    LOOP
+        PERFORM {schema}.dp_announce(q.queue, q.priority, NULL);
+        PERFORM pg_notify({schema}.dp_channel(q.queue), q.queue);
+        n := n + q.c;
+    END LOOP;
+    RETURN n;
+END
+$fn$;
+
+-- A for_each placeholder (locked by the caller) given its source's result: one record per element, in element
+-- order (flow_index), each with the placeholder's parents and children (whose counts grow by the copies).
+-- Returns the number of elements; 0: the placeholder is completed with no element (its children count it as
+-- a finished parent whose result is []); -1: the result is not a list, the placeholder failed.
+CREATE OR REPLACE FUNCTION {schema}.dp_flow_expand(p_id bigint, p_list jsonb) RETURNS integer
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    n integer;
+    ph record;
+    v_new bigint[];
+BEGIN
+    SELECT * INTO ph FROM {schema}.processing_queue WHERE id = p_id;
+    IF p_list IS NULL OR jsonb_typeof(p_list) <> 'array' THEN
+        UPDATE {schema}.processing_queue
+           SET status = 'failed', finished_at = now(), updated_at = now(),
+               last_error = format('for_each: the result its source gave is %s, not a list',
+                                   coalesce(jsonb_typeof(p_list), 'missing'))
+         WHERE id = p_id;
+        RETURN -1;
+    END IF;
+    n := jsonb_array_length(p_list);
+    IF n = 0 THEN
+        UPDATE {schema}.processing_queue
+           SET status = 'completed', finished_at = now(), updated_at = now(), waiting_on = 0
+         WHERE id = p_id;
+        RETURN 0;
+    END IF;
+    UPDATE {schema}.processing_queue SET payload = p_list -> 0, flow_index = 0, updated_at = now() WHERE id = p_id;
+    IF n = 1 THEN
+        RETURN 1;
+    END IF;
+    WITH ins AS (
+        INSERT INTO {schema}.processing_queue AS r (queue, payload, status, priority, run_at, max_attempts,
+                                                    ordering_key, flow_run_id, step, flow_index, waiting_on)
+        SELECT ph.queue, p_list -> (e.i::integer), 'waiting', ph.priority, ph.run_at, ph.max_attempts,
+               ph.ordering_key, ph.flow_run_id, ph.step, e.i::integer, ph.waiting_on
+          FROM generate_series(1, n - 1) AS e(i)
+         ORDER BY e.i
+        RETURNING r.id
+    )
+    SELECT array_agg(ins.id ORDER BY ins.id) INTO v_new FROM ins;
+    INSERT INTO {schema}.flow_edges (child_id, parent_id, run_id, each, run_on_failure)
+    SELECT c.id, e.parent_id, e.run_id, e.each, e.run_on_failure
+      FROM {schema}.flow_edges e CROSS JOIN unnest(v_new) AS c(id)
+     WHERE e.child_id = p_id;
+    INSERT INTO {schema}.flow_edges (child_id, parent_id, run_id, each, run_on_failure)
+    SELECT e.child_id, c.id, e.run_id, e.each, e.run_on_failure
+      FROM {schema}.flow_edges e CROSS JOIN unnest(v_new) AS c(id)
+     WHERE e.parent_id = p_id;
+    UPDATE {schema}.processing_queue r SET waiting_on = r.waiting_on + (n - 1)
+     WHERE r.id IN (SELECT e.child_id FROM {schema}.flow_edges e WHERE e.parent_id = p_id)
+       AND r.status = 'waiting';
+    UPDATE {schema}.flow_runs SET unfinished = unfinished + (n - 1) WHERE id = ph.flow_run_id;
+    RETURN n;
+END
+$fn$;
+
+-- The end of flow records, in the statement that ended them (their ids come from its RETURNING, so only
+-- records whose fenced update succeeded count: a stale instance settles nothing): p_done completed (p_results
+-- their results, in the same order), p_ended failed or cancelled. Children count a completed parent (all of
+-- a batch's parents of one child at once); a failed or cancelled parent cancels its waiting children
+-- (on_dependency_failure 'cancel', with an error naming the step) or counts as finished ('run'); a child whose
+-- count reaches zero becomes pending. The records touched are locked first, in id order, so two transactions
+-- settling parents of one child take turns (the later sees the earlier's count) and never deadlock; the runs
+-- last, in id order. Returns how many records became claimable.
+CREATE OR REPLACE FUNCTION {schema}.dp_flow_settle(p_done bigint[], p_results jsonb[], p_ended bigint[])
+RETURNS integer
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_done bigint[] := coalesce(p_done, '{}');
+    v_ended bigint[] := coalesce(p_ended, '{}');
+    v_failed bigint[] := coalesce(p_ended, '{}');  -- the records whose end fails their run
+    v_finished bigint[] := '{}';
+    v_release bigint[] := '{}';
+    v_next_done bigint[];
+    v_next_ended bigint[];
+    v_zero bigint[];
+    v_empty bigint[];
+    ph record;
+    n integer;
+    released integer := 0;
+    run record;
+    v_left integer;
+    v_handler jsonb;
+    v_fid bigint;
+BEGIN
+    IF cardinality(v_done) + cardinality(v_ended) = 0 THEN
+        RETURN 0;
+    END IF;
+    IF cardinality(v_done) > 0 THEN
+        INSERT INTO {schema}.flow_results (record_id, run_id, result)
+        SELECT u.id, r.flow_run_id, u.res
+          FROM unnest(v_done, p_results) AS u(id, res)
+          JOIN {schema}.processing_queue r ON r.id = u.id
+         WHERE r.flow_run_id IS NOT NULL
+        ON CONFLICT (record_id) DO UPDATE SET result = EXCLUDED.result;
+    END IF;
+    -- Every waiting descendant, locked in id order before anything is changed.
+    PERFORM 1 FROM {schema}.processing_queue r
+     WHERE r.id = ANY(ARRAY(
+               WITH RECURSIVE d(id) AS (
+                   SELECT unnest(v_done || v_ended)
+                   UNION
+                   SELECT e.child_id FROM {schema}.flow_edges e JOIN d ON e.parent_id = d.id)
+               SELECT d.id FROM d))
+       AND r.status = 'waiting'
+     ORDER BY r.id
+       FOR UPDATE;
+    LOOP
+        v_finished := v_finished || v_done || v_ended;
+        v_next_done := '{}';
+        v_next_ended := '{}';
+        -- A completed source fans out its for_each placeholders.
+        FOR ph IN
+            SELECT e.child_id, e.parent_id
+              FROM {schema}.flow_edges e
+              JOIN {schema}.processing_queue c ON c.id = e.child_id
+             WHERE e.parent_id = ANY(v_done) AND e.each AND c.status = 'waiting' AND c.flow_index = -1
+             ORDER BY e.child_id
+        LOOP
+            n := {schema}.dp_flow_expand(ph.child_id, (SELECT fr.result FROM {schema}.flow_results fr
+                                                       WHERE fr.record_id = ph.parent_id));
+            IF n = 0 THEN
+                v_next_done := v_next_done || ph.child_id;
+            ELSIF n < 0 THEN
+                v_next_ended := v_next_ended || ph.child_id;
+                v_failed := v_failed || ph.child_id;
+            END IF;
+        END LOOP;
+        -- Children of a failed or cancelled parent that do not run without it: cancelled, naming the step.
+        WITH cancelled AS (
+            UPDATE {schema}.processing_queue c
+               SET status = 'cancelled', finished_at = now(), updated_at = now(), waiting_on = 0,
+                   last_error = x.why
+              FROM (SELECT DISTINCT ON (e.child_id) e.child_id,
+                           format('dependency %s %s', p.step, p.status) AS why
+                      FROM {schema}.flow_edges e
+                      JOIN {schema}.processing_queue p ON p.id = e.parent_id
+                     WHERE e.parent_id = ANY(v_ended) AND NOT e.run_on_failure
+                     ORDER BY e.child_id, e.parent_id) x
+             WHERE c.id = x.child_id AND c.status = 'waiting'
+            RETURNING c.id
+        )
+        SELECT v_next_ended || coalesce(array_agg(cancelled.id), '{}') INTO v_next_ended FROM cancelled;
+        -- The others count their finished parents, every one of this round at once.
+        WITH hits AS (
+            SELECT e.child_id, count(*) AS k
+              FROM {schema}.flow_edges e
+             WHERE e.parent_id = ANY(v_done) OR (e.parent_id = ANY(v_ended) AND e.run_on_failure)
+             GROUP BY e.child_id
+        ),
+        counted AS (
+            UPDATE {schema}.processing_queue c SET waiting_on = c.waiting_on - h.k
+              FROM hits h
+             WHERE c.id = h.child_id AND c.status = 'waiting'
+            RETURNING c.id, c.waiting_on, c.flow_index
+        )
+        SELECT coalesce(array_agg(counted.id) FILTER (WHERE counted.waiting_on <= 0
+                                                      AND counted.flow_index IS DISTINCT FROM -1), '{}'),
+               coalesce(array_agg(counted.id) FILTER (WHERE counted.waiting_on <= 0 AND counted.flow_index = -1), '{}')
+          INTO v_zero, v_empty
+          FROM counted;
+        v_release := v_release || v_zero;
+        -- A placeholder whose source failed and which runs without it: no element, finished with [].
+        IF cardinality(v_empty) > 0 THEN
+            UPDATE {schema}.processing_queue SET status = 'completed', finished_at = now(), updated_at = now()
+             WHERE id = ANY(v_empty);
+            v_next_done := v_next_done || v_empty;
+        END IF;
+        EXIT WHEN cardinality(v_next_done) + cardinality(v_next_ended) = 0;
+        v_done := v_next_done;
+        v_ended := v_next_ended;
+    END LOOP;
+    released := {schema}.dp_flow_release(v_release);
+    -- The runs: one unfinished record less per record finished; the first failure fails the run and makes its
+    -- on_failure step claimable (once: only the transaction that moves the run from running does it).
+    FOR run IN
+        SELECT fr.id, fr.status, fr.flow, fr.version, fr.input, fr.unfinished,
+               (SELECT count(*) FROM unnest(v_finished) AS f(id)
+                  JOIN {schema}.processing_queue r ON r.id = f.id WHERE r.flow_run_id = fr.id) AS finished,
+               (SELECT r.id FROM unnest(v_failed) AS f(id)
+                  JOIN {schema}.processing_queue r ON r.id = f.id
+                 WHERE r.flow_run_id = fr.id ORDER BY r.id LIMIT 1) AS failed_id
+          FROM {schema}.flow_runs fr
+         WHERE fr.id IN (SELECT r.flow_run_id FROM {schema}.processing_queue r WHERE r.id = ANY(v_finished))
+         ORDER BY fr.id
+           FOR UPDATE OF fr
+    LOOP
+        v_left := run.unfinished - run.finished;
+        IF run.failed_id IS NOT NULL AND run.status = 'running' THEN
+            UPDATE {schema}.flow_runs fr
+               SET status = 'failed', failed_step = r.step,
+                   error = coalesce(r.last_error, 'step ' || r.step || ' ' || r.status), updated_at = now()
+              FROM {schema}.processing_queue r
+             WHERE fr.id = run.id AND r.id = run.failed_id;
+            SELECT t.definition -> 'on_failure' INTO v_handler
+              FROM {schema}.flow_templates t WHERE t.name = run.flow AND t.version = run.version;
+            IF v_handler IS NOT NULL AND jsonb_typeof(v_handler) = 'object' THEN
+                INSERT INTO {schema}.processing_queue (queue, payload, status, priority, max_attempts, flow_run_id,
+                                                      step, waiting_on)
+                VALUES (v_handler ->> 'queue', run.input, 'waiting', (v_handler ->> 'priority')::integer,
+                        (v_handler ->> 'max_attempts')::integer, run.id, v_handler ->> 'name', 0)
+                RETURNING id INTO v_fid;
+                UPDATE {schema}.flow_runs SET on_failure_id = v_fid WHERE id = run.id;
+                released := released + {schema}.dp_flow_release(ARRAY[v_fid]);
+                v_left := v_left + 1;
+            END IF;
+        END IF;
+        UPDATE {schema}.flow_runs fr
+           SET unfinished = v_left,
+               status = CASE WHEN v_left <= 0 AND fr.status = 'running' THEN 'completed' ELSE fr.status END,
+               finished_at = CASE WHEN v_left <= 0 THEN coalesce(fr.finished_at, now()) ELSE fr.finished_at END,
+               updated_at = now()
+         WHERE fr.id = run.id;
+    END LOOP;
+    RETURN released;
+END
+$fn$;
+
+-- What a flow record's handler gets as record.parents: {step: result} of its parents that completed; a
+-- for_each step's results as a list in element order (an element that did not complete: null; none: []).
+-- A run's on_failure record gets every step of its run.
+CREATE OR REPLACE FUNCTION {schema}.dp_flow_parents(p_id bigint, p_run bigint) RETURNS jsonb
+LANGUAGE sql STABLE AS $fn$
+    WITH src AS (
+        SELECT r.id, r.step, r.flow_index, r.status
+          FROM {schema}.flow_edges e
+          JOIN {schema}.processing_queue r ON r.id = e.parent_id
+         WHERE e.child_id = p_id
+        UNION ALL
+        SELECT r.id, r.step, r.flow_index, r.status
+          FROM {schema}.flow_runs fr
+          JOIN {schema}.processing_queue r ON r.flow_run_id = fr.id
+         WHERE fr.id = p_run AND fr.on_failure_id = p_id AND r.id <> p_id
+    )
+    SELECT coalesce(jsonb_object_agg(g.step, g.val), '{}'::jsonb)
+      FROM (SELECT s.step,
+                   CASE WHEN bool_and(s.flow_index IS NULL)
+                        THEN (array_agg(res.result))[1]
+                        ELSE coalesce(jsonb_agg(CASE WHEN s.status = 'completed' THEN res.result END
+                                                ORDER BY s.flow_index) FILTER (WHERE s.flow_index >= 0), '[]'::jsonb)
+                   END AS val
+              FROM src s
+              LEFT JOIN {schema}.flow_results res ON res.record_id = s.id
+             WHERE s.status = 'completed' OR s.flow_index IS NOT NULL
+             GROUP BY s.step) g
+$fn$;
+
+-- A run in one call (in the caller's transaction when it is an application's): the template checked against
+-- the stored definition of its version, the dedupe key (one running run per flow and key), the records of
+-- p_steps (in the template's order: name, queue, priority, max_attempts, ordering_key, after, each, policy),
+-- their edges, and the roots released. status: 'ok', 'deduplicated' (run_id the running run's), 'changed' (the
+-- version's stored definition differs: nothing written), 'rerouted', 'elsewhere', 'moving', 'retiring' (a
+-- shard's guard, as dp_enqueue_prepare's). ids: {step: id}, a for_each step's placeholder id.
+CREATE OR REPLACE FUNCTION {schema}.dp_start_flow(
+    p_flow text, p_version integer, p_hash text, p_definition jsonb, p_input jsonb, p_dedupe text, p_steps jsonb,
+    p_expect_shard integer DEFAULT NULL,
+    OUT status text, OUT run_id bigint, OUT ids jsonb, OUT owner integer)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_hash text;
+    v_shard integer;
+    v_accepting boolean;
+    v_moving boolean;
+    v_ids bigint[];
+BEGIN
+    status := 'ok';
+    SELECT i.shard_no, i.accepting INTO v_shard, v_accepting FROM {schema}.shard_identity i FOR SHARE;
+    IF FOUND THEN
+        IF p_expect_shard IS NOT NULL AND v_shard <> p_expect_shard THEN
+            status := 'rerouted';
+            RETURN;
+        END IF;
+        IF p_dedupe IS NOT NULL THEN  -- a run with a dedupe key lives on the shard the key routes to
+            SELECT m.shard_no, m.moving INTO owner, v_moving
+              FROM {schema}.shard_map m WHERE m.partition = {schema}.dp_partition_of(p_dedupe) FOR SHARE;
+            IF NOT FOUND OR v_moving OR owner <> v_shard THEN
+                status := CASE WHEN v_moving THEN 'moving' WHEN owner IS NULL THEN 'rerouted' ELSE 'elsewhere' END;
+                RETURN;
+            END IF;
+            owner := NULL;
+        ELSIF NOT v_accepting THEN
+            status := 'retiring';
+            owner := v_shard;
+            RETURN;
+        END IF;
+    END IF;
+    INSERT INTO {schema}.flow_templates (name, version, def_hash, definition)
+    VALUES (p_flow, p_version, p_hash, p_definition)
+    ON CONFLICT (name, version) DO NOTHING;
+    SELECT t.def_hash INTO v_hash FROM {schema}.flow_templates t WHERE t.name = p_flow AND t.version = p_version;
+    IF v_hash <> p_hash THEN
+        status := 'changed';
+        RETURN;
+    END IF;
+    run_id := nextval(pg_get_serial_sequence('{schema}.processing_queue', 'id'));
+    INSERT INTO {schema}.flow_runs (id, flow, version, status, input, dedupe_key, unfinished)
+    VALUES (run_id, p_flow, p_version, 'running', p_input, p_dedupe, jsonb_array_length(p_steps))
+    ON CONFLICT (flow, dedupe_key) WHERE status = 'running' AND dedupe_key IS NOT NULL DO NOTHING;
+    IF NOT FOUND THEN
+        status := 'deduplicated';
+        SELECT fr.id INTO run_id FROM {schema}.flow_runs fr
+         WHERE fr.flow = p_flow AND fr.dedupe_key = p_dedupe AND fr.status = 'running';
+        SELECT jsonb_object_agg(x.step, x.id) INTO ids
+          FROM (SELECT r.step, min(r.id) AS id FROM {schema}.processing_queue r
+                 WHERE r.flow_run_id = run_id AND r.id <> coalesce(
+                       (SELECT fr.on_failure_id FROM {schema}.flow_runs fr WHERE fr.id = run_id), 0)
+                 GROUP BY r.step) x;
+        RETURN;
+    END IF;
+    WITH ins AS (
+        INSERT INTO {schema}.processing_queue AS r (queue, payload, status, priority, max_attempts, ordering_key,
+                                                    flow_run_id, step, flow_index, waiting_on)
+        SELECT s.v ->> 'queue', p_input, 'waiting', (s.v ->> 'priority')::integer, (s.v ->> 'max_attempts')::integer,
+               s.v ->> 'ordering_key', run_id, s.v ->> 'name',
+               CASE WHEN s.v ->> 'each' IS NOT NULL THEN -1 END,
+               jsonb_array_length(s.v -> 'after') + CASE WHEN s.v ->> 'each' IS NOT NULL THEN 1 ELSE 0 END
+          FROM jsonb_array_elements(p_steps) WITH ORDINALITY AS s(v, ord)
+         ORDER BY s.ord
+        RETURNING r.id
+    )
+    SELECT array_agg(ins.id ORDER BY ins.id) INTO v_ids FROM ins;
+    -- ids are taken in the steps' order (INSERT ... SELECT ... ORDER BY ordinality): the k-th id is step k's
+    SELECT jsonb_object_agg(s.v ->> 'name', v_ids[s.ord]) INTO ids
+      FROM jsonb_array_elements(p_steps) WITH ORDINALITY AS s(v, ord);
+    INSERT INTO {schema}.flow_edges (child_id, parent_id, run_id, each, run_on_failure)
+    SELECT v_ids[s.ord], (ids ->> p.name)::bigint, run_id, p.name = coalesce(s.v ->> 'each', ''),
+           coalesce(s.v ->> 'policy', 'cancel') = 'run'
+      FROM jsonb_array_elements(p_steps) WITH ORDINALITY AS s(v, ord)
+     CROSS JOIN LATERAL (
+            SELECT a.name FROM jsonb_array_elements_text(s.v -> 'after') AS a(name)
+            UNION
+            SELECT s.v ->> 'each' WHERE s.v ->> 'each' IS NOT NULL) p;
+    PERFORM {schema}.dp_flow_release(ARRAY(
+        SELECT v_ids[s.ord] FROM jsonb_array_elements(p_steps) WITH ORDINALITY AS s(v, ord)
+         WHERE jsonb_array_length(s.v -> 'after') = 0 AND s.v ->> 'each' IS NULL));
+END
+$fn$;
+
+-- Cancel what of a run has not finished: waiting and pending records at once, processing ones flagged (their
+-- outcome becomes cancelled); the run is cancelled (its on_failure step does not run). Returns the run's
+-- status after (NULL: no such run).
+CREATE OR REPLACE FUNCTION {schema}.dp_cancel_flow(p_run bigint) RETURNS text
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_ids bigint[];
+    v_status text;
+BEGIN
+    -- The records first, in id order, then the run (the order dp_flow_settle locks them in).
+    PERFORM 1 FROM {schema}.processing_queue r
+     WHERE r.flow_run_id = p_run AND r.status IN ('waiting', 'pending', 'processing')
+     ORDER BY r.id FOR UPDATE;
+    UPDATE {schema}.flow_runs SET status = 'cancelled', updated_at = now()
+     WHERE id = p_run AND status = 'running';
+    SELECT fr.status INTO v_status FROM {schema}.flow_runs fr WHERE fr.id = p_run;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    WITH c AS (
+        UPDATE {schema}.processing_queue r
+           SET status = CASE WHEN r.status = 'processing' THEN r.status ELSE 'cancelled' END,
+               finished_at = CASE WHEN r.status = 'processing' THEN r.finished_at ELSE now() END,
+               dedupe_held = CASE WHEN r.status = 'processing' THEN r.dedupe_held ELSE false END,
+               last_error = CASE WHEN r.status = 'processing' THEN r.last_error ELSE 'flow run cancelled' END,
+               cancel_requested = true, waiting_on = 0, updated_at = now()
+         WHERE r.flow_run_id = p_run AND r.status IN ('waiting', 'pending', 'processing')
+        RETURNING r.id, r.status
+    )
+    SELECT array_agg(c.id ORDER BY c.id) FILTER (WHERE c.status = 'cancelled') INTO v_ids FROM c;
+    PERFORM {schema}.dp_flow_settle(NULL, NULL, v_ids);
+    RETURN v_status;
+END
+$fn$;
+
+-- The repair of a defect that must never happen (health reports it): a waiting record none of whose parents
+-- is unfinished. Its count is set right: cancelled when a parent that it does not run without failed, a
+-- placeholder fanned out from its source's stored result, released otherwise. p_ids: the defects a sweep found
+-- (each checked again here, locked); returns how many were repaired.
+CREATE OR REPLACE FUNCTION {schema}.dp_flow_repair(p_ids bigint[]) RETURNS integer
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    d record;
+    n integer := 0;
+    k integer;
+    v_src bigint;
+BEGIN
+    FOR d IN
+        SELECT w.id, w.flow_index FROM {schema}.processing_queue w
+         WHERE w.id = ANY(p_ids) AND w.status = 'waiting'
+           AND NOT EXISTS (SELECT 1 FROM {schema}.flow_edges e
+                             JOIN {schema}.processing_queue p ON p.id = e.parent_id
+                            WHERE e.child_id = w.id AND p.status NOT IN ('completed', 'failed', 'cancelled'))
+         ORDER BY w.id
+           FOR UPDATE OF w SKIP LOCKED
+    LOOP
+        n := n + 1;
+        IF EXISTS (SELECT 1 FROM {schema}.flow_edges e JOIN {schema}.processing_queue p ON p.id = e.parent_id
+                    WHERE e.child_id = d.id AND NOT e.run_on_failure AND p.status <> 'completed') THEN
+            UPDATE {schema}.processing_queue SET status = 'cancelled', finished_at = now(), waiting_on = 0,
+                   last_error = 'dependency failed (repaired)', updated_at = now()
+             WHERE id = d.id;
+            PERFORM {schema}.dp_flow_settle(NULL, NULL, ARRAY[d.id]);
+            CONTINUE;
+        END IF;
+        IF d.flow_index = -1 THEN
+            SELECT e.parent_id INTO v_src FROM {schema}.flow_edges e WHERE e.child_id = d.id AND e.each;
+            k := {schema}.dp_flow_expand(d.id, (SELECT fr.result FROM {schema}.flow_results fr
+                                                 WHERE fr.record_id = v_src));
+            IF k = 0 THEN
+                PERFORM {schema}.dp_flow_settle(ARRAY[d.id], ARRAY[NULL::jsonb], NULL);
+                CONTINUE;
+            ELSIF k < 0 THEN
+                PERFORM {schema}.dp_flow_settle(NULL, NULL, ARRAY[d.id]);
+                CONTINUE;
+            END IF;
+            PERFORM {schema}.dp_flow_release(ARRAY(
+                SELECT r.id FROM {schema}.processing_queue r
+                 WHERE r.flow_run_id = (SELECT x.flow_run_id FROM {schema}.processing_queue x WHERE x.id = d.id)
+                   AND r.step = (SELECT x.step FROM {schema}.processing_queue x WHERE x.id = d.id)
+                   AND r.status = 'waiting'));
+            CONTINUE;
+        END IF;
+        PERFORM {schema}.dp_flow_release(ARRAY[d.id]);
+    END LOOP;
+    RETURN n;
+END
+$fn$;

@@ -1,0 +1,75 @@
+-- Flows (core/flows/): starting a run, observing and cancelling it, the health check of waiting records and
+-- its repair, the retention of finished runs. The functions are in core/sql/ddl/0010_flows.sql.
+-- Placeholders in braces are identifiers filled in with psycopg.sql.Identifier (schema-qualified tables);
+-- %(name)s are bound parameters. A literal % is written %%, a literal brace doubled. Blocks: "-- name: <name>".
+
+-- name: start_flow
+-- A run in one round trip: template check, dedupe, its records and edges, the roots claimable.
+SELECT status, run_id, ids, owner
+  FROM {start_flow_function}(%(flow)s, %(version)s, %(hash)s, %(definition)s::jsonb, %(input)s::jsonb,
+                             %(dedupe)s::text, %(steps)s::jsonb, %(expect_shard)s::int);
+
+-- name: flow_run
+SELECT id, flow, version, status, input, dedupe_key, unfinished, failed_step, error, on_failure_id, created_at,
+       updated_at, finished_at
+  FROM {flow_runs}
+ WHERE id = %(run)s;
+
+-- name: flow_records
+-- A run's records by its flow index (ix_processing_queue_flow), each with its result.
+SELECT r.id, r.step, r.flow_index, r.status, r.attempts, r.max_attempts, r.last_error, res.result, r.queue,
+       r.waiting_on, r.created_at, r.finished_at
+  FROM {records} r
+  LEFT JOIN {flow_results} res ON res.record_id = r.id
+ WHERE r.flow_run_id = %(run)s
+ ORDER BY r.id;
+
+-- name: cancel_flow
+SELECT {cancel_flow_function}(%(run)s);
+
+-- name: flow_defects
+-- A slice of the waiting records (by the waiting index, after the id %(after)s): the last id of the slice (NULL:
+-- none left) and those none of whose parents is unfinished, a defect (the settle of their last parent is
+-- missing). A sweep goes through them all slice by slice; the health check reads the oldest slice.
+SELECT max(s.id), count(*), coalesce(array_agg(s.id ORDER BY s.id) FILTER (WHERE s.defect), '{{}}')
+  FROM (SELECT w.id,
+               NOT EXISTS (SELECT 1 FROM {flow_edges} e
+                             JOIN {records} p ON p.id = e.parent_id
+                            WHERE e.child_id = w.id AND p.status NOT IN ('completed', 'failed', 'cancelled'))
+                   AS defect
+          FROM {records} w
+         WHERE w.status = 'waiting' AND w.id > %(after)s
+         ORDER BY w.id
+         LIMIT %(limit)s) s;
+
+-- name: flow_repair
+SELECT {flow_repair_function}(%(ids)s::bigint[]);
+
+-- name: purge_flow_runs
+-- Finished runs older than the cutoff, with their edges and results, in one bounded, ordered batch (their
+-- records go by the records' own retention).
+WITH gone AS (
+    DELETE FROM {flow_runs}
+     WHERE id = ANY(ARRAY(SELECT id FROM {flow_runs}
+                           WHERE finished_at < now() - %(older_than)s * interval '1 second'
+                           ORDER BY finished_at
+                           LIMIT %(batch)s))
+       AND finished_at IS NOT NULL
+    RETURNING id
+),
+edges AS (
+    DELETE FROM {flow_edges} e WHERE e.run_id = ANY(ARRAY(SELECT id FROM gone))
+),
+results AS (
+    DELETE FROM {flow_results} r WHERE r.run_id = ANY(ARRAY(SELECT id FROM gone))
+)
+SELECT count(*) FROM gone;
+
+-- name: list_flow_runs
+-- The latest runs (the dashboard, the CLI), newest first, by the (flow, created_at) index when a flow is named.
+SELECT id, flow, version, status, unfinished, failed_step, error, created_at, finished_at
+  FROM {flow_runs}
+ WHERE (%(flow)s::text IS NULL OR flow = %(flow)s::text)
+   AND (%(status)s::text IS NULL OR status = %(status)s::text)
+ ORDER BY created_at DESC, id DESC
+ LIMIT %(limit)s;
