@@ -549,6 +549,16 @@ class Bench:
 
         run(self)
 
+    def suite_flows(self) -> None:
+        from bench.flows import run
+
+        run(self)
+
+    def suite_hotpath(self) -> None:
+        from bench.hotpath import run
+
+        run(self)
+
     # ------------------------------------------------------------------ output
 
     def report(self, path: Path, plot: Path | None) -> None:
@@ -640,14 +650,17 @@ def find_server() -> tuple[str, str]:
 
 
 SUITES = ("drain", "enqueue", "latency", "table", "keys", "horizon", "pooling", "shards", "memory", "dashboard",
-          "producers", "control")
+          "producers", "control", "flows")
+# Run only when named (--only): hotpath's breakdown and experiments take about 40 minutes in full.
+OPTIONAL_SUITES = ("hotpath",)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes (seconds per suite)")
-    ap.add_argument("--only", default=",".join(SUITES), help=f"comma-separated suites: {', '.join(SUITES)}")
+    ap.add_argument("--only", default=",".join(SUITES),
+                    help=f"comma-separated suites: {', '.join(SUITES)}; only when named: {', '.join(OPTIONAL_SUITES)}")
     ap.add_argument("--json", type=Path, default=RESULTS / "latest.json")
     ap.add_argument("--plot", type=Path, default=RESULTS / "drain.png")
     ap.add_argument("--no-plot", action="store_true")
@@ -658,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
         _plot(rows, args.plot)
         return 0
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = set(chosen) - set(SUITES)
+    unknown = set(chosen) - set(SUITES) - set(OPTIONAL_SUITES)
     if unknown:
         ap.error(f"unknown suites: {sorted(unknown)}")
     bench = Bench(args.quick)

@@ -1,6 +1,6 @@
 """Benchmark worker processes.
 
-    python -m bench.workers raw|bare|ours|latency DSN BATCH
+    python -m bench.workers raw|bare|ours|flow|latency DSN BATCH
 
 ``raw``: the two-statement loop over ``processing_queue`` (the ceiling for the same rows, in the pending
 index's order); ``bare``: the same
@@ -64,6 +64,21 @@ def ours(dsn: str, batch: int) -> int:
         return summary.processed
 
 
+def flow(dsn: str, batch: int) -> int:
+    """``run()`` over the flows suite's 3-step chain (bench/flows.py) with no-op steps."""
+    from bench.flows import chain
+    from core import DistributedProcessor
+
+    with DistributedProcessor(dsn, batch_size=batch) as p:
+        p.get_queue_status()
+        print("ready", flush=True)
+        sys.stdin.readline()
+        summary = p.run(chain, stop_when_empty=True, poll_interval=0.2, handle_signals=False,
+                        claimers=int(os.environ.get("DPB_CLAIMERS", "2")),
+                        concurrency=int(os.environ.get("DPB_CONC", "10")))
+        return summary.processed
+
+
 def latency(dsn: str, batch: int) -> int:
     from core import DistributedProcessor
 
@@ -96,6 +111,8 @@ def main() -> int:
         n = raw_loop(mode, dsn, batch)
     elif mode == "ours":
         n = ours(dsn, batch)
+    elif mode == "flow":
+        n = flow(dsn, batch)
     else:
         n = latency(dsn, batch)
     import psutil

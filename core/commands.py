@@ -49,12 +49,13 @@ def resolve_dsn(args: argparse.Namespace, *, announce: bool = True) -> str:
     return dsn
 
 
-def load_handler(path: str | None) -> Callable[..., Any]:
+def load_handler(path: str | None) -> Any:
+    """The handler ``package.module:attr`` names: a function, or a flow (core.flows.Flow) or a list of flows."""
     if not path:
         raise CliError("no handler: pass --handler package.module:function (or set DP_HANDLER)")
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
-        raise CliError(f"handler {path!r} must look like package.module:function")
+        raise CliError(f"handler {path!r} must look like package.module:function (or :flow)")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -66,9 +67,11 @@ def load_handler(path: str | None) -> Callable[..., Any]:
         if not hasattr(target, part):
             raise CliError(f"module {module_name!r} has no attribute {attr!r}")
         target = getattr(target, part)
-    if not callable(target):
-        raise CliError(f"handler {path!r} is not callable")
-    return target  # type: ignore[no-any-return]
+    from core.flows.template import as_flows
+
+    if as_flows(target) is None and not callable(target):
+        raise CliError(f"handler {path!r} is not callable (nor a flow)")
+    return target
 
 
 def _processor(args: argparse.Namespace, dsn: str, **kw: Any) -> Any:
@@ -98,6 +101,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from core.flows.template import as_flows
     from core.retry import RetryPolicy
 
     handler = load_handler(args.handler)
@@ -105,6 +109,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     queues = [q.strip() for q in str(args.queue).split(",") if q.strip()]
     if not queues:
         raise CliError("--queue names no queue")
+    flows = as_flows(handler)
+    # Flows work their steps' queues unless a queue is named (--queue other than the default, or DP_QUEUE).
+    work: list[str] | None = None if flows is not None and queues == ["default"] and not os.environ.get(
+        "DP_QUEUE") else queues
     kw: dict[str, Any] = {
         "queue": queues[0],
         "batch_size": args.batch_size,
@@ -117,6 +125,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         "cleanup_interval": args.cleanup_interval,
         "retry": RetryPolicy(base_delay=args.retry_base_delay, max_delay=args.retry_max_delay),
     }
+    if args.transactional and flows is not None:
+        raise CliError("--transactional: a flow's steps say whether they are transactional")
     if args.transactional:
         n_params = len(inspect.signature(handler).parameters)
         if n_params < 2:
@@ -130,13 +140,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             server = HealthServer(p, args.health_host, args.health_port,
                                   live_within=max(30.0, 3 * args.poll_interval)).start()
-        log.info("worker starting", extra={"instance_id": p.instance_id, "queues": queues, "dsn": redact(dsn),
+        log.info("worker starting", extra={"instance_id": p.instance_id, "queues": work or "the flows'",
+                                           "dsn": redact(dsn),
                                            "concurrency": args.concurrency})
         try:
             summary = p.run(
                 handler,
                 concurrency=args.concurrency,
-                queues=queues,
+                queues=work,
                 stop_when_empty=args.stop_when_empty,
                 transactional=args.transactional,
                 handler_timeout=args.handler_timeout,

@@ -84,6 +84,13 @@ def health_report(
         report["queues"] = status_dict(rows, STATUSES)
         # A pause is a state the report lists, with its reason, not a failure.
         report["paused"] = yield from store.paused()
+        # A flow record waiting although none of its parents is unfinished must never happen (their settle
+        # commits with the parent's end): reported, never silent; the maintenance sweep repairs it.
+        defects = yield from store.flow_defects()
+        report["flows"] = {"defects": len(defects), "defect_ids": defects[:20]}
+        if defects:
+            reasons.append(f"{len(defects)} flow records wait although none of their parents is unfinished (ids "
+                           f"{', '.join(map(str, defects[:5]))}): maintenance repairs them")
         latency_ms = report["database"].get("latency_ms", 0.0)
         if latency_ms > latency_degraded_ms:
             reasons.append(f"database round trip {latency_ms:.0f} ms > {latency_degraded_ms:g} ms")

@@ -276,7 +276,8 @@ def schedule(self: Operations, name: str, *, cron: str | None = None, every: tim
     from core.schedules import ScheduleSpec
 
     if flow is not None:
-        raise InvalidArgument("flow: schedules of flows need core.flows")
+        raise InvalidArgument("flow: a schedule adds records, not flow runs; schedule a record whose handler calls "
+                              "start_flow")
     spec = ScheduleSpec.check(
         name, cron=cron, every=every, payload=payload, queue=self.settings.queue if queue is None else queue,
         timezone=timezone, misfire=misfire, backfill=backfill, overlap=overlap, flow=None, options=add_options,

@@ -143,6 +143,7 @@ Index(
 Index(
     "ix_processing_queue_flow",
     processing_queue.c.flow_run_id,
+    processing_queue.c.id,
     postgresql_where=text("flow_run_id IS NOT NULL"),
 )
 Index(

@@ -54,7 +54,8 @@ def flow_status(self: Operations, run_id: int) -> Plan[dict[str, Any] | None]:
     """A run: ``status`` (``running``, ``completed``, ``failed``, ``cancelled``), ``steps`` (each step's records
     with ``status``, ``attempts``, ``last_error``, ``result``; a ``for_each`` step's in element order),
     ``failed_step`` and ``error`` when it failed, ``input``, times. None when there is no such run."""
-    status: dict[str, Any] | None = yield from self.store.flow_status(_run_id(run_id))
+    checked = _run_id(run_id)
+    status: dict[str, Any] | None = yield from self.store.flow_status(checked)
     return status
 
 
@@ -62,7 +63,8 @@ def cancel_flow(self: Operations, run_id: int) -> Plan[str | None]:
     """Cancel what of a run has not finished (records waiting or pending at once, processing ones flagged:
     their outcome becomes cancelled); the run ends ``cancelled`` and its on_failure step does not run. Returns
     the run's status after (None: no such run)."""
-    status: str | None = yield from self.store.cancel_flow(_run_id(run_id))
+    checked = _run_id(run_id)
+    status: str | None = yield from self.store.cancel_flow(checked)
     return status
 
 

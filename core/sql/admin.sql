@@ -6,7 +6,15 @@
 -- Pending (and waiting) records are cancelled at once; processing ones are flagged, and their outcome becomes
 -- cancelled. A failed record may be cancelled too: that is how an operator unblocks a key stopped by
 -- block_on_failure. A flow step cancelled here settles its run in the same statement.
-WITH cancelled AS (
+-- The status before (a failed flow step settled its run when it failed: it must not again), the rows locked
+-- in id order; then the update by id list (no join a plan made on an empty table could turn into a walk).
+WITH before AS (
+    SELECT o.id, o.status FROM {records} o
+     WHERE o.id = ANY(%(ids)s::bigint[]) AND o.status IN ('pending', 'processing', 'failed', 'waiting')
+     ORDER BY o.id
+       FOR UPDATE
+),
+cancelled AS (
 UPDATE {records} t
    SET status = CASE WHEN status = 'processing' THEN status ELSE 'cancelled' END,
        finished_at = CASE WHEN status = 'processing' THEN finished_at ELSE now() END,
@@ -14,19 +22,15 @@ UPDATE {records} t
        waiting_on = CASE WHEN status = 'waiting' THEN 0 ELSE waiting_on END,
        cancel_requested = true,
        updated_at = now()
-  -- The status before (a failed flow step settled its run when it failed: it must not again).
-  FROM (SELECT o.id, o.status AS was FROM {records} o
-         WHERE o.id = ANY(%(ids)s::bigint[]) AND o.status IN ('pending', 'processing', 'failed', 'waiting')
-         ORDER BY o.id
-           FOR UPDATE) o
- WHERE t.id = o.id
+ WHERE t.id = ANY(ARRAY(SELECT id FROM before))
    AND t.status IN ('pending', 'processing', 'failed', 'waiting')
-RETURNING t.id, t.status, t.ordering_key, t.flow_run_id, o.was
+RETURNING t.id, t.status, t.ordering_key, t.flow_run_id
 ),
 settled AS (
     SELECT {flow_settle_function}(NULL, NULL, array_agg(c.id ORDER BY c.id)) AS n
       FROM cancelled c
-     WHERE c.flow_run_id IS NOT NULL AND c.status = 'cancelled' AND c.was IN ('pending', 'waiting')
+     WHERE c.flow_run_id IS NOT NULL AND c.status = 'cancelled'
+       AND c.id IN (SELECT b.id FROM before b WHERE b.status IN ('pending', 'waiting'))
     HAVING count(*) > 0
 )
 SELECT id, status, ordering_key FROM cancelled WHERE (SELECT count(*) FROM settled) >= 0;
@@ -71,7 +75,8 @@ DELETE FROM {records}
      ORDER BY r.finished_at
      LIMIT %(batch)s
        FOR UPDATE SKIP LOCKED))
-   AND status IN ('completed', 'failed', 'cancelled')
+-- (no status test here: the rows are locked finished by the subquery, and a test the finished index implies
+-- let a plan made on an empty table walk that index for the ids)
 RETURNING id;
 
 -- name: set_key_concurrency

@@ -361,9 +361,11 @@ RETURNING t.id, t.cancel_requested;
 
 -- name: any_due
 -- stop_when_empty: stops at the first due record instead of counting the backlog. A paused queue's records
--- are not due (nothing would take them).
+-- are not due (nothing would take them). A flow step waiting for its parents counts as due: its parents'
+-- completion (here or elsewhere) releases it (the waiting index: nothing read without flows).
 SELECT EXISTS (SELECT 1 FROM {records}
                 WHERE status = 'pending' AND queue = ANY(%(queues)s::text[]) AND run_at <= now()
                   AND NOT EXISTS (SELECT 1 FROM {queue_state} ps
                                    WHERE ps.queue = {records}.queue AND ps.paused_at IS NOT NULL
-                                     AND (ps.resume_at IS NULL OR ps.resume_at > now())));
+                                     AND (ps.resume_at IS NULL OR ps.resume_at > now())))
+    OR EXISTS (SELECT 1 FROM {records} w WHERE w.status = 'waiting' AND w.queue = ANY(%(queues)s::text[]));

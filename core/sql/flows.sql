@@ -16,13 +16,13 @@ SELECT id, flow, version, status, input, dedupe_key, unfinished, failed_step, er
  WHERE id = %(run)s;
 
 -- name: flow_records
--- A run's records by its flow index (ix_processing_queue_flow), each with its result.
-SELECT r.id, r.step, r.flow_index, r.status, r.attempts, r.max_attempts, r.last_error, res.result, r.queue,
-       r.waiting_on, r.created_at, r.finished_at
+-- A run's records by its flow index (ix_processing_queue_flow, in id order), each with its result (by key).
+SELECT r.id, r.step, r.flow_index, r.status, r.attempts, r.max_attempts, r.last_error,
+       (SELECT res.result FROM {flow_results} res WHERE res.record_id = r.id), r.queue, r.waiting_on,
+       r.created_at, r.finished_at
   FROM {records} r
-  LEFT JOIN {flow_results} res ON res.record_id = r.id
  WHERE r.flow_run_id = %(run)s
- ORDER BY r.id;
+ ORDER BY r.flow_run_id, r.id;
 
 -- name: cancel_flow
 SELECT {cancel_flow_function}(%(run)s);
@@ -33,9 +33,11 @@ SELECT {cancel_flow_function}(%(run)s);
 -- missing). A sweep goes through them all slice by slice; the health check reads the oldest slice.
 SELECT max(s.id), count(*), coalesce(array_agg(s.id ORDER BY s.id) FILTER (WHERE s.defect), '{{}}')
   FROM (SELECT w.id,
+               -- each parent by primary key (never a join a plan could turn into a walk of the table)
                NOT EXISTS (SELECT 1 FROM {flow_edges} e
-                             JOIN {records} p ON p.id = e.parent_id
-                            WHERE e.child_id = w.id AND p.status NOT IN ('completed', 'failed', 'cancelled'))
+                            WHERE e.child_id = w.id
+                              AND (SELECT p.status FROM {records} p WHERE p.id = e.parent_id)
+                                  NOT IN ('completed', 'failed', 'cancelled'))
                    AS defect
           FROM {records} w
          WHERE w.status = 'waiting' AND w.id > %(after)s

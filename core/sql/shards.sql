@@ -58,16 +58,18 @@ ON CONFLICT (partition) DO UPDATE
 UPDATE {shard_identity} SET accepting = %(accepting)s;
 
 -- name: move_routing_keys
--- The routing keys of this shard's records, once each (the mover hashes them to partitions).
+-- The routing keys of this shard's records, once each (the mover hashes them to partitions). A flow run's
+-- records never move (a run lives on one shard, whatever its steps' keys): none of the move statements
+-- reads them.
 SELECT DISTINCT coalesce(ordering_key, dedupe_key) FROM {records}
- WHERE coalesce(ordering_key, dedupe_key) IS NOT NULL;
+ WHERE coalesce(ordering_key, dedupe_key) IS NOT NULL AND flow_run_id IS NULL;
 
 -- name: move_lock_keys
 -- The records of these keys (pending and finished: a key's history moves with it), locked, never waiting
 -- (a wait could deadlock with a claim's unblock): a row someone else holds is skipped, and its key then
 -- counts as busy (move_pending_counts). Rows as JSON, for the other shard's insert.
 SELECT id, coalesce(ordering_key, dedupe_key), to_jsonb(t)::text FROM {records} t
- WHERE status <> 'processing'
+ WHERE status <> 'processing' AND flow_run_id IS NULL
    AND (ordering_key = ANY(%(keys)s::text[]) OR (ordering_key IS NULL AND dedupe_key = ANY(%(keys)s::text[])))
  ORDER BY id
    FOR UPDATE SKIP LOCKED;
@@ -76,19 +78,19 @@ SELECT id, coalesce(ordering_key, dedupe_key), to_jsonb(t)::text FROM {records} 
 -- How many records each key has now, running ones aside: a key whose count differs from the rows locked
 -- has a row someone holds (a claim under way), and waits for a later round.
 SELECT coalesce(ordering_key, dedupe_key), count(*) FROM {records}
- WHERE status <> 'processing'
+ WHERE status <> 'processing' AND flow_run_id IS NULL
    AND (ordering_key = ANY(%(keys)s::text[]) OR (ordering_key IS NULL AND dedupe_key = ANY(%(keys)s::text[])))
  GROUP BY 1;
 
 -- name: move_busy_keys
 -- Which of these keys has a record running here (a key moves only while none of its records runs).
 SELECT DISTINCT coalesce(ordering_key, dedupe_key) FROM {records}
- WHERE status = 'processing'
+ WHERE status = 'processing' AND flow_run_id IS NULL
    AND (ordering_key = ANY(%(keys)s::text[]) OR (ordering_key IS NULL AND dedupe_key = ANY(%(keys)s::text[])));
 
 -- name: move_lock_keyless
 SELECT id, NULL::text, to_jsonb(t)::text FROM {records} t
- WHERE status = 'pending' AND ordering_key IS NULL AND dedupe_key IS NULL
+ WHERE status = 'pending' AND ordering_key IS NULL AND dedupe_key IS NULL AND flow_run_id IS NULL
  ORDER BY id
  LIMIT %(limit)s
    FOR UPDATE SKIP LOCKED;
@@ -137,14 +139,18 @@ SELECT pg_try_advisory_lock(%(key)s::bigint);
 SELECT pg_advisory_unlock(%(key)s::bigint);
 
 -- name: move_unfinished
--- How many records of these keys this shard still has.
+-- How many records of these keys this shard still has (a flow run's stay: not counted).
 SELECT count(*) FROM {records}
- WHERE true
+ WHERE flow_run_id IS NULL
    AND (ordering_key = ANY(%(keys)s::text[]) OR (ordering_key IS NULL AND dedupe_key = ANY(%(keys)s::text[])));
 
 -- name: move_unfinished_keyless
+-- What keeps a retiring shard in service: its keyless records not moved yet, and its flow runs' unfinished
+-- records (runs never move: a shard retires once they finished).
 SELECT count(*) FROM {records}
- WHERE status IN ('pending', 'processing') AND ordering_key IS NULL AND dedupe_key IS NULL;
+ WHERE (status IN ('pending', 'processing') AND ordering_key IS NULL AND dedupe_key IS NULL
+        AND flow_run_id IS NULL)
+    OR (flow_run_id IS NOT NULL AND status IN ('pending', 'processing', 'waiting'));
 
 -- name: shard_queue_limit_value
 SELECT max_pending FROM {queue_limits} WHERE queue = %(queue)s;

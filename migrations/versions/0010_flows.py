@@ -46,7 +46,7 @@ def upgrade() -> None:
     op.execute(f"ALTER TABLE {quoted}.processing_queue ADD CONSTRAINT ck_processing_queue_status CHECK (status IN "
                "('pending', 'processing', 'completed', 'failed', 'cancelled', 'waiting')) NOT VALID")
     op.execute(f"ALTER TABLE {quoted}.processing_queue VALIDATE CONSTRAINT ck_processing_queue_status")
-    op.create_index("ix_processing_queue_flow", "processing_queue", ["flow_run_id"],
+    op.create_index("ix_processing_queue_flow", "processing_queue", ["flow_run_id", "id"],
                     postgresql_where=sa.text("flow_run_id IS NOT NULL"))
     op.create_index("ix_processing_queue_waiting", "processing_queue", ["id"], postgresql_include=["queue"],
                     postgresql_where=sa.text("status = 'waiting'"))

@@ -28,7 +28,7 @@ def test_a_claim_returns_the_record_under_a_fresh_lease(processor: ProcessorAPI)
     (rec,) = processor.claim_records()
     assert (rec.id, rec.payload, rec.attempts, rec.max_attempts, rec.queue) == (rid, {"x": 1}, 1, 4, "default")
     assert (rec.lease_expires_at - rec.claimed_at).total_seconds() == pytest.approx(processor.lease_seconds)
-    assert counts(processor) == {"pending": 0, "processing": 1, "completed": 0, "failed": 0, "cancelled": 0, "waiting": 0}
+    assert counts(processor) == {"pending": 0, "processing": 1, "completed": 0, "failed": 0, "cancelled": 0}
 
 
 def test_future_records_wait_for_their_run_at(processor: ProcessorAPI, clock: Clock) -> None:

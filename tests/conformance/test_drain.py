@@ -42,7 +42,7 @@ def test_drain_waits_out_backoffs_and_fails_records_out_of_attempts(processor: P
         (1, "retried"), (2, "retried"), (3, "completed")]
     assert out.handled == 7
     assert clock.now() - started >= timedelta(seconds=0.6)  # two backoffs, 0.2 s and 0.4 s, passed
-    assert counts(processor) == {"pending": 0, "processing": 0, "completed": 2, "failed": 1, "cancelled": 0, "waiting": 0}
+    assert counts(processor) == {"pending": 0, "processing": 0, "completed": 2, "failed": 1, "cancelled": 0}
 
 
 def test_drain_stops_after_max_records(processor: ProcessorAPI) -> None:

@@ -48,7 +48,7 @@ def test_a_record_out_of_attempts_ends_failed(processor: ProcessorAPI) -> None:
         (rec,) = processor.claim_records()
         assert (rec.id, rec.attempts, rec.is_last_attempt) == (rid, attempt, attempt == 2)
         assert processor.mark_failed([rec], RuntimeError(f"try {attempt}")) == 1
-    assert counts(processor) == {"pending": 0, "processing": 0, "completed": 0, "failed": 1, "cancelled": 0, "waiting": 0}
+    assert counts(processor) == {"pending": 0, "processing": 0, "completed": 0, "failed": 1, "cancelled": 0}
     assert processor.claim_records() == []
     processor.add_records([{}], max_attempts=1)  # a batch's own max_attempts wins over the processor's
     (rec,) = processor.claim_records()
@@ -63,7 +63,7 @@ def test_errors_the_policy_does_not_retry_fail_at_once(processor: ProcessorAPI) 
     processor.mark_failed([a], KeyError("missing"))
     processor.mark_failed([b], RuntimeError("transient"))
     processor.mark_failed([c], "explicit", retry=False)
-    assert counts(processor) == {"pending": 1, "processing": 0, "completed": 0, "failed": 2, "cancelled": 0, "waiting": 0}
+    assert counts(processor) == {"pending": 1, "processing": 0, "completed": 0, "failed": 2, "cancelled": 0}
     assert ids(processor.claim_records(3)) == [b.id]
 
 
@@ -116,7 +116,7 @@ def test_a_stale_claim_cannot_complete_a_record_claimed_again(processor: Process
     assert processor.extend_leases([stale]) == (set(), set())
     assert counts(processor)["processing"] == 1
     assert processor.mark_completed([stale, current]) == 1
-    assert counts(processor) == {"pending": 0, "processing": 0, "completed": 1, "failed": 0, "cancelled": 0, "waiting": 0}
+    assert counts(processor) == {"pending": 0, "processing": 0, "completed": 1, "failed": 0, "cancelled": 0}
 
 
 @pytest.mark.dp_options(lease_seconds=0.5, max_attempts=1)

@@ -12,15 +12,15 @@ from core.api import ProcessorAPI
 from core.errors import InvalidArgument
 from tests.conformance.conftest import Clock, counts, ids
 
-STATUS_KEYS = {"pending", "processing", "completed", "failed", "cancelled", "due", "oldest_pending_age_seconds",
-               "paused"}
+STATUS_KEYS = {"pending", "processing", "completed", "failed", "cancelled", "waiting", "due",
+               "oldest_pending_age_seconds", "paused"}
 
 
 def test_cancel_ends_pending_records_at_once(processor: ProcessorAPI) -> None:
     a, b, c = processor.add_records([{}, {}, {}])
     assert processor.cancel([a, c]) == {a: "cancelled", c: "cancelled"}
     assert ids(processor.claim_records(10)) == [b]
-    assert counts(processor) == {"pending": 0, "processing": 1, "completed": 0, "failed": 0, "cancelled": 2, "waiting": 0}
+    assert counts(processor) == {"pending": 0, "processing": 1, "completed": 0, "failed": 0, "cancelled": 2}
     assert processor.cancel([a, 999_999]) == {}  # already cancelled, and unknown: left alone
 
 
@@ -32,7 +32,7 @@ def test_cancel_flags_a_held_record_whose_outcome_becomes_cancelled(processor: P
     assert kept == cancels == {done, failing}
     assert processor.mark_completed(recs[:1]) == 1
     assert processor.mark_failed(recs[1:], RuntimeError("gave up")) == 1
-    assert counts(processor) == {"pending": 0, "processing": 0, "completed": 0, "failed": 0, "cancelled": 2, "waiting": 0}
+    assert counts(processor) == {"pending": 0, "processing": 0, "completed": 0, "failed": 0, "cancelled": 2}
 
 
 @pytest.mark.dp_options(max_attempts=1)
@@ -42,7 +42,7 @@ def test_cancel_leaves_completed_records_and_ends_failed_ones(processor: Process
     processor.mark_completed([a])
     processor.mark_failed([b], RuntimeError("boom"))
     assert processor.cancel([ok, bad]) == {bad: "cancelled"}
-    assert counts(processor) == {"pending": 0, "processing": 0, "completed": 1, "failed": 0, "cancelled": 1, "waiting": 0}
+    assert counts(processor) == {"pending": 0, "processing": 0, "completed": 1, "failed": 0, "cancelled": 1}
 
 
 def test_cancel_in_the_middle_of_a_key_lets_the_rest_run_in_order(processor: ProcessorAPI) -> None:
@@ -90,7 +90,7 @@ def test_purge_deletes_finished_records_older_than_asked(processor: ProcessorAPI
     assert processor.purge(3600) == 0  # none is an hour old
     assert processor.purge(0.1, batch=1, max_batches=2) == 2  # bounded: two batches of one
     assert processor.purge(0.1) == 2
-    assert counts(processor) == {"pending": 1, "processing": 0, "completed": 0, "failed": 0, "cancelled": 0, "waiting": 0}
+    assert counts(processor) == {"pending": 1, "processing": 0, "completed": 0, "failed": 0, "cancelled": 0}
     with pytest.raises(InvalidArgument):
         processor.purge(-1)
 
@@ -112,9 +112,11 @@ def test_queue_status_counts_per_status_and_queue(processor: ProcessorAPI, clock
     a, b = status["queues"]["a"], status["queues"]["b"]
     assert set(a) == set(b) == STATUS_KEYS
     assert {k: a[k] for k in STATUS_KEYS - {"oldest_pending_age_seconds"}} == {
-        "pending": 2, "processing": 1, "completed": 2, "failed": 1, "cancelled": 0, "waiting": 0, "due": 1, "paused": None}
+        "pending": 2, "processing": 1, "completed": 2, "failed": 1, "cancelled": 0, "waiting": 0, "due": 1,
+        "paused": None}
     assert (b["pending"], b["due"], b["processing"]) == (3, 2, 0)
-    assert status["totals"] == {"pending": 5, "processing": 1, "completed": 2, "failed": 1, "cancelled": 0, "waiting": 0}
+    assert status["totals"] == {"pending": 5, "processing": 1, "completed": 2, "failed": 1, "cancelled": 0,
+                                "waiting": 0}
     assert 0.2 <= a["oldest_pending_age_seconds"] < 30
     assert status["oldest_pending_age_seconds"] == max(a["oldest_pending_age_seconds"],
                                                        b["oldest_pending_age_seconds"])

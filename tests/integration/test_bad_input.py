@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core import AsyncDistributedProcessor, DistributedProcessor, InvalidArgument, InvalidPayload
+from core.flows import Flow
 from core.record import Record
 from core.testing import InMemoryProcessor
 from tests.support import run_cli
@@ -30,7 +31,7 @@ NAIVE = datetime(2026, 1, 1)
 NOW = datetime.now(timezone.utc)
 ASYNC = {"add_records", "get_queue_status", "health_check", "list_instances", "cancel", "retry_failed", "purge",
          "set_key_concurrency", "set_queue_limit", "pause", "resume", "set_queue_rate", "set_key_rate", "schedule",
-         "unschedule"}
+         "unschedule", "start_flow", "flow_status", "cancel_flow", "list_flow_runs"}
 # Public methods without arguments to get wrong.
 NO_ARGUMENTS = {"cleanup_orphaned_records", "deregister_instance", "horizon", "ready", "close", "migrate",
                 "next_due", "paused_queues", "rates", "list_schedules", "fire_due_schedules"}
@@ -44,6 +45,14 @@ class Case:
     call: Callable[[Any], Any]
     error: type[Exception] = InvalidArgument
     backends: tuple[str, ...] = ("blocking", "async", "memory")
+
+
+FLOW = Flow("bad_input_flow")
+
+
+@FLOW.step()
+def only(record: Record) -> None:
+    return None
 
 
 def _rec() -> Record:
@@ -173,6 +182,17 @@ TABLE: list[Case] = [
     _c("schedule", "overlap", "unknown", lambda p: p.schedule("s", every=60, overlap="queue")),
     _c("schedule", "add_options", "unknown option", lambda p: p.schedule("s", every=60, colour="red")),
     _c("unschedule", "name", "empty", lambda p: p.unschedule("")),
+    _c("start_flow", "flow", "a function", lambda p: p.start_flow(len, {})),
+    _c("start_flow", "input", "a list", lambda p: p.start_flow(FLOW, [1]), InvalidPayload),
+    _c("start_flow", "input", "NaN", lambda p: p.start_flow(FLOW, {"a": NAN}), InvalidPayload),
+    _c("start_flow", "dedupe_key", "a NUL", lambda p: p.start_flow(FLOW, {}, dedupe_key=NUL)),
+    _c("start_flow", "dedupe_key", "513 characters", lambda p: p.start_flow(FLOW, {}, dedupe_key="k" * 513)),
+    _c("flow_status", "run_id", "a string", lambda p: p.flow_status("1")),
+    _c("flow_status", "run_id", "negative", lambda p: p.flow_status(-1)),
+    _c("cancel_flow", "run_id", "a float", lambda p: p.cancel_flow(1.5)),
+    _c("list_flow_runs", "status", "unknown", lambda p: p.list_flow_runs(status="done")),
+    _c("list_flow_runs", "limit", "zero", lambda p: p.list_flow_runs(limit=0)),
+    _c("list_flow_runs", "flow", "a NUL", lambda p: p.list_flow_runs(flow=NUL)),
     _c("connection", "timeout", "negative", lambda p: p.connection(-1).__enter__(), backends=("blocking",)),
     _c("connection", "shard", "a string", lambda p: p.connection(shard="0").__enter__(), backends=("blocking",)),
     _c("complete_on", "records", "ints", lambda p: p.complete_on(None, [1]), backends=("blocking",)),

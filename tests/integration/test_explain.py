@@ -55,7 +55,7 @@ def _fill(db: Any) -> None:
 def _plan(p: DistributedProcessor, db: Any, queues: list[str]) -> dict[str, Any]:
     params = {
         "queues": queues, "batch": 100, "instance_id": "explain", "lease_seconds": 30, "token": None,
-        "done_ids": "{}", "done_tokens": "{}", "unblock_keys": [], "channels": [], "nqueues": [],
+        "done_ids": "{}", "done_tokens": "{}", "done_results": None, "unblock_keys": [], "channels": [], "nqueues": [],
         "default_key_concurrency": 1, "default_block_on_failure": False, "announce": False,
         **start_params(queues),
     }
@@ -132,6 +132,7 @@ _STATEMENT_PARAMS: dict[str, dict[str, Any]] = {
         "token": "00000000-0000-0000-0000-000000000001", "done_ids": "{1,2,3}",
         "done_tokens": "{00000000-0000-0000-0000-000000000001,00000000-0000-0000-0000-000000000001,"
                        "00000000-0000-0000-0000-000000000001}",
+        "done_results": None,
         "unblock_keys": ["k1", "k2"], "channels": ["c"], "nqueues": ["default"],
         "default_key_concurrency": 1, "default_block_on_failure": False, "announce": True,
         # a claimer's floors: the seek the index scans start from, and the events since its last claim
@@ -149,10 +150,16 @@ _STATEMENT_PARAMS: dict[str, dict[str, Any]] = {
     "prune_instances": {"retention": 86400},
     "list_instances": {"include_stopped": True},
     "queue_status_active": {"queue": None},
+    "cancel": {"ids": [1, 2]},
+    "purge": {"older_than": 3600, "batch": 5000},
+    "flow_records": {"run": 1},
+    "flow_defects": {"after": 0, "limit": 1000},
+    "any_due": {"queues": ["default"]},
 }
 
 
-_LIVE_ROW_INDEXES = ("ix_processing_queue_pending", "ix_processing_queue_lease")
+# Partial indexes of unfinished rows only: pending, in flight, flow steps waiting for their parents.
+_LIVE_ROW_INDEXES = ("ix_processing_queue_pending", "ix_processing_queue_lease", "ix_processing_queue_waiting")
 
 
 def _prepare(db: Any, name: str, stmt: str, params: dict[str, Any]) -> str:

@@ -15,7 +15,8 @@ import pytest
 
 from tests.support import ROOT
 
-SECTIONS = ("Enqueue in your transaction", "Queue control: schedules, pause and resume, rate limits")
+SECTIONS = ("Enqueue in your transaction", "Queue control: schedules, pause and resume, rate limits",
+            "Flows: steps released by their parents' completion")
 _BLOCK = re.compile(r"^```(python|sql)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
@@ -42,6 +43,10 @@ def test_the_sections_examples_run(section: str, dsn: str, db: Any) -> None:
         assert [r[0] for r in db.execute("SELECT name FROM schedules").fetchall()] == ["nightly-export"]
         assert db.execute("SELECT count(*) FROM queue_state WHERE paused_at IS NOT NULL").fetchone()[0] == 0
         assert db.execute("SELECT pattern, n FROM key_rates").fetchall() == [("tenant-*", 10)]
+    if section.startswith("Flows"):
+        # one run, completed: 7 records (validate, charge, reserve, ship, 2 labels, pack)
+        assert db.execute("SELECT status FROM flow_runs").fetchall() == [("completed",)]
+        assert db.execute("SELECT status, count(*) FROM processing_queue GROUP BY 1").fetchall() == [("completed", 7)]
     if section == "Enqueue in your transaction":
         # three orders, each with its record; the signup's record in queue 'welcome'
         assert db.execute("SELECT count(*) FROM orders").fetchone()[0] == 3

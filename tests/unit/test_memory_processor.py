@@ -292,7 +292,8 @@ def test_status_counts_per_queue(p: InMemoryProcessor, clock: FakeClock) -> None
     p.claim_records(1, queues=["a"])
     clock.advance(4)
     status = p.get_queue_status()
-    assert status["queues"]["a"] == {"pending": 2, "processing": 1, "completed": 0, "failed": 0, "cancelled": 0, "waiting": 0,
+    assert status["queues"]["a"] == {"pending": 2, "processing": 1, "completed": 0, "failed": 0, "cancelled": 0,
+            "waiting": 0,
                                      "due": 2, "oldest_pending_age_seconds": 4.0, "paused": None}
     assert status["queues"]["b"]["due"] == 0
     assert status["totals"]["pending"] == 3 and status["oldest_pending_age_seconds"] == 4.0

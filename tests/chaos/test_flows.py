@@ -1,0 +1,80 @@
+"""Flows under random SIGKILLs: 2,000 runs of a diamond and a for_each of 5 (9 records each), worked by 4 `dproc
+run` processes of which some are killed mid-drain and restarted; every step transactional, writing a ledger
+row with its completion."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from typing import Any
+
+from core import DistributedProcessor
+from tests.chaos.conftest import RECOVERY_BOUND, Fleet
+from tests.procs.flow_chaos import LEDGER_DDL, expected_parents, flow
+from tests.support import wait_until
+
+RUNS = 2000
+RECORDS_PER_RUN = 9
+HANDLER = "tests.procs.flow_chaos:flow"
+
+
+def unfinished_runs(db: Any) -> int:
+    return int(db.execute("SELECT count(*) FROM flow_runs WHERE status = 'running'").fetchone()[0])
+
+
+def held_by(db: Any, instance: str) -> int:
+    return int(db.execute("SELECT count(*) FROM processing_queue WHERE status = 'processing' AND claimed_by = %s",
+                          (instance,)).fetchone()[0])
+
+
+def test_flows_survive_sigkills_every_record_completed_once_parents_complete(dsn: str, db: Any,
+                                                                            fleet: Fleet) -> None:
+    db.execute(LEDGER_DDL)
+    with DistributedProcessor(dsn) as p:
+        runs = {p.start_flow(flow, {"n": n}).id: n for n in range(RUNS)}
+    for _ in range(4):
+        fleet.spawn(handler=HANDLER)
+    rng = random.Random(24)
+    killed: set[str] = set()
+    deadline = time.monotonic() + 240
+    while unfinished_runs(db) > 0 and time.monotonic() < deadline:
+        time.sleep(1.5)  # the fault cadence, not a synchronisation
+        victims = [n for n in fleet.alive() if held_by(db, n)]
+        if not victims or len(killed) >= 5:
+            continue
+        victim = rng.choice(victims)
+        fleet.procs[victim].send_signal(signal.SIGKILL)
+        fleet.procs[victim].wait(10)
+        killed.add(victim)
+        fleet.spawn(handler=HANDLER)  # restarted under a new identity
+    wait_until(lambda: unfinished_runs(db) == 0, RECOVERY_BOUND + 120, interval=0.5,
+               message="every run finished after the kills")
+    results = fleet.terminate_all()
+    assert len(killed) >= 3, "the test must really kill workers mid-drain"
+    for name, (code, _, err) in results.items():
+        if name not in killed:
+            assert code == 0, f"{name}: {err[-1500:]}"
+    # Every run terminal and completed; every record completed, exactly once (the ledger's primary key).
+    assert db.execute("SELECT status, count(*) FROM flow_runs GROUP BY 1").fetchall() == [("completed", RUNS)]
+    assert db.execute("SELECT status, count(*) FROM processing_queue GROUP BY 1").fetchall() == [
+        ("completed", RUNS * RECORDS_PER_RUN)]
+    assert db.execute("SELECT count(*) FROM flow_ledger").fetchone() == (RUNS * RECORDS_PER_RUN,)
+    assert db.execute("SELECT count(*) FROM flow_ledger l JOIN processing_queue r ON r.id = l.record_id "
+                      "WHERE r.status = 'completed'").fetchone() == (RUNS * RECORDS_PER_RUN,)
+    # Every step saw every parent's result when it started: none started early.
+    wrong = []
+    for run_id, step, parents, payload in db.execute("SELECT run_id, step, parents, payload FROM flow_ledger"):
+        n = runs[run_id]
+        if parents != expected_parents(step, n):
+            wrong.append((run_id, step, parents))
+        if step == "part" and payload not in [n * 10 + i for i in range(5)]:
+            wrong.append((run_id, step, payload))
+    assert wrong == [], wrong[:5]
+    per_run = db.execute("SELECT run_id, step, count(*) FROM flow_ledger GROUP BY 1, 2").fetchall()
+    assert {(step, c) for _, step, c in per_run} == {("start", 1), ("left", 1), ("right", 1), ("part", 5),
+                                                       ("join", 1)}
+    # No waiting record whose parents all finished (none waiting at all, and health says so).
+    with DistributedProcessor(dsn) as p:
+        assert p.health_check()["flows"]["defects"] == 0
+    assert db.execute("SELECT count(*) FROM processing_queue WHERE status = 'waiting'").fetchone() == (0,)

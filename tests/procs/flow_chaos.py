@@ -1,0 +1,75 @@
+"""The flow the flow chaos test runs in `dproc run` worker processes: a diamond and a for_each of 5 (9 records a
+run), every step transactional, writing a ledger row (what it saw of its parents) in its completion's
+transaction: a ledger row exists exactly when its record completed."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from core import Record
+from core.flows import Flow
+
+LEDGER_DDL = """
+CREATE TABLE IF NOT EXISTS flow_ledger (
+    record_id bigint PRIMARY KEY,
+    run_id bigint NOT NULL,
+    step text NOT NULL,
+    parents jsonb,
+    payload jsonb,
+    instance text NOT NULL
+);
+"""
+
+flow = Flow("chaos_flow", version=1)
+
+
+def _ledger(record: Record, conn: Any) -> None:
+    # The primary key makes a second completion of one record impossible to hide: it would fail here.
+    conn.execute("INSERT INTO flow_ledger (record_id, run_id, step, parents, payload, instance) "
+                 "VALUES (%s, %s, %s, %s, %s, %s)",
+                 (record.id, record.flow_run, record.step, json.dumps(record.parents), json.dumps(record.payload),
+                  os.environ.get("DP_INSTANCE_ID", "?")))
+
+
+@flow.step(transactional=True)
+def start(record: Record, conn: Any) -> list[int]:
+    _ledger(record, conn)
+    n = int(record.payload["n"])
+    return [n * 10 + i for i in range(5)]
+
+
+@flow.step(after=[start], transactional=True)
+def left(record: Record, conn: Any) -> int:
+    _ledger(record, conn)
+    return int(record.payload["n"]) + 1
+
+
+@flow.step(after=[start], transactional=True)
+def right(record: Record, conn: Any) -> int:
+    _ledger(record, conn)
+    return int(record.payload["n"]) + 2
+
+
+@flow.step(for_each=start, transactional=True)
+def part(record: Record, conn: Any) -> int:
+    _ledger(record, conn)
+    return int(record.payload) * 2  # type: ignore[call-overload]  # an element of start's list
+
+
+@flow.step(after=[left, right, part], transactional=True)
+def join(record: Record, conn: Any) -> None:
+    _ledger(record, conn)
+
+
+def expected_parents(step: str, n: int) -> dict[str, Any]:
+    """What a step of run input ``{"n": n}`` must see of its parents when it starts."""
+    elements = [n * 10 + i for i in range(5)]
+    return {
+        "start": {},
+        "left": {"start": elements},
+        "right": {"start": elements},
+        "part": {"start": elements},
+        "join": {"left": n + 1, "right": n + 2, "part": [e * 2 for e in elements]},
+    }[step]
