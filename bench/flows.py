@@ -56,7 +56,7 @@ def fill_runs(bench: Any, runs: int) -> None:
     req = start_request(chain, {"n": 0}, None, 5, None)
     with psycopg.connect(bench.dsn, autocommit=True) as conn:
         conn.execute("TRUNCATE processing_queue, queue_stats, processor_instances, flow_runs, flow_edges, "
-                     "flow_results, flow_templates")
+                     "flow_templates")
         conn.execute(START_MANY, {"n": runs, "flow": req.flow, "version": req.version, "hash": req.hash,
                                   "definition": json.dumps(req.definition), "steps": json.dumps(req.steps)})
         conn.execute("VACUUM ANALYZE processing_queue")

@@ -43,7 +43,6 @@ TABLES = {
     "flow_templates": "flow_templates",
     "flow_runs": "flow_runs",
     "flow_edges": "flow_edges",
-    "flow_results": "flow_results",
     "flow_settle_function": "dp_flow_settle",
     "flow_parents_function": "dp_flow_parents",
     "start_flow_function": "dp_start_flow",

@@ -93,6 +93,8 @@ processing_queue = Table(
     Column("step", Text),
     Column("flow_index", Integer),
     Column("waiting_on", Integer),
+    # A flow step's result, written by the statement that completes it (NULL outside flows).
+    Column("result", JSONB),
     PrimaryKeyConstraint("id"),
     CheckConstraint("status IN ('pending', 'processing', 'completed', 'failed', 'cancelled', 'waiting')",
                     name="status"),
@@ -353,8 +355,8 @@ schedules = Table(
 )
 Index("ix_schedules_next_fire", schedules.c.next_fire)
 
-# Flows (core/flows/tables.py, migration 0010): templates, runs, edges, results.
-flow_templates, flow_runs, flow_edges, flow_results = flow_tables.define(metadata)
+# Flows (core/flows/tables.py, migration 0010): templates, runs, edges.
+flow_templates, flow_runs, flow_edges = flow_tables.define(metadata)
 
 # dp_set_shard_ids sets the id sequence of a new shard: every id it hands out is congruent to its number
 # modulo the stride (the most shards there may be), above every id it holds and above ``above`` (the other

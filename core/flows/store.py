@@ -38,9 +38,10 @@ def run_status(run: Any, records: list[Any]) -> dict[str, Any]:
         steps.setdefault(r[1], []).append({
             "id": int(r[0]), "status": r[3], "attempts": int(r[4]), "max_attempts": int(r[5]), "last_error": r[6],
             "result": r[7], "index": r[2], "queue": r[8], "created_at": r[10], "finished_at": r[11]})
+    unfinished = sum(1 for r in records if r[3] in ("waiting", "pending", "processing"))
     return {"id": int(run[0]), "flow": run[1], "version": int(run[2]), "status": run[3], "input": run[4],
-            "dedupe_key": run[5], "unfinished": int(run[6]), "failed_step": run[7], "error": run[8],
-            "on_failure_id": run[9], "created_at": run[10], "updated_at": run[11], "finished_at": run[12],
+            "dedupe_key": run[5], "unfinished": unfinished, "failed_step": run[6], "error": run[7],
+            "on_failure_id": run[8], "created_at": run[9], "updated_at": run[10], "finished_at": run[11],
             "steps": steps}
 
 
@@ -84,7 +85,7 @@ class PostgresFlows:
 
     def list_runs(self, flow: str | None, status: str | None, limit: int) -> Plan[list[dict[str, Any]]]:
         rows = yield from on(self.db, Stmt(self.q.list_flow_runs, {"flow": flow, "status": status, "limit": limit}))
-        keys = ("id", "flow", "version", "status", "unfinished", "failed_step", "error", "created_at", "finished_at")
+        keys = ("id", "flow", "version", "status", "failed_step", "error", "created_at", "finished_at")
         return [dict(zip(keys, r, strict=True)) | {"shard": self.db.shard} for r in rows]
 
     def defects(self, after: int = 0, limit: int = DEFECT_LIMIT) -> Plan[tuple[int | None, list[int]]]:

@@ -22,8 +22,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 TS = DateTime(timezone=True)
 
 
-def define(metadata: MetaData) -> tuple[Table, Table, Table, Table]:
-    """Add flow_templates, flow_runs, flow_edges and flow_results to ``metadata``."""
+def define(metadata: MetaData) -> tuple[Table, Table, Table]:
+    """Add flow_templates, flow_runs and flow_edges to ``metadata``."""
     # Flows (core/flows/, migration 0010). A template's definition is stored per (name, version) with its hash:
     # a run started with a different definition under the same version is refused.
     flow_templates = Table(
@@ -36,8 +36,8 @@ def define(metadata: MetaData) -> tuple[Table, Table, Table, Table]:
         Column("created_at", TS, nullable=False, server_default=func.now()),
         PrimaryKeyConstraint("name", "version"),
     )
-    # A run: its id from the records' sequence (unique across shards), ``unfinished`` its records not finished
-    # (kept by dp_flow_settle under the run's row lock: the run completes when it reaches 0).
+    # A run: its id from the records' sequence (unique across shards); completed by the statement that
+    # completes its last record (a sink, under the run's row lock), failed by the first that fails.
     flow_runs = Table(
         "flow_runs",
         metadata,
@@ -47,7 +47,6 @@ def define(metadata: MetaData) -> tuple[Table, Table, Table, Table]:
         Column("status", Text, nullable=False),
         Column("input", JSONB, nullable=False),
         Column("dedupe_key", Text),
-        Column("unfinished", Integer, nullable=False),
         Column("failed_step", Text),
         Column("error", Text),
         Column("on_failure_id", BigInteger),
@@ -75,14 +74,4 @@ def define(metadata: MetaData) -> tuple[Table, Table, Table, Table]:
     )
     Index("ix_flow_edges_child", flow_edges.c.child_id)
     Index("ix_flow_edges_run", flow_edges.c.run_id)
-    # A completed step's result, written by the statement that completed it.
-    flow_results = Table(
-        "flow_results",
-        metadata,
-        Column("record_id", BigInteger, nullable=False),
-        Column("run_id", BigInteger, nullable=False),
-        Column("result", JSONB),
-        PrimaryKeyConstraint("record_id"),
-    )
-    Index("ix_flow_results_run", flow_results.c.run_id)
-    return flow_templates, flow_runs, flow_edges, flow_results
+    return flow_templates, flow_runs, flow_edges

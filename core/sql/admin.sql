@@ -27,7 +27,7 @@ UPDATE {records} t
 RETURNING t.id, t.status, t.ordering_key, t.flow_run_id
 ),
 settled AS (
-    SELECT {flow_settle_function}(NULL, NULL, array_agg(c.id ORDER BY c.id)) AS n
+    SELECT {flow_settle_function}(NULL, array_agg(c.id ORDER BY c.id)) AS n
       FROM cancelled c
      WHERE c.flow_run_id IS NOT NULL AND c.status = 'cancelled'
        AND c.id IN (SELECT b.id FROM before b WHERE b.status IN ('pending', 'waiting'))
@@ -63,15 +63,18 @@ announced AS (
 SELECT id FROM retried;
 
 -- name: purge
--- One bounded, ordered batch of finished rows older than the cutoff. A flow step's record stays while its run
--- is unfinished (a child's parents and the run's status read it).
+-- One bounded, ordered batch of finished rows older than the cutoff. A flow step's record stays while a record
+-- of its run is unfinished (a child's parents and the run's status read it).
 DELETE FROM {records}
  WHERE id = ANY(ARRAY(  -- an id list: see retry_failed
     SELECT r.id FROM {records} r
      WHERE r.status IN ('completed', 'failed', 'cancelled')
        AND r.finished_at < now() - %(older_than)s * interval '1 second'
-       AND (r.flow_run_id IS NULL OR NOT EXISTS (SELECT 1 FROM {flow_runs} fr
-                                                  WHERE fr.id = r.flow_run_id AND fr.finished_at IS NULL))
+       -- (a subquery per row, by the flow index: an anti-join could be planned as a scan of the table)
+       AND (r.flow_run_id IS NULL OR (SELECT 1 FROM {records} x
+                                       WHERE x.flow_run_id = r.flow_run_id
+                                         AND x.status IN ('waiting', 'pending', 'processing')
+                                       LIMIT 1) IS NULL)
      ORDER BY r.finished_at
      LIMIT %(batch)s
        FOR UPDATE SKIP LOCKED))

@@ -21,7 +21,9 @@ WITH done AS (
            finished_at = now(),
            updated_at = now(),
            lease_expires_at = NULL,
-           dedupe_held = false
+           dedupe_held = false,
+           -- A flow step's result (NULL for the others: the array is NULL without flow records).
+           result = (%(done_results)s::jsonb[])[width_bucket(d.id, %(done_ids)s::bigint[])]
      -- An id list, not a join: a join's order comes from statistics, and one planned while the table was
      -- empty (a worker started before the first record; plans are cached per connection) walked the whole
      -- primary key on every statement. The ids come sorted, so width_bucket (a binary search) finds each
@@ -31,15 +33,12 @@ WITH done AS (
        AND d.status = 'processing'
     RETURNING d.id, d.ordering_key, d.status, d.flow_run_id
 ),
--- Flow steps completed (or cancelled) here settle their run in this statement: results stored, children's
+-- Flow steps completed (or cancelled) here settle their run in this statement (results stored above), children's
 -- counts down, those at zero claimable from the next statement on (core/sql/ddl/0010_flows.sql). Only records
 -- this statement completed (fenced): a stale instance settles nothing. No flow record: no call.
 settled AS (
-    SELECT {flow_settle_function}(
-               array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'completed'),
-               array_agg((%(done_results)s::jsonb[])[width_bucket(s.id, %(done_ids)s::bigint[])] ORDER BY s.id)
-                   FILTER (WHERE s.status = 'completed'),
-               array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'cancelled')) AS n
+    SELECT {flow_settle_function}(array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'completed'),
+                                  array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'cancelled')) AS n
       FROM done s
      WHERE s.flow_run_id IS NOT NULL
     HAVING count(*) > 0
@@ -199,9 +198,7 @@ claimed AS (
     -- Not the lease token: the caller chose it, so it need not travel back and be decoded per row.
     RETURNING t.id, t.queue, t.payload, t.priority, t.attempts, t.max_attempts, t.claimed_at,
               t.lease_expires_at, t.run_at, t.created_at, t.ordering_key, t.dedupe_key, t.cancel_requested,
-              t.flow_run_id, t.step,
-              -- A flow step's parents' results (a function call for flow records only).
-              CASE WHEN t.flow_run_id IS NOT NULL THEN {flow_parents_function}(t.id, t.flow_run_id) END AS parents
+              t.flow_run_id, t.step
 ),
 -- The tokens spent: what each rate-limited queue's claim took. Returned: how long until a bucket left
 -- without a whole token has the next (an idle claimer sleeps that long rather than ask again at once).
@@ -213,7 +210,11 @@ charged AS (
      WHERE b.queue = r.queue AND b.slot = r.slot
     RETURNING b.tokens, r.interval_s
 )
-SELECT claimed.*, picked.fs_np, picked.fs_at, picked.fs_id,
+SELECT claimed.*,
+       -- A flow step's parents' results ({} for a first step; an on_failure step's: dp_flow_parents).
+       CASE WHEN claimed.flow_run_id IS NOT NULL
+            THEN coalesce(par.parents, {flow_parents_function}(claimed.id, claimed.flow_run_id)) END AS parents,
+       picked.fs_np, picked.fs_at, picked.fs_id,
        (SELECT count(*) FROM done) + 0 * (SELECT count(*) FROM notified) + 0 * (SELECT count(*) FROM settled)
            AS completed,
        least((SELECT min((1 - ch.tokens) * ch.interval_s) FROM charged ch WHERE ch.tokens < 1),
@@ -226,6 +227,23 @@ SELECT claimed.*, picked.fs_np, picked.fs_at, picked.fs_id,
   -- few rows, never the table.
   LEFT JOIN (SELECT DISTINCT ON (p.queue) p.* FROM picked p ORDER BY p.queue, p.id) picked
          ON picked.id = claimed.id
+  -- A flow step's parents by its edges (nothing read for other records: the condition comes first); a for_each
+  -- step's results as a list in element order (an element not completed: null).
+  LEFT JOIN LATERAL (
+        SELECT jsonb_object_agg(g.step, g.val) AS parents
+          FROM (SELECT p.step,
+                       CASE WHEN bool_and(p.flow_index IS NULL) THEN (array_agg(p.result))[1]
+                            ELSE coalesce(jsonb_agg(CASE WHEN p.status = 'completed' THEN p.result END
+                                                    ORDER BY p.flow_index) FILTER (WHERE p.flow_index >= 0),
+                                          '[]'::jsonb) END AS val
+                  FROM {flow_edges} e
+                 -- each parent by primary key (a join could be planned as a walk of the table)
+                 CROSS JOIN LATERAL (SELECT x.step, x.flow_index, x.status, x.result FROM {records} x
+                                      WHERE x.id = e.parent_id LIMIT 1) p  -- (LIMIT: never flattened into a join)
+                 WHERE claimed.flow_run_id IS NOT NULL AND e.child_id = claimed.id
+                   AND (p.status = 'completed' OR p.flow_index IS NOT NULL)
+                 GROUP BY p.step) g
+         HAVING count(*) > 0) par ON true
  ORDER BY claimed.priority DESC, claimed.run_at, claimed.id;
 
 -- name: fail
@@ -258,7 +276,7 @@ WITH failed AS (
 -- A flow step that ended failed or cancelled settles its run here: its waiting descendants cancelled (or
 -- counting it finished), the run failed, its on_failure step claimable (core/sql/ddl/0010_flows.sql).
 settled AS (
-    SELECT {flow_settle_function}(NULL, NULL, array_agg(f.id ORDER BY f.id)) AS n
+    SELECT {flow_settle_function}(NULL, array_agg(f.id ORDER BY f.id)) AS n
       FROM failed f
      WHERE f.flow_run_id IS NOT NULL AND f.status <> 'pending'
     HAVING count(*) > 0

@@ -10,15 +10,15 @@ SELECT status, run_id, ids, owner
                              %(dedupe)s::text, %(steps)s::jsonb, %(expect_shard)s::int);
 
 -- name: flow_run
-SELECT id, flow, version, status, input, dedupe_key, unfinished, failed_step, error, on_failure_id, created_at,
+SELECT id, flow, version, status, input, dedupe_key, failed_step, error, on_failure_id, created_at,
        updated_at, finished_at
   FROM {flow_runs}
  WHERE id = %(run)s;
 
 -- name: flow_records
--- A run's records by its flow index (ix_processing_queue_flow, in id order), each with its result (by key).
+-- A run's records by its flow index (ix_processing_queue_flow, in id order), each with its result.
 SELECT r.id, r.step, r.flow_index, r.status, r.attempts, r.max_attempts, r.last_error,
-       (SELECT res.result FROM {flow_results} res WHERE res.record_id = r.id), r.queue, r.waiting_on,
+       r.result, r.queue, r.waiting_on,
        r.created_at, r.finished_at
   FROM {records} r
  WHERE r.flow_run_id = %(run)s
@@ -48,28 +48,27 @@ SELECT max(s.id), count(*), coalesce(array_agg(s.id ORDER BY s.id) FILTER (WHERE
 SELECT {flow_repair_function}(%(ids)s::bigint[]);
 
 -- name: purge_flow_runs
--- Finished runs older than the cutoff, with their edges and results, in one bounded, ordered batch (their
--- records go by the records' own retention).
+-- Runs ended before the cutoff and with no record left unfinished, with their edges, in one bounded, ordered
+-- batch (their records, which hold the results, go by the records' own retention).
 WITH gone AS (
     DELETE FROM {flow_runs}
-     WHERE id = ANY(ARRAY(SELECT id FROM {flow_runs}
-                           WHERE finished_at < now() - %(older_than)s * interval '1 second'
-                           ORDER BY finished_at
+     WHERE id = ANY(ARRAY(SELECT fr.id FROM {flow_runs} fr
+                           WHERE fr.finished_at < now() - %(older_than)s * interval '1 second'
+                             AND (SELECT 1 FROM {records} r
+                                   WHERE r.flow_run_id = fr.id AND r.status IN ('waiting', 'pending', 'processing')
+                                   LIMIT 1) IS NULL
+                           ORDER BY fr.finished_at
                            LIMIT %(batch)s))
-       AND finished_at IS NOT NULL
     RETURNING id
 ),
 edges AS (
     DELETE FROM {flow_edges} e WHERE e.run_id = ANY(ARRAY(SELECT id FROM gone))
-),
-results AS (
-    DELETE FROM {flow_results} r WHERE r.run_id = ANY(ARRAY(SELECT id FROM gone))
 )
 SELECT count(*) FROM gone;
 
 -- name: list_flow_runs
 -- The latest runs (the dashboard, the CLI), newest first, by the (flow, created_at) index when a flow is named.
-SELECT id, flow, version, status, unfinished, failed_step, error, created_at, finished_at
+SELECT id, flow, version, status, failed_step, error, created_at, finished_at
   FROM {flow_runs}
  WHERE (%(flow)s::text IS NULL OR flow = %(flow)s::text)
    AND (%(status)s::text IS NULL OR status = %(status)s::text)

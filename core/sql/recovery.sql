@@ -66,7 +66,7 @@ RETURNING t.id, t.status, t.ordering_key, t.queue, t.priority, t.run_at, t.flow_
 ),
 -- A flow step recovered to failed or cancelled settles its run here (core/sql/ddl/0010_flows.sql).
 settled AS (
-    SELECT {flow_settle_function}(NULL, NULL, array_agg(f.id ORDER BY f.id)) AS n
+    SELECT {flow_settle_function}(NULL, array_agg(f.id ORDER BY f.id)) AS n
       FROM recovered f
      WHERE f.flow_run_id IS NOT NULL AND f.status <> 'pending'
     HAVING count(*) > 0

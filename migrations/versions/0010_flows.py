@@ -1,6 +1,6 @@
 """Flows: records that go through the steps of a template (core/flows/). Flow columns on processing_queue and
-the status ``waiting`` (a step whose parents have not all finished: outside the claim's index), the tables
-flow_templates, flow_runs, flow_edges and flow_results, and the functions that start a run and settle its
+the status ``waiting`` (a step whose parents have not all finished: outside the claim's index), a step's
+``result``, the tables flow_templates, flow_runs and flow_edges, and the functions that start a run and settle its
 records' ends (core/sql/ddl/0010_flows.sql).
 
 Revision ID: 0010_flows
@@ -27,7 +27,8 @@ TS = sa.DateTime(timezone=True)
 FUNCTIONS = (
     "dp_flow_repair(bigint[])", "dp_cancel_flow(bigint)",
     "dp_start_flow(text, integer, text, jsonb, jsonb, text, jsonb, integer)", "dp_flow_parents(bigint, bigint)",
-    "dp_flow_settle(bigint[], jsonb[], bigint[])", "dp_flow_expand(bigint, jsonb)", "dp_flow_release(bigint[])",
+    "dp_flow_settle(bigint[], bigint[])", "dp_flow_expand(bigint, jsonb)", "dp_flow_release(bigint[])",
+    "dp_flow_announce(bigint[])",
 )
 
 
@@ -38,7 +39,7 @@ def _schema() -> str:
 def upgrade() -> None:
     # New nullable columns without defaults: a change of the catalog only, no rewrite of the table.
     for name, type_ in (("flow_run_id", sa.BigInteger), ("step", sa.Text), ("flow_index", sa.Integer),
-                        ("waiting_on", sa.Integer)):
+                        ("waiting_on", sa.Integer), ("result", JSONB)):
         op.add_column("processing_queue", sa.Column(name, type_), schema=_schema())
     # The new check is added NOT VALID and validated after: validation reads the table without blocking writes.
     quoted = '"' + _schema().replace('"', '""') + '"'
@@ -67,7 +68,6 @@ def upgrade() -> None:
         sa.Column("status", sa.Text, nullable=False),
         sa.Column("input", JSONB, nullable=False),
         sa.Column("dedupe_key", sa.Text),
-        sa.Column("unfinished", sa.Integer, nullable=False),
         sa.Column("failed_step", sa.Text),
         sa.Column("error", sa.Text),
         sa.Column("on_failure_id", sa.BigInteger),
@@ -93,14 +93,6 @@ def upgrade() -> None:
     )
     op.create_index("ix_flow_edges_child", "flow_edges", ["child_id"])
     op.create_index("ix_flow_edges_run", "flow_edges", ["run_id"])
-    op.create_table(
-        "flow_results",
-        sa.Column("record_id", sa.BigInteger, nullable=False),
-        sa.Column("run_id", sa.BigInteger, nullable=False),
-        sa.Column("result", JSONB),
-        sa.PrimaryKeyConstraint("record_id", name="pk_flow_results"),
-    )
-    op.create_index("ix_flow_results_run", "flow_results", ["run_id"])
     op.execute(ddl("0010_flows", _schema()))
 
 
@@ -108,7 +100,7 @@ def downgrade() -> None:
     quoted = '"' + _schema().replace('"', '""') + '"'
     for signature in FUNCTIONS:
         op.execute(f"DROP FUNCTION IF EXISTS {quoted}.{signature}")
-    for table in ("flow_results", "flow_edges", "flow_runs", "flow_templates"):
+    for table in ("flow_edges", "flow_runs", "flow_templates"):
         op.drop_table(table)
     op.execute(f"DELETE FROM {quoted}.processing_queue WHERE status = 'waiting'")
     op.execute(f"ALTER TABLE {quoted}.processing_queue DROP CONSTRAINT ck_processing_queue_status")
@@ -116,5 +108,5 @@ def downgrade() -> None:
                "('pending', 'processing', 'completed', 'failed', 'cancelled'))")
     op.drop_index("ix_processing_queue_waiting", "processing_queue")
     op.drop_index("ix_processing_queue_flow", "processing_queue")
-    for name in ("waiting_on", "flow_index", "step", "flow_run_id"):
+    for name in ("result", "waiting_on", "flow_index", "step", "flow_run_id"):
         op.drop_column("processing_queue", name, schema=_schema())

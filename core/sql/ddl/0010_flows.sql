@@ -87,78 +87,85 @@ BEGIN
       FROM {schema}.flow_edges e CROSS JOIN unnest(v_new) AS c(id)
      WHERE e.parent_id = p_id;
     UPDATE {schema}.processing_queue r SET waiting_on = r.waiting_on + (n - 1)
-     WHERE r.id IN (SELECT e.child_id FROM {schema}.flow_edges e WHERE e.parent_id = p_id)
+     WHERE r.id = ANY(ARRAY(SELECT e.child_id FROM {schema}.flow_edges e WHERE e.parent_id = p_id))
        AND r.status = 'waiting';
-    UPDATE {schema}.flow_runs SET unfinished = unfinished + (n - 1) WHERE id = ph.flow_run_id;
     RETURN n;
 END
 $fn$;
 
+-- Records made pending by dp_flow_settle: announced to the claimers whose floors may be above them
+-- (core/floors.py: they keep their small ids) and their queues' idle workers woken at the commit.
+CREATE OR REPLACE FUNCTION {schema}.dp_flow_announce(p_ids bigint[]) RETURNS integer
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    q record;
+BEGIN
+    IF coalesce(cardinality(p_ids), 0) = 0 THEN
+        RETURN 0;
+    END IF;
+    FOR q IN
+        SELECT r.queue, max(r.priority) AS priority FROM {schema}.processing_queue r
+         WHERE r.id = ANY(p_ids) GROUP BY r.queue ORDER BY r.queue
+    LOOP
+        PERFORM {schema}.dp_announce(q.queue, q.priority, NULL);
+        PERFORM pg_notify({schema}.dp_channel(q.queue), q.queue);
+    END LOOP;
+    RETURN cardinality(p_ids);
+END
+$fn$;
+
 -- The end of flow records, in the statement that ended them (their ids come from its RETURNING, so only
--- records whose fenced update succeeded count: a stale instance settles nothing): p_done completed (p_results
--- their results, in the same order), p_ended failed or cancelled. Children count a completed parent (all of
+-- records whose fenced update succeeded count: a stale instance settles nothing): p_done completed (their
+-- results already on their rows, written by the same statement), p_ended failed or cancelled. Children count a completed parent (all of
 -- a batch's parents of one child at once); a failed or cancelled parent cancels its waiting children
 -- (on_dependency_failure 'cancel', with an error naming the step) or counts as finished ('run'); a child whose
--- count reaches zero becomes pending. The records touched are locked first, in id order, so two transactions
--- settling parents of one child take turns (the later sees the earlier's count) and never deadlock; the runs
--- last, in id order. Returns how many records became claimable.
-CREATE OR REPLACE FUNCTION {schema}.dp_flow_settle(p_done bigint[], p_results jsonb[], p_ended bigint[])
+-- count reaches zero becomes pending. Each statement that changes waiting records locks them first, in id
+-- order, so two transactions settling parents of one child take turns (the later sees the earlier's count)
+-- and never wait for each other in a cycle; the runs are locked last, in id order. Set-based: a batch of
+-- completions costs a few statements, not a few per record. Returns how many records became claimable.
+CREATE OR REPLACE FUNCTION {schema}.dp_flow_settle(p_done bigint[], p_ended bigint[])
 RETURNS integer
-LANGUAGE plpgsql AS $fn$
+-- Custom plans for its statements (the processor's sessions force generic ones, planned without the arrays'
+-- sizes: measured, the settling of a batch took twice as long with them).
+LANGUAGE plpgsql SET plan_cache_mode = 'auto' AS $fn$
 DECLARE
     v_done bigint[] := coalesce(p_done, '{}');
     v_ended bigint[] := coalesce(p_ended, '{}');
     v_failed bigint[] := coalesce(p_ended, '{}');  -- the records whose end fails their run
-    v_finished bigint[] := '{}';
     v_release bigint[] := '{}';
     v_next_done bigint[];
     v_next_ended bigint[];
     v_zero bigint[];
     v_empty bigint[];
+    v_cids bigint[];
+    v_ks integer[];
+    v_sinks bigint[] := '{}';
+    v_runs bigint[];
     ph record;
     n integer;
     released integer := 0;
     run record;
-    v_left integer;
     v_handler jsonb;
     v_fid bigint;
 BEGIN
     IF cardinality(v_done) + cardinality(v_ended) = 0 THEN
         RETURN 0;
     END IF;
-    IF cardinality(v_done) > 0 THEN
-        INSERT INTO {schema}.flow_results (record_id, run_id, result)
-        SELECT u.id, r.flow_run_id, u.res
-          FROM unnest(v_done, p_results) AS u(id, res)
-          JOIN {schema}.processing_queue r ON r.id = u.id
-         WHERE r.flow_run_id IS NOT NULL
-        ON CONFLICT (record_id) DO UPDATE SET result = EXCLUDED.result;
-    END IF;
-    -- Every waiting descendant, locked in id order before anything is changed.
-    PERFORM 1 FROM {schema}.processing_queue r
-     WHERE r.id = ANY(ARRAY(
-               WITH RECURSIVE d(id) AS (
-                   SELECT unnest(v_done || v_ended)
-                   UNION
-                   SELECT e.child_id FROM {schema}.flow_edges e JOIN d ON e.parent_id = d.id)
-               SELECT d.id FROM d))
-       AND r.status = 'waiting'
-     ORDER BY r.id
-       FOR UPDATE;
     LOOP
-        v_finished := v_finished || v_done || v_ended;
         v_next_done := '{}';
         v_next_ended := '{}';
-        -- A completed source fans out its for_each placeholders.
+        -- A completed source fans out its for_each placeholders (each has one source: no other transaction
+        -- expands it).
         FOR ph IN
             SELECT e.child_id, e.parent_id
               FROM {schema}.flow_edges e
-              JOIN {schema}.processing_queue c ON c.id = e.child_id
-             WHERE e.parent_id = ANY(v_done) AND e.each AND c.status = 'waiting' AND c.flow_index = -1
+             WHERE e.parent_id = ANY(v_done) AND e.each
+               AND (SELECT c.flow_index FROM {schema}.processing_queue c
+                     WHERE c.id = e.child_id AND c.status = 'waiting') = -1
              ORDER BY e.child_id
         LOOP
-            n := {schema}.dp_flow_expand(ph.child_id, (SELECT fr.result FROM {schema}.flow_results fr
-                                                       WHERE fr.record_id = ph.parent_id));
+            n := {schema}.dp_flow_expand(ph.child_id, (SELECT src.result FROM {schema}.processing_queue src
+                                                       WHERE src.id = ph.parent_id));
             IF n = 0 THEN
                 v_next_done := v_next_done || ph.child_id;
             ELSIF n < 0 THEN
@@ -167,36 +174,66 @@ BEGIN
             END IF;
         END LOOP;
         -- Children of a failed or cancelled parent that do not run without it: cancelled, naming the step.
-        WITH cancelled AS (
-            UPDATE {schema}.processing_queue c
-               SET status = 'cancelled', finished_at = now(), updated_at = now(), waiting_on = 0,
-                   last_error = x.why
-              FROM (SELECT DISTINCT ON (e.child_id) e.child_id,
-                           format('dependency %s %s', p.step, p.status) AS why
-                      FROM {schema}.flow_edges e
-                      JOIN {schema}.processing_queue p ON p.id = e.parent_id
-                     WHERE e.parent_id = ANY(v_ended) AND NOT e.run_on_failure
-                     ORDER BY e.child_id, e.parent_id) x
-             WHERE c.id = x.child_id AND c.status = 'waiting'
-            RETURNING c.id
-        )
-        SELECT v_next_ended || coalesce(array_agg(cancelled.id), '{}') INTO v_next_ended FROM cancelled;
-        -- The others count their finished parents, every one of this round at once.
-        WITH hits AS (
-            SELECT e.child_id, count(*) AS k
-              FROM {schema}.flow_edges e
-             WHERE e.parent_id = ANY(v_done) OR (e.parent_id = ANY(v_ended) AND e.run_on_failure)
-             GROUP BY e.child_id
+        IF cardinality(v_ended) > 0 THEN
+            WITH x AS (
+                SELECT DISTINCT ON (e.child_id) e.child_id,
+                       format('dependency %s %s', p.step, p.status) AS why
+                  FROM {schema}.flow_edges e
+                  JOIN {schema}.processing_queue p ON p.id = e.parent_id
+                 WHERE e.parent_id = ANY(v_ended) AND NOT e.run_on_failure
+                 ORDER BY e.child_id, e.parent_id
+            ),
+            locked AS (
+                SELECT c.id FROM {schema}.processing_queue c
+                 WHERE c.id = ANY(ARRAY(SELECT x.child_id FROM x)) AND c.status = 'waiting'
+                 ORDER BY c.id
+                   FOR UPDATE
+            ),
+            cancelled AS (
+                UPDATE {schema}.processing_queue c
+                   SET status = 'cancelled', finished_at = now(), updated_at = now(), waiting_on = 0,
+                       last_error = x.why
+                  FROM x
+                 WHERE c.id = ANY(ARRAY(SELECT locked.id FROM locked)) AND c.id = x.child_id AND c.status = 'waiting'
+                RETURNING c.id
+            )
+            SELECT v_next_ended || coalesce(array_agg(cancelled.id), '{}') INTO v_next_ended FROM cancelled;
+        END IF;
+        -- The others count their finished parents, every one of this round at once: one at zero becomes
+        -- pending in the same update (run_at now: it queues behind what is due already), a for_each
+        -- placeholder at zero (its source failed, it runs without it) finishes with no element. The children
+        -- go by their sorted ids through the primary key, so two transactions settling parents of the same
+        -- children lock them in the same order (a deadlock the server would still break is retried by the
+        -- caller, as any). Each child's count by width_bucket over the sorted ids: no join. The completed
+        -- records without children (sinks) may be their run's last.
+        WITH pairs AS (
+            SELECT e.parent_id, e.child_id FROM {schema}.flow_edges e WHERE e.parent_id = ANY(v_done)
+            UNION ALL
+            SELECT e.parent_id, e.child_id FROM {schema}.flow_edges e
+             WHERE e.parent_id = ANY(v_ended) AND e.run_on_failure
         ),
-        counted AS (
-            UPDATE {schema}.processing_queue c SET waiting_on = c.waiting_on - h.k
-              FROM hits h
-             WHERE c.id = h.child_id AND c.status = 'waiting'
-            RETURNING c.id, c.waiting_on, c.flow_index
+        x AS (SELECT pairs.child_id, count(*)::integer AS k FROM pairs GROUP BY pairs.child_id)
+        SELECT coalesce((SELECT array_agg(x.child_id ORDER BY x.child_id) FROM x), '{}'),
+               coalesce((SELECT array_agg(x.k ORDER BY x.child_id) FROM x), '{}'),
+               v_sinks || ARRAY(SELECT d.id FROM unnest(v_done) AS d(id)
+                                 WHERE NOT EXISTS (SELECT 1 FROM pairs WHERE pairs.parent_id = d.id))
+          INTO v_cids, v_ks, v_sinks;
+        WITH counted AS (
+            UPDATE {schema}.processing_queue c
+               SET waiting_on = c.waiting_on - v_ks[width_bucket(c.id, v_cids)],
+                   status = CASE WHEN c.waiting_on - v_ks[width_bucket(c.id, v_cids)] <= 0
+                                      AND c.flow_index IS DISTINCT FROM -1
+                                 THEN 'pending' ELSE 'waiting' END,
+                   run_at = CASE WHEN c.waiting_on - v_ks[width_bucket(c.id, v_cids)] <= 0 THEN now()
+                                 ELSE c.run_at END,
+                   key_blocked = false,
+                   updated_at = now()
+             WHERE c.id = ANY(v_cids) AND c.status = 'waiting'
+            RETURNING c.id, c.status, c.flow_index, c.waiting_on
         )
-        SELECT coalesce(array_agg(counted.id) FILTER (WHERE counted.waiting_on <= 0
-                                                      AND counted.flow_index IS DISTINCT FROM -1), '{}'),
-               coalesce(array_agg(counted.id) FILTER (WHERE counted.waiting_on <= 0 AND counted.flow_index = -1), '{}')
+        SELECT coalesce(array_agg(counted.id) FILTER (WHERE counted.status = 'pending'), '{}'),
+               coalesce(array_agg(counted.id) FILTER (WHERE counted.status = 'waiting' AND counted.flow_index = -1
+                                                            AND counted.waiting_on <= 0), '{}')
           INTO v_zero, v_empty
           FROM counted;
         v_release := v_release || v_zero;
@@ -210,25 +247,30 @@ BEGIN
         v_done := v_next_done;
         v_ended := v_next_ended;
     END LOOP;
-    released := {schema}.dp_flow_release(v_release);
-    -- The runs: one unfinished record less per record finished; the first failure fails the run and makes its
-    -- on_failure step claimable (once: only the transaction that moves the run from running does it).
-    FOR run IN
-        SELECT fr.id, fr.status, fr.flow, fr.version, fr.input, fr.unfinished,
-               (SELECT count(*) FROM unnest(v_finished) AS f(id)
-                  JOIN {schema}.processing_queue r ON r.id = f.id WHERE r.flow_run_id = fr.id) AS finished,
-               (SELECT r.id FROM unnest(v_failed) AS f(id)
-                  JOIN {schema}.processing_queue r ON r.id = f.id
-                 WHERE r.flow_run_id = fr.id ORDER BY r.id LIMIT 1) AS failed_id
-          FROM {schema}.flow_runs fr
-         WHERE fr.id IN (SELECT r.flow_run_id FROM {schema}.processing_queue r WHERE r.id = ANY(v_finished))
-         ORDER BY fr.id
-           FOR UPDATE OF fr
-    LOOP
-        v_left := run.unfinished - run.finished;
-        IF run.failed_id IS NOT NULL AND run.status = 'running' THEN
+    released := {schema}.dp_flow_announce(v_release);
+    -- The runs. The first failure fails its run (its ended time) and makes its on_failure step claimable
+    -- (once: only the transaction that moves the run from running does it). A run completes with its last
+    -- record, which is a sink: the runs of the sinks completed here are locked in id order, then (a new
+    -- snapshot: whoever finished another of their records before us has committed) those with no unfinished
+    -- record left are completed. Two transactions finishing a run's last two sinks take turns on its row, and
+    -- the later one sees the earlier's.
+    IF cardinality(v_failed) > 0 THEN
+        v_runs := ARRAY(SELECT fr.id FROM {schema}.flow_runs fr
+                         WHERE fr.id = ANY(ARRAY(SELECT r.flow_run_id FROM {schema}.processing_queue r
+                                                  WHERE r.id = ANY(v_failed)))
+                           AND fr.status = 'running'
+                         ORDER BY fr.id
+                           FOR UPDATE);
+        FOR run IN
+            SELECT fr.id, fr.flow, fr.version, fr.input, min(r.id) AS failed_id
+              FROM {schema}.processing_queue r
+              JOIN {schema}.flow_runs fr ON fr.id = r.flow_run_id
+             WHERE r.id = ANY(v_failed) AND fr.id = ANY(v_runs) AND fr.status = 'running'
+             GROUP BY fr.id
+             ORDER BY fr.id
+        LOOP
             UPDATE {schema}.flow_runs fr
-               SET status = 'failed', failed_step = r.step,
+               SET status = 'failed', failed_step = r.step, finished_at = now(),
                    error = coalesce(r.last_error, 'step ' || r.step || ' ' || r.status), updated_at = now()
               FROM {schema}.processing_queue r
              WHERE fr.id = run.id AND r.id = run.failed_id;
@@ -242,16 +284,24 @@ BEGIN
                 RETURNING id INTO v_fid;
                 UPDATE {schema}.flow_runs SET on_failure_id = v_fid WHERE id = run.id;
                 released := released + {schema}.dp_flow_release(ARRAY[v_fid]);
-                v_left := v_left + 1;
             END IF;
+        END LOOP;
+    END IF;
+    IF cardinality(v_sinks) > 0 THEN
+        v_runs := ARRAY(SELECT fr.id FROM {schema}.flow_runs fr
+                         WHERE fr.id = ANY(ARRAY(SELECT r.flow_run_id FROM {schema}.processing_queue r
+                                                  WHERE r.id = ANY(v_sinks)))
+                           AND fr.status = 'running'
+                         ORDER BY fr.id
+                           FOR UPDATE);
+        IF cardinality(v_runs) > 0 THEN
+            UPDATE {schema}.flow_runs fr
+               SET status = 'completed', finished_at = now(), updated_at = now()
+             WHERE fr.id = ANY(v_runs) AND fr.status = 'running'
+               AND NOT EXISTS (SELECT 1 FROM {schema}.processing_queue r
+                                WHERE r.flow_run_id = fr.id AND r.status IN ('waiting', 'pending', 'processing'));
         END IF;
-        UPDATE {schema}.flow_runs fr
-           SET unfinished = v_left,
-               status = CASE WHEN v_left <= 0 AND fr.status = 'running' THEN 'completed' ELSE fr.status END,
-               finished_at = CASE WHEN v_left <= 0 THEN coalesce(fr.finished_at, now()) ELSE fr.finished_at END,
-               updated_at = now()
-         WHERE fr.id = run.id;
-    END LOOP;
+    END IF;
     RETURN released;
 END
 $fn$;
@@ -261,26 +311,28 @@ $fn$;
 -- A run's on_failure record gets every step of its run.
 CREATE OR REPLACE FUNCTION {schema}.dp_flow_parents(p_id bigint, p_run bigint) RETURNS jsonb
 LANGUAGE sql STABLE AS $fn$
+    -- Every row by an index lookup with its key (LIMIT: a subquery never flattened into a join a plan made on
+    -- an empty table could turn into a walk).
     WITH src AS (
-        SELECT r.id, r.step, r.flow_index, r.status
+        SELECT r.step, r.flow_index, r.status, r.result
           FROM {schema}.flow_edges e
-          JOIN {schema}.processing_queue r ON r.id = e.parent_id
+         CROSS JOIN LATERAL (SELECT x.step, x.flow_index, x.status, x.result FROM {schema}.processing_queue x
+                              WHERE x.id = e.parent_id LIMIT 1) r
          WHERE e.child_id = p_id
         UNION ALL
-        SELECT r.id, r.step, r.flow_index, r.status
-          FROM {schema}.flow_runs fr
-          JOIN {schema}.processing_queue r ON r.flow_run_id = fr.id
-         WHERE fr.id = p_run AND fr.on_failure_id = p_id AND r.id <> p_id
+        SELECT r.step, r.flow_index, r.status, r.result
+          FROM (SELECT fr.id FROM {schema}.flow_runs fr WHERE fr.id = p_run AND fr.on_failure_id = p_id LIMIT 1) fr
+         CROSS JOIN LATERAL (SELECT x.step, x.flow_index, x.status, x.result FROM {schema}.processing_queue x
+                              WHERE x.flow_run_id = fr.id AND x.id <> p_id) r
     )
     SELECT coalesce(jsonb_object_agg(g.step, g.val), '{}'::jsonb)
       FROM (SELECT s.step,
                    CASE WHEN bool_and(s.flow_index IS NULL)
-                        THEN (array_agg(res.result))[1]
-                        ELSE coalesce(jsonb_agg(CASE WHEN s.status = 'completed' THEN res.result END
+                        THEN (array_agg(s.result))[1]
+                        ELSE coalesce(jsonb_agg(CASE WHEN s.status = 'completed' THEN s.result END
                                                 ORDER BY s.flow_index) FILTER (WHERE s.flow_index >= 0), '[]'::jsonb)
                    END AS val
               FROM src s
-              LEFT JOIN {schema}.flow_results res ON res.record_id = s.id
              WHERE s.status = 'completed' OR s.flow_index IS NOT NULL
              GROUP BY s.step) g
 $fn$;
@@ -295,7 +347,7 @@ CREATE OR REPLACE FUNCTION {schema}.dp_start_flow(
     p_flow text, p_version integer, p_hash text, p_definition jsonb, p_input jsonb, p_dedupe text, p_steps jsonb,
     p_expect_shard integer DEFAULT NULL,
     OUT status text, OUT run_id bigint, OUT ids jsonb, OUT owner integer)
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql SET plan_cache_mode = 'auto' AS $fn$
 #variable_conflict use_column
 DECLARE
     v_hash text;
@@ -334,8 +386,8 @@ BEGIN
         RETURN;
     END IF;
     run_id := nextval(pg_get_serial_sequence('{schema}.processing_queue', 'id'));
-    INSERT INTO {schema}.flow_runs (id, flow, version, status, input, dedupe_key, unfinished)
-    VALUES (run_id, p_flow, p_version, 'running', p_input, p_dedupe, jsonb_array_length(p_steps))
+    INSERT INTO {schema}.flow_runs (id, flow, version, status, input, dedupe_key)
+    VALUES (run_id, p_flow, p_version, 'running', p_input, p_dedupe)
     ON CONFLICT (flow, dedupe_key) WHERE status = 'running' AND dedupe_key IS NOT NULL DO NOTHING;
     IF NOT FOUND THEN
         status := 'deduplicated';
@@ -381,7 +433,7 @@ $fn$;
 -- outcome becomes cancelled); the run is cancelled (its on_failure step does not run). Returns the run's
 -- status after (NULL: no such run).
 CREATE OR REPLACE FUNCTION {schema}.dp_cancel_flow(p_run bigint) RETURNS text
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql SET plan_cache_mode = 'auto' AS $fn$
 DECLARE
     v_ids bigint[];
     v_status text;
@@ -390,7 +442,7 @@ BEGIN
     PERFORM 1 FROM {schema}.processing_queue r
      WHERE r.flow_run_id = p_run AND r.status IN ('waiting', 'pending', 'processing')
      ORDER BY r.id FOR UPDATE;
-    UPDATE {schema}.flow_runs SET status = 'cancelled', updated_at = now()
+    UPDATE {schema}.flow_runs SET status = 'cancelled', finished_at = now(), updated_at = now()
      WHERE id = p_run AND status = 'running';
     SELECT fr.status INTO v_status FROM {schema}.flow_runs fr WHERE fr.id = p_run;
     IF NOT FOUND THEN
@@ -407,7 +459,7 @@ BEGIN
         RETURNING r.id, r.status
     )
     SELECT array_agg(c.id ORDER BY c.id) FILTER (WHERE c.status = 'cancelled') INTO v_ids FROM c;
-    PERFORM {schema}.dp_flow_settle(NULL, NULL, v_ids);
+    PERFORM {schema}.dp_flow_settle(NULL, v_ids);
     RETURN v_status;
 END
 $fn$;
@@ -417,7 +469,7 @@ $fn$;
 -- placeholder fanned out from its source's stored result, released otherwise. p_ids: the defects a sweep found
 -- (each checked again here, locked); returns how many were repaired.
 CREATE OR REPLACE FUNCTION {schema}.dp_flow_repair(p_ids bigint[]) RETURNS integer
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql SET plan_cache_mode = 'auto' AS $fn$
 DECLARE
     d record;
     n integer := 0;
@@ -439,18 +491,18 @@ BEGIN
             UPDATE {schema}.processing_queue SET status = 'cancelled', finished_at = now(), waiting_on = 0,
                    last_error = 'dependency failed (repaired)', updated_at = now()
              WHERE id = d.id;
-            PERFORM {schema}.dp_flow_settle(NULL, NULL, ARRAY[d.id]);
+            PERFORM {schema}.dp_flow_settle(NULL, ARRAY[d.id]);
             CONTINUE;
         END IF;
         IF d.flow_index = -1 THEN
             SELECT e.parent_id INTO v_src FROM {schema}.flow_edges e WHERE e.child_id = d.id AND e.each;
-            k := {schema}.dp_flow_expand(d.id, (SELECT fr.result FROM {schema}.flow_results fr
-                                                 WHERE fr.record_id = v_src));
+            k := {schema}.dp_flow_expand(d.id, (SELECT src.result FROM {schema}.processing_queue src
+                                                 WHERE src.id = v_src));
             IF k = 0 THEN
-                PERFORM {schema}.dp_flow_settle(ARRAY[d.id], ARRAY[NULL::jsonb], NULL);
+                PERFORM {schema}.dp_flow_settle(ARRAY[d.id], NULL);
                 CONTINUE;
             ELSIF k < 0 THEN
-                PERFORM {schema}.dp_flow_settle(NULL, NULL, ARRAY[d.id]);
+                PERFORM {schema}.dp_flow_settle(NULL, ARRAY[d.id]);
                 CONTINUE;
             END IF;
             PERFORM {schema}.dp_flow_release(ARRAY(
