@@ -144,3 +144,24 @@ def test_queue_control_through_pgbouncer(via_bouncer: str, db: Any, workers: Wor
         assert not any(e in err for e in POOLING_ERRORS), err[-2000:]
     ticks = [r[0] for r in db.execute("SELECT run_at FROM processing_queue WHERE queue = 'ticks' ORDER BY run_at")]
     assert len(set(ticks)) == len(ticks)
+
+
+def test_flows_through_pgbouncer(via_bouncer: str, db: Any, workers: WorkerProcs) -> None:
+    # A run's start, its settling (a function with its own plan setting), the parents read by the claim and
+    # the transactional steps keep no session state: flows work behind a transaction pooler.
+    from tests.procs.flow_chaos import LEDGER_DDL, expected_parents, flow
+
+    db.execute(LEDGER_DDL)
+    with DistributedProcessor(via_bouncer, pooling="transaction", pool_max=3) as p:
+        runs = {p.start_flow(flow, {"n": n}).id: n for n in range(20)}
+    for i in range(2):
+        workers.start(f"f{i}", ["-m", "core", "--dsn", via_bouncer, "--pooling", "transaction", "run", "--handler",
+                                "tests.procs.flow_chaos:flow", "--poll-only", "--poll-interval", "0.2"])
+    wait_until(lambda: db.execute("SELECT count(*) FROM flow_runs WHERE status = 'completed'").fetchone()[0] == 20,
+               90, interval=0.2, message="20 runs completed through the pooler")
+    for name, (code, _, err) in workers.terminate_all().items():
+        assert code == 0, f"{name}: {err[-2000:]}"
+        assert not any(e in err for e in POOLING_ERRORS), err[-2000:]
+    assert db.execute("SELECT count(*) FROM flow_ledger").fetchone() == (20 * 9,)
+    for run_id, step, parents in db.execute("SELECT run_id, step, parents FROM flow_ledger"):
+        assert parents == expected_parents(step, runs[run_id]), (run_id, step, parents)
