@@ -8,8 +8,9 @@ service), over the in-memory store. Time is a :class:`~core.testing.FakeClock` w
 
 Where it differs from the real one (each checked against it on PostgreSQL):
 
-* no connection: ``connection()``, ``complete_on()``, ``add_records(conn=...)`` and ``run(transactional=True)``
-  raise :class:`~core.testing.NoDatabase`; no ``dsn``, ``q``, ``shards``; ``migrate()`` does nothing;
+* no connection: ``connection()``, ``complete_on()``, ``add_records(conn=...)``, ``start_flow(conn=...)``,
+  ``run(transactional=True)`` and ``run(flow)`` over a flow with a transactional step raise
+  :class:`~core.testing.NoDatabase`; no ``dsn``, ``q``, ``shards``; ``migrate()`` does nothing;
 * what the real statements keep for speed is not kept (claim floors, the ``key_blocked`` hint, NOTIFY): a
   record is claimable the moment the claim rules allow it, where the real one may wait for an unblock, the
   maintenance sweep or a floor reset (e.g. a key freed by ``set_key_concurrency`` on a glob pattern);

@@ -29,6 +29,16 @@ def text(*values: object) -> None:
             raise psycopg.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes")
 
 
+def json_text(*values: str | None) -> None:
+    """Refuse text that is not JSON, as its cast to jsonb does (None is NULL)."""
+    for value in values:
+        if value is not None:
+            try:
+                json.loads(value)
+            except ValueError:
+                raise pg_errors.InvalidTextRepresentation("invalid input syntax for type json") from None
+
+
 def int4(*values: int) -> None:
     for value in values:
         if not -INT4 - 1 <= value <= INT4:

@@ -27,6 +27,7 @@ from core.payloads import encode_payload
 from core.record import AddResult, Claimed, Record, format_error
 from core.retry import RetryPolicy
 from core.testing import pg
+from core.testing.flowqueries import MemoryFlowQueries
 from core.testing.tables import MemoryTables, Row
 
 _loads = json.JSONDecoder().decode
@@ -43,6 +44,7 @@ class MemoryRecords:
         self.settings = settings
         self.facts = facts
         self.closed = False
+        self.flows = MemoryFlowQueries(tables)  # flow records settle in the statements that end them
         self._last_batch = 0  # records the last recovery batch took (a full one: another follows)
 
     def check_open(self) -> None:
@@ -122,28 +124,38 @@ class MemoryRecords:
     ) -> tuple[list[Record], int]:
         """``claim``: complete ``done`` (fenced; a flagged cancel wins) and claim up to ``size`` records
         under one fresh lease token. The picks are made on the state before the completions, as the
-        statement's snapshot: a completed record's key frees its next record from the next claim on."""
+        statement's snapshot: a completed record's key frees its next record from the next claim on. A flow
+        step's result is written on its row, and the steps completed (or cancelled) settle their runs
+        (``settled``): their children are claimable from the next claim on, and the records claimed get their
+        parents' results as the snapshot saw them."""
         pg.text(*queues, *unblock)
+        results = any(r.flow_run is not None for r in done)  # done_results: NULL without a flow step
+        if results:
+            pg.json_text(*(r.result for r in done))  # cast to jsonb[]
         s, t = self.settings, self.tables
         self.check_open()
         with t.lock:
             now = t.now()
             picked = t.pick(queues, size, now, s.key_concurrency, s.block_on_failure) if size else []
+            parents = {row.id: self.flows.parents(row) for row in picked if row.flow_run_id is not None}
             finished = self._held(done)
-            for _, row in finished:
+            for rec, row in finished:
                 t.move(row, "cancelled" if row.cancel_requested else "completed")
                 row.finished_at = row.updated_at = now
                 row.lease_expires_at = None
+                row.result = rec.result if results else None
                 t.drop_dedupe(row)
+            self.flows.settle_rows([row for _, row in finished], now)
             token = uuid.uuid4()
             lease = now + timedelta(seconds=s.lease_seconds)
-            claimed = Claimed(self._take(row, token, now, lease) for row in picked)
+            claimed = Claimed(self._take(row, token, now, lease, parents.get(row.id)) for row in picked)
             claimed.rate_wait = t.rate_wait if size else None
         if s.notify and any(row.ordering_key is not None for _, row in finished):
             t.changed()  # a keyed completion may free its key's next record: wake idle runs
         return claimed, len(finished)
 
-    def _take(self, row: Row, token: uuid.UUID, now: datetime, lease: datetime) -> Record:
+    def _take(self, row: Row, token: uuid.UUID, now: datetime, lease: datetime,
+              parents: dict[str, Any] | None) -> Record:
         self.tables.move(row, "processing")
         row.claimed_by = self.settings.instance_id
         row.claimed_at = row.updated_at = now
@@ -154,7 +166,7 @@ class MemoryRecords:
             self.tables.drop_dedupe(row)
         return Record(row.id, row.queue, _loads(row.payload), row.priority, row.attempts, row.max_attempts,
                       token, now, lease, row.run_at, row.created_at, row.ordering_key, row.dedupe_key,
-                      row.cancel_requested)
+                      row.cancel_requested, 0, row.flow_run_id, row.step, parents)
 
     def unblock(self, keys: Iterable[str], *, announce: bool = True) -> None:
         """A no-op: the ``key_blocked`` hint is not kept (a key's next record is claimable when the rules
@@ -167,7 +179,8 @@ class MemoryRecords:
     def fail(self, records: Sequence[Record], error: BaseException | str, retryable: bool,
              policy: RetryPolicy | None = None) -> list[tuple[int, str]]:
         """``fail``: back to ``pending`` after the record's own backoff when retryable with attempts left,
-        else ``failed`` (``cancelled`` when flagged). Returns (id, status after) of the records still held."""
+        else ``failed`` (``cancelled`` when flagged); flow steps that end settle their runs. Returns (id, status
+        after) of the records still held."""
         if not records:
             return []
         text = format_error(error, ERROR_TEXT_LIMIT)
@@ -178,7 +191,8 @@ class MemoryRecords:
         with t.lock:
             now = t.now()
             out = []
-            for rec, row in self._held(records):
+            held = self._held(records)
+            for rec, row in held:
                 if retryable and row.attempts < row.max_attempts and not row.cancel_requested:
                     t.move(row, "pending", now + timedelta(seconds=retry.delay_for(rec.attempts)))
                     row.finished_at = None
@@ -190,6 +204,7 @@ class MemoryRecords:
                 row.lease_token = row.lease_expires_at = None
                 row.updated_at = now
                 out.append((row.id, row.status))
+            self.flows.settle_rows([row for _, row in held], now)
             return out
 
     def release(self, records: Sequence[Record], reason: str) -> int:
@@ -231,14 +246,15 @@ class MemoryRecords:
             return {r.id for _, r in held}, {r.id for _, r in held if r.cancel_requested}
 
     def any_due(self, queues: list[str]) -> bool:
-        """``any_due``: a pending record of ``queues`` is due (claimable or held back by its key)."""
+        """``any_due``: a pending record of ``queues`` is due (claimable or held back by its key), or a flow
+        step of them waits for its parents (their completion releases it)."""
         pg.text(*queues)
         t = self.tables
         self.check_open()
         with t.lock:
             now = t.now()
             return any(t.rows[i].run_at <= now for q in queues if not t.control.is_paused(q, now)
-                       for i in t.pending_ids(q))
+                       for i in t.pending_ids(q)) or any(t.waiting_ids().get(q) for q in queues)
 
     # ------------------------------------------------------------------ recovery
 
@@ -273,7 +289,8 @@ class MemoryRecords:
 
     def recover_batch(self) -> int:
         """``recover_orphans``: processing records whose lease expired or whose instance is dead go back to
-        ``pending`` (due at once) with attempts left, else to ``failed`` (``cancelled`` when flagged)."""
+        ``pending`` (due at once) with attempts left, else to ``failed`` (``cancelled`` when flagged), a flow
+        step's end settling its run."""
         t = self.tables
         self.check_open()
         with t.lock:
@@ -301,6 +318,7 @@ class MemoryRecords:
                     t.drop_dedupe(row)
                 row.lease_token = row.lease_expires_at = None
                 row.updated_at = now
+            self.flows.settle_rows(orphans, now)
             self._last_batch = len(orphans)
             return len(orphans)
 
@@ -332,7 +350,8 @@ class MemoryRecords:
             except (OverflowError, ValueError):  # older than any time (or NaN): nothing is, as in SQL
                 return 0
             old = sorted((r for r in t.rows.values()
-                          if r.finished_at is not None and r.status in FINAL_STATUSES and r.finished_at < cutoff),
+                          if r.finished_at is not None and r.status in FINAL_STATUSES and r.finished_at < cutoff
+                          and not self.flows.unfinished_run(r)),
                          key=lambda r: (r.finished_at or cutoff, r.id))[:batch]
             for row in old:
                 t.delete(row)

@@ -14,6 +14,7 @@ from typing import Any
 
 from core.backend import Listener
 from core.config import Settings
+from core.flows.store import CountedStep
 from core.instance import ProcessFacts
 from core.record import Record
 from core.runstore import RETENTION_BATCH, RETENTION_BATCHES
@@ -58,8 +59,12 @@ class MemoryRun(MemoryControlOps):
     def maintenance(self) -> Iterator[Callable[[], int]]:
         yield from self.recovery_steps()
         yield self.prune_key_buckets
-        if self.settings.retention is not None:
-            yield from self.purge_steps(self.settings.retention, RETENTION_BATCH, RETENTION_BATCHES)
+        # flow records waiting although their parents finished: a defect, repaired (and counted)
+        yield CountedStep(lambda: self._locked(self.flows.sweep), "flow_repairs")
+        retention = self.settings.retention
+        if retention is not None:
+            yield from self.purge_steps(retention, RETENTION_BATCH, RETENTION_BATCHES)
+            yield lambda: self._locked(lambda now: self.flows.purge_runs(retention, RETENTION_BATCH, now))
 
     def prune_key_buckets(self) -> int:
         """Buckets of keys idle long enough to be full go (as the real maintenance)."""

@@ -9,12 +9,15 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from core.appconn import AppConn
 from core.backend import CountRow, NewRecords
+from core.flows.run import FlowRun, StartRequest
 from core.plans import Plan, later
 from core.record import AddResult
 from core.runstore import RETENTION_BATCH, RETENTION_BATCHES
 from core.testing import pg
 from core.testing.controlstore import MemoryControlOps
+from core.testing.errors import NoDatabase
 from core.testing.records import REGISTRY_COLUMNS
 from core.testing.run import MemoryRun
 from core.testing.tables import KeyLimit
@@ -61,12 +64,40 @@ class MemoryStore(MemoryControlOps):
 
     def retain(self) -> int:
         retention = self.settings.retention
-        return 0 if retention is None else self.purge_now(retention, RETENTION_BATCH, RETENTION_BATCHES)
+        if retention is None:
+            return 0
+        records = self.purge_now(retention, RETENTION_BATCH, RETENTION_BATCHES)
+        runs: int = self._locked(lambda now: self.flows.purge_runs(retention, RETENTION_BATCH, now))
+        return records + runs
+
+    # ------------------------------------------------------------------ flows (core/testing/flows.py)
+
+    def start_flow(self, req: StartRequest, conn: AppConn | None = None) -> Plan[FlowRun]:
+        if conn is not None:
+            raise NoDatabase("an in-memory processor has no database transaction to start a flow run in")
+        pg.text(req.flow, req.dedupe_key)
+        return later(lambda: self._locked(lambda now: self.flows.start(req, now)))
+
+    def flow_status(self, run_id: int) -> Plan[dict[str, Any] | None]:
+        pg.int8(run_id)
+        return later(lambda: self._locked(lambda now: self.flows.status(run_id)))
+
+    def cancel_flow(self, run_id: int) -> Plan[str | None]:
+        pg.int8(run_id)
+        return later(lambda: self._locked(lambda now: self.flows.cancel(run_id, now)))
+
+    def list_flow_runs(self, flow: str | None, status: str | None, limit: int) -> Plan[list[dict[str, Any]]]:
+        pg.text(flow, status)
+        return later(lambda: self._locked(lambda now: self.flows.list_runs(flow, status, limit)))
+
+    def flow_defects(self) -> Plan[list[int]]:
+        return later(lambda: self._locked(lambda now: self.flows.defects()[1]))
 
     # ------------------------------------------------------------------ operator actions
 
     def cancel_now(self, ids: list[int]) -> dict[int, str]:
-        """``cancel``: pending and failed records end ``cancelled`` at once; processing ones are flagged."""
+        """``cancel``: pending, waiting and failed records end ``cancelled`` at once; processing ones are
+        flagged. A flow step cancelled from pending or waiting settles its run (a failed one did already)."""
         if not ids:
             return {}
         pg.int8(*ids)
@@ -75,17 +106,22 @@ class MemoryStore(MemoryControlOps):
         with t.lock:
             now = t.now()
             out = {}
+            ended = []
             for rid in sorted(set(ids)):
                 row = t.rows.get(rid)
-                if row is None or row.status not in ("pending", "processing", "failed"):
+                if row is None or row.status not in ("pending", "processing", "failed", "waiting"):
                     continue
+                if row.status in ("pending", "waiting"):
+                    ended.append(row)
                 if row.status != "processing":
                     t.move(row, "cancelled")
                     row.finished_at = now
+                    row.waiting_on = 0
                     t.drop_dedupe(row)
                 row.cancel_requested = True
                 row.updated_at = now
                 out[rid] = row.status
+            self.flows.settle_rows(ended, now)
             return out
 
     def retry_failed_now(self, ids: list[int] | None, queue: str | None, pattern: str | None, batch: int) -> int:
@@ -144,7 +180,7 @@ class MemoryStore(MemoryControlOps):
 
     def counts_now(self, queue: str | None) -> list[CountRow]:
         """``queue_status_active`` and ``queue_status_finished``: pending (with the age of its oldest
-        record by created_at, and how many are due), processing, and the finished counts."""
+        record by created_at, and how many are due), processing, waiting, and the finished counts."""
         pg.text(queue)
         t = self.tables
         self.check_open()
@@ -164,6 +200,8 @@ class MemoryStore(MemoryControlOps):
                 held[q] = held.get(q, 0) + 1
             out += [(q, "processing", n, None, 0) for q, n in held.items() if queue is None or q == queue]
             out += [(q, s, n, None, 0) for (q, s), n in t.finished.items() if queue is None or q == queue]
+            out += [(q, "waiting", len(w), None, 0) for q, w in t.waiting_ids().items()
+                    if w and (queue is None or q == queue)]
             return out
 
     def list_instances_now(self, include_stopped: bool) -> list[dict[str, Any]]:

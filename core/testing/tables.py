@@ -1,4 +1,5 @@
-"""The state of an in-memory queue: the records, the key and queue limits, the instance registry, the clock.
+"""The state of an in-memory queue: the records, the key and queue limits, the instance registry, the flow
+tables (templates, runs, edges: :class:`FlowTables`), the clock.
 
 :class:`MemoryTables` is to in-memory processors what one database is to real ones: several processors
 over the same tables are several instances sharing one queue. One lock guards everything; each store
@@ -56,6 +57,14 @@ class Row:
     cancel_requested: bool = False
     updated_at: datetime | None = None
     finished_at: datetime | None = None
+    # A flow step's record (core/testing/flows.py): its run, step, element of a for_each step (-1: the
+    # placeholder not fanned out yet), while 'waiting' its count of unfinished parents, and the result its
+    # completion wrote (JSON text; None: NULL).
+    flow_run_id: int | None = None
+    step: str | None = None
+    flow_index: int | None = None
+    waiting_on: int = 0
+    result: str | None = None
 
     def position(self) -> Position:
         return (-self.priority, self.run_at, self.id)
@@ -90,6 +99,47 @@ class KeyLimit:
         return cls(pattern, not glob, limit, block_on_failure, re.compile("".join(parts), re.DOTALL))
 
 
+@dataclass(eq=False)
+class RunRow:
+    """A ``flow_runs`` row, and the ids of its records (the flow index of processing_queue)."""
+
+    id: int
+    flow: str
+    version: int
+    input: str  # JSON text, as JSONB would return it
+    dedupe_key: str | None
+    created_at: datetime
+    updated_at: datetime
+    status: str = "running"
+    failed_step: str | None = None
+    error: str | None = None
+    on_failure_id: int | None = None
+    finished_at: datetime | None = None
+    records: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Edge:
+    """A ``flow_edges`` row: ``child`` waits for ``parent``."""
+
+    parent: int
+    child: int
+    run: int
+    each: bool
+    run_on_failure: bool
+
+
+@dataclass
+class FlowTables:
+    """Migration 0010's tables: templates by (name, version) as (hash, definition), runs, edges by parent and
+    by child (a step's result is on its record)."""
+
+    templates: dict[tuple[str, int], tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    runs: dict[int, RunRow] = field(default_factory=dict)
+    children: dict[int, list[Edge]] = field(default_factory=dict)
+    parents: dict[int, list[Edge]] = field(default_factory=dict)
+
+
 def _remove(items: list[Any], value: Any) -> None:
     i = bisect_left(items, value)
     if i < len(items) and items[i] == value:
@@ -116,6 +166,8 @@ class MemoryTables:
         self._pending: dict[str, set[int]] = {}
         self._claimable: dict[str, list[Position]] = {}  # per queue, claim order: keyless and key heads
         self._keys: dict[str, KeyRows] = {}
+        self._waiting: dict[str, set[int]] = {}  # flow steps waiting for their parents, per queue
+        self.flows = FlowTables()
         self.control = MemoryControl()  # paused queues, rate buckets, schedules
         self.rate_wait: float | None = None  # the last pick's: seconds until a rate-limited bucket has a token
         # Wake-ups for idle runs (inserts, keyed completions, the clock moving): a generation counter.
@@ -203,6 +255,8 @@ class MemoryTables:
             self.processing.add(row.id)
             if key is not None:
                 self._key(key).processing.add(row.id)
+        elif status == "waiting":
+            self._waiting.setdefault(row.queue, set()).add(row.id)
         else:
             if status in FINAL_STATUSES:
                 self.finished[(row.queue, status)] += 1
@@ -227,6 +281,8 @@ class MemoryTables:
             self.processing.discard(row.id)
             if key is not None:
                 self._keys[key].processing.discard(row.id)
+        elif status == "waiting":
+            self._waiting[row.queue].discard(row.id)
         else:
             if status in FINAL_STATUSES:
                 self.finished[(row.queue, status)] -= 1
@@ -243,6 +299,10 @@ class MemoryTables:
 
     def pending_ids(self, queue: str) -> set[int]:
         return self._pending.get(queue, set())
+
+    def waiting_ids(self) -> dict[str, set[int]]:
+        """The waiting flow records per queue."""
+        return self._waiting
 
     def pending_queues(self) -> list[str]:
         return [q for q, ids in self._pending.items() if ids]
