@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from core import checks, operations
 from core.backend import Store
 from core.checks import MAX_BATCH, check_queues, check_records, positive_int
-from core.config import Settings, run_default
+from core.config import Settings, run_default, trace_parent_value
 from core.constants import INSTANCE_STATUSES
 from core.errors import InvalidArgument
 from core.floors import Floors
@@ -197,6 +197,7 @@ class ProcessorAPI(Operations):
         register: bool = True,
         metadata: dict[str, Any] | None = None,
         claimers: int = 2,
+        trace_parent: str = run_default("trace_parent"),
     ) -> RunSummary:
         """Claim and process records until stopped; returns a :class:`RunSummary`.
 
@@ -208,7 +209,9 @@ class ProcessorAPI(Operations):
         also writes the completion, so its own database writes and the completion commit together.
         Called from the main thread it handles SIGTERM/SIGINT (unless ``handle_signals=False``): the first
         signal drains for ``grace_seconds``, a second aborts the grace. ``stop_event`` or :meth:`stop` stop it
-        from elsewhere; ``stop_when_empty`` returns once nothing is due or held.
+        from elsewhere; ``stop_when_empty`` returns once nothing is due or held. ``trace_parent``: with
+        OpenTelemetry and a tracer provider configured, each record's ``process`` span links to the trace
+        context its ``add_records`` stored (``"link"``) or is that context's child (``"child"``).
         """
         positive_int("concurrency", concurrency, maximum=1000)
         checks.seconds("poll_interval", poll_interval, allow_zero=False)
@@ -217,6 +220,10 @@ class ProcessorAPI(Operations):
         if prefetch is not None:
             positive_int("prefetch", prefetch, allow_zero=True, maximum=10 * MAX_BATCH)
         positive_int("claimers", claimers, maximum=64)
+        try:
+            trace_parent = trace_parent_value(trace_parent)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
         for name, value in (("stop_when_empty", stop_when_empty), ("transactional", transactional),
                             ("listen", listen), ("handle_signals", handle_signals), ("register", register)):
             checks.flag(name, value)
@@ -250,6 +257,7 @@ class ProcessorAPI(Operations):
             register=register,
             metadata=metadata or {},
             claimers=claimers,
+            trace_parent=trace_parent,
         )
         claimers = max(1, claimers)
         runs = self.store.for_run(claimers=claimers, handler_slots=slots,

@@ -40,6 +40,9 @@ class NewRecords:
     keys: list[str | None]
     dedupes: list[str | None]
     dedupe_while: str
+    # The trace context stored with every record of the batch (core/tracing.py): the W3C traceparent, then a
+    # space and the tracestate when there is one; None without tracing.
+    trace: str | None = None
 
 
 class Listener(Protocol):

@@ -31,9 +31,6 @@ ERROR_TEXT_LIMIT = 2000
 _record_order = operator.itemgetter(0, 7)
 
 
-_NO_RESULT = (None,)
-
-
 def done_results(done: Sequence[Record]) -> list[str | None] | None:
     """The results of the flow steps among ``done`` (JSON text), in the order of the fenced id arrays; None
     when none is a flow step's."""
@@ -133,10 +130,10 @@ class Claims:
             return claimed, completed
         new, head, tail = tuple.__new__, (params["token"],), (self.db.shard,)
         if ticket is not None:  # where each queue's floor moves: its first pending record, seen unlocked
-            ticket.seen = {r[1]: (r[16], r[17], r[18]) for r in rows if r[16] is not None}
+            ticket.seen = {r[1]: (r[18], r[19], r[20]) for r in rows if r[18] is not None}
         # The row's columns in the named tuple's order: the token (ours) after the first six, the shard after
-        # the thirteenth, the flow columns, and no result yet.
-        claimed.extend([new(Record, r[:6] + head + r[6:13] + tail + r[13:16] + _NO_RESULT) for r in rows])
+        # the thirteenth, then the flow columns, no result yet, and the trace context.
+        claimed.extend([new(Record, r[:6] + head + r[6:13] + tail + r[13:18]) for r in rows])
         return claimed, completed
 
     def unblock(self, keys: Iterable[str], *, announce: bool = True) -> None:

@@ -154,6 +154,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 poll_interval=args.poll_interval,
                 listen=not args.poll_only,
                 grace_seconds=args.grace_seconds,
+                trace_parent=args.trace_parent,
             )
         finally:
             if server is not None:

@@ -17,6 +17,7 @@ from core.errors import ConfigurationError, InvalidArgument
 from core.instance import new_instance_id
 from core.payloads import MAX_PAYLOAD_BYTES
 from core.retry import RetryPolicy
+from core.tracing import TRACE_PARENTS
 
 POOLING_MODES = ("session", "transaction")
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
@@ -42,6 +43,13 @@ class Knob:
 
 def _knobs(*knobs: Knob) -> dict[str, Knob]:
     return {k.name: k for k in knobs}
+
+
+def trace_parent_value(value: object) -> str:
+    """A ``trace_parent`` value (``run()``, ``--trace-parent``): ``link`` or ``child``."""
+    if value not in TRACE_PARENTS:
+        raise ValueError(f"trace_parent must be one of {', '.join(TRACE_PARENTS)}, got {value!r}")
+    return str(value)
 
 
 # Constructor settings. A default of None is derived from the others (see Settings.build).
@@ -88,6 +96,8 @@ RUN_KNOBS: dict[str, Knob] = _knobs(
          positive=False),
     Knob("retry_max_delay", RetryPolicy.max_delay, "cap of the retry delay in seconds", "DP_RETRY_MAX_DELAY",
          float, positive=False),
+    Knob("trace_parent", "link", "with OpenTelemetry (extra [otel]) and a tracer provider: each process span links "
+         "to the trace that added its record (link) or is its child (child)", "DP_TRACE_PARENT", trace_parent_value),
 )
 
 

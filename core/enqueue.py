@@ -130,7 +130,7 @@ class Enqueuer:
     def _call(self, batch: NewRecords, texts: list[str], expect_shard: int | None, *,
               own: bool = True) -> Plan[AddResult]:
         params = {**self._params(batch, expect_shard, own), "payloads": texts, "max_attempts": batch.max_attempts,
-                  "dedupe_while": batch.dedupe_while, "notify": self.db.settings.notify}
+                  "dedupe_while": batch.dedupe_while, "notify": self.db.settings.notify, "trace": batch.trace}
         row = yield Stmt(self.q.add_records, params, "one", binary=True)
         status, ids, deduplicated, owner, queue_limit, depth, adding = row
         if status == "full":
@@ -174,12 +174,14 @@ class Enqueuer:
                      blocked: list[bool]) -> Iterator[str]:
         # Rows are formatted here as COPY text, a chunk per write: much cheaper than a write_row per record,
         # and the server parses one chunk while the next is encoded. JSON from the encoder has no raw control
-        # characters, so only backslashes need escaping. run_at left out takes the column default, now().
+        # characters, so only backslashes need escaping. run_at left out takes the column default, now(). The
+        # trace context is the batch's (core/tracing.py), the same on every row.
         items, n = batch.payloads, len(batch.payloads)
         limit = self.db.settings.max_payload_bytes
         constant = "\t".join(("", copy_text(batch.queue), str(batch.priority), str(batch.max_attempts), ""))
         if batch.run_at is not None:
             constant = f"{constant}{batch.run_at.isoformat()}\t"
+        constant += ("\\N" if batch.trace is None else copy_text(batch.trace)) + "\t"
         null = "\\N\tf"
         key_texts = [null if k is None else copy_text(k) + ("\tt" if b else "\tf")
                      for k, b in zip(batch.keys, blocked, strict=True)]

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from core import checks
+from core import checks, tracing
 from core.backend import Store
 from core.checks import check_new_records, positive_int
 from core.config import Settings, SettingsView
@@ -71,6 +72,9 @@ def add_records(
     is taken). A dedupe or ordering key held by another open transaction makes the call wait for it.
     With shards, ``conn`` is one shard's: a record whose key belongs to another shard raises ``WrongShard``
     naming that shard; keyless records stay on the connection's shard.
+
+    With OpenTelemetry (extra ``[otel]``): a ``send {queue}`` PRODUCER span, and the trace context inside it
+    stored with each record, which the worker's ``process`` spans link to (README, "Tracing").
     """
     batch = check_new_records(
         payloads, queue=self.settings.queue if queue is None else queue, priority=priority, run_at=run_at,
@@ -79,7 +83,13 @@ def add_records(
     app = None if conn is None else (yield from self._application_connection(conn))
     if not batch.payloads:
         return AddResult()
-    return (yield from self.store.add(batch, app))
+    send = tracing.sending(batch.queue, len(batch.payloads))  # None without opentelemetry (core/tracing.py)
+    if send is None:
+        return (yield from self.store.add(batch, app))
+    with send:  # the send span, ended when the insert ends (with its error, if any)
+        result = yield from self.store.add(replace(batch, trace=send.context), app)
+        send.added(result)
+    return result
 
 
 def cancel(self: Operations, ids: Iterable[int]) -> Plan[dict[int, str]]:

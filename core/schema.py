@@ -95,6 +95,8 @@ processing_queue = Table(
     Column("waiting_on", Integer),
     # A flow step's result, written by the statement that completes it (NULL outside flows).
     Column("result", JSONB),
+    # The W3C trace context of the span that added it (migration 0011, core/tracing.py; NULL without one).
+    Column("trace_context", Text),
     PrimaryKeyConstraint("id"),
     CheckConstraint("status IN ('pending', 'processing', 'completed', 'failed', 'cancelled', 'waiting')",
                     name="status"),

@@ -112,7 +112,7 @@ def subset(batch: NewRecords, idx: list[int]) -> NewRecords:
     return NewRecords(
         payloads=[batch.payloads[i] for i in idx], queue=batch.queue, priority=batch.priority, run_at=batch.run_at,
         max_attempts=batch.max_attempts, keys=[batch.keys[i] for i in idx], dedupes=[batch.dedupes[i] for i in idx],
-        dedupe_while=batch.dedupe_while,
+        dedupe_while=batch.dedupe_while, trace=batch.trace,
     )
 
 

@@ -198,7 +198,7 @@ claimed AS (
     -- Not the lease token: the caller chose it, so it need not travel back and be decoded per row.
     RETURNING t.id, t.queue, t.payload, t.priority, t.attempts, t.max_attempts, t.claimed_at,
               t.lease_expires_at, t.run_at, t.created_at, t.ordering_key, t.dedupe_key, t.cancel_requested,
-              t.flow_run_id, t.step
+              t.flow_run_id, t.step, t.trace_context
 ),
 -- The tokens spent: what each rate-limited queue's claim took. Returned: how long until a bucket left
 -- without a whole token has the next (an idle claimer sleeps that long rather than ask again at once).
@@ -210,10 +210,16 @@ charged AS (
      WHERE b.queue = r.queue AND b.slot = r.slot
     RETURNING b.tokens, r.interval_s
 )
-SELECT claimed.*,
+-- The columns in core.record.Record's order (core/claims.py: Claims.claim_on), the lease token and the shard
+-- left to the caller.
+SELECT claimed.id, claimed.queue, claimed.payload, claimed.priority, claimed.attempts, claimed.max_attempts,
+       claimed.claimed_at, claimed.lease_expires_at, claimed.run_at, claimed.created_at, claimed.ordering_key,
+       claimed.dedupe_key, claimed.cancel_requested, claimed.flow_run_id, claimed.step,
        -- A flow step's parents' results ({} for a first step; an on_failure step's: dp_flow_parents).
        CASE WHEN claimed.flow_run_id IS NOT NULL
             THEN coalesce(par.parents, {flow_parents_function}(claimed.id, claimed.flow_run_id)) END AS parents,
+       NULL::text AS result,  -- a flow step's result: none yet
+       claimed.trace_context,
        picked.fs_np, picked.fs_at, picked.fs_id,
        (SELECT count(*) FROM done) + 0 * (SELECT count(*) FROM notified) + 0 * (SELECT count(*) FROM settled)
            AS completed,

@@ -3,13 +3,14 @@
 -- %(name)s are bound parameters. A literal % is written %%, a literal brace doubled. Blocks: "-- name: <name>".
 
 -- name: add_records
--- A batch in one round trip (migration 0008, core/sql/ddl/0008_enqueue.sql): the producers' locks, the key
--- heads, the insert, the queue's limit, the announcement to the claimers and the NOTIFY. A full queue or a key
--- another shard owns is a status, not an error, so an application's transaction stays usable.
+-- A batch in one round trip (migration 0008, core/sql/ddl/0008_enqueue.sql; its trace context since 0011): the
+-- producers' locks, the key heads, the insert, the queue's limit, the announcement to the claimers and the
+-- NOTIFY. A full queue or a key another shard owns is a status, not an error, so an application's transaction
+-- stays usable.
 SELECT status, ids, deduplicated, owner, queue_limit, depth, adding
   FROM {add_records_function}(%(queue)s, %(payloads)s::jsonb[], %(priority)s, %(run_at)s::timestamptz,
                               %(max_attempts)s, %(keys)s::text[], %(dedupes)s::text[], %(dedupe_while)s,
-                              %(notify)s, %(expect_shard)s::int, %(key_gap)s, %(own)s);
+                              %(notify)s, %(expect_shard)s::int, %(key_gap)s, %(own)s, p_trace => %(trace)s::text);
 
 -- name: enqueue_prepare
 -- Before a COPY: the shard's guard, the producers' locks, which keyed records go in blocked, the limit.
@@ -35,10 +36,12 @@ SELECT pg_get_serial_sequence(%(table)s, 'id');
 SELECT nextval(%(seq)s::regclass) FROM generate_series(1, %(n)s) g ORDER BY g;
 
 -- name: copy_records
-COPY {records} (id, queue, priority, max_attempts, ordering_key, key_blocked, payload) FROM STDIN;
+-- trace_context: the batch's (core/tracing.py), \N without one.
+COPY {records} (id, queue, priority, max_attempts, trace_context, ordering_key, key_blocked, payload) FROM STDIN;
 
 -- name: copy_records_at
-COPY {records} (id, queue, priority, max_attempts, run_at, ordering_key, key_blocked, payload) FROM STDIN;
+COPY {records} (id, queue, priority, max_attempts, run_at, trace_context, ordering_key, key_blocked, payload)
+FROM STDIN;
 
 -- name: pending_depth
 SELECT count(*) FROM (

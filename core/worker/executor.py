@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from core import tracing
 from core.errors import DatabaseUnavailable
 from core.flows.dispatch import FlowHandler
 from core.record import Record
@@ -28,12 +29,17 @@ class Executor:
         self.s = state
         self.completer = completer
         self.spawn = spawn
-        self.handler = state.options.handler
+        handler = state.options.handler
         self.concurrency = state.options.concurrency
         self.transactional = state.options.transactional
         # A run over flows: each record's step says whether it is transactional; a step's result is kept.
-        self.flows = self.handler if isinstance(self.handler, FlowHandler) else None
-        self.is_async = inspect.iscoroutinefunction(self.handler)
+        self.flows = handler if isinstance(handler, FlowHandler) else None
+        self.is_async = inspect.iscoroutinefunction(handler)
+        # With a tracer provider configured, each call in a `process` span (core/tracing.py); else the handler
+        # itself: without one nothing on the per-record path changes.
+        traced = tracing.traced_handler(handler, is_async=self.is_async, trace_parent=state.options.trace_parent,
+                                        instance_id=state.settings.instance_id)
+        self.handler = handler if traced is None else traced
         self._loop: asyncio.AbstractEventLoop | None = None
         self._async_slots: asyncio.Semaphore | None = None
 

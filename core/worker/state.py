@@ -75,6 +75,7 @@ class RunOptions:
     register: bool
     metadata: dict[str, Any]
     claimers: int
+    trace_parent: str = "link"  # with OpenTelemetry: the stored trace context links ("link") or parents ("child")
 
 
 class Held:

@@ -119,6 +119,7 @@ TABLE: list[Case] = [
     _c("run", "grace_seconds", "negative", lambda p: p.run(print, grace_seconds=-1)),
     _c("run", "prefetch", "negative", lambda p: p.run(print, prefetch=-1)),
     _c("run", "claimers", "0", lambda p: p.run(print, claimers=0)),
+    _c("run", "trace_parent", "unknown", lambda p: p.run(print, trace_parent="sibling")),
     _c("run", "queues", "a NUL", lambda p: p.run(print, queues=[NUL])),
     _c("run", "stop_when_empty", "a string", lambda p: p.run(print, stop_when_empty="yes")),
     _c("run", "stop_event", "a bool", lambda p: p.run(print, stop_event=True)),

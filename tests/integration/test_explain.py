@@ -256,7 +256,8 @@ def test_the_enqueue_functions_read_the_queue_table_through_its_indexes(big_dsn:
                      " ON CONFLICT (queue) DO NOTHING")
         params = {"queue": "default", "payloads": ['{"n": 1}', '{"n": 2}', '{"n": 3}'], "priority": 0,
                   "run_at": None, "max_attempts": 5, "keys": ["k1", "k1", None], "dedupes": ["d1", None, "d1"],
-                  "dedupe_while": "pending", "notify": True, "expect_shard": None, "key_gap": 1000, "own": True}
+                  "dedupe_while": "pending", "notify": True, "expect_shard": None, "key_gap": 1000, "own": True,
+                  "trace": None}
         plans = _nested_plans(conn, p.q.add_records, params)
     texts = [pl["Query Text"] for pl in plans]
     assert any("LATERAL" in t and "processing_queue" in t for t in texts), texts  # the key heads ran
