@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from core.appconn import AppConn
-from core.errors import DatabaseUnavailable
+from core.errors import DatabaseUnavailable, FlowDefinitionChanged
 from core.flows.run import FlowRun, StartRequest
 from core.flows.store import StartRefused
 from core.plans import Plan
@@ -25,8 +25,24 @@ class ShardedFlows:
         self.stores = list(stores)
         self.topology = topology
         self._turn = itertools.count()
+        # Templates checked on every shard by this processor: (name, version, hash).
+        self._checked: set[tuple[str, int, str]] = set()
+
+    def check_template(self, req: StartRequest) -> Plan[None]:
+        """Before a template's first run from this processor: its definition stored on every shard that answers
+        (or the stored one's hash read), and refused if any shard holds another under the same version. Each
+        shard also checks it in the run's own transaction (dp_start_flow); this makes the check independent of
+        which shard a run goes to."""
+        key = (req.flow, req.version, req.hash)
+        if key in self._checked:
+            return
+        hashes = yield from self._each(lambda s: s.flows.put_template(req))
+        if any(h != req.hash for h in hashes):
+            raise FlowDefinitionChanged(req.flow, req.version)
+        self._checked.add(key)
 
     def start(self, req: StartRequest, conn: AppConn | None) -> Plan[FlowRun]:
+        yield from self.check_template(req)
         if conn is not None:  # one shard's connection: the run is that shard's (its guard checks a dedupe key)
             return (yield from self.stores[0].start_flow(req, conn))
         if req.dedupe_key is not None:

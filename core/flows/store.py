@@ -72,6 +72,13 @@ class PostgresFlows:
         return FlowRun(int(run_id), req.flow, req.version, {k: int(v) for k, v in (ids or {}).items()},
                        status == "deduplicated", self.db.shard)
 
+    def put_template(self, req: StartRequest) -> Plan[str]:
+        """Store the template's definition for its version unless one is already; the stored one's hash."""
+        params = {"flow": req.flow, "version": req.version, "hash": req.hash,
+                  "definition": json.dumps(req.definition)}
+        row = yield from on(self.db, Stmt(self.q.flow_template_put, params, "one"))
+        return str(row[0])
+
     def status(self, run_id: int) -> Plan[dict[str, Any] | None]:
         run = yield from on(self.db, Stmt(self.q.flow_run, {"run": run_id}, "one"))
         if run is None:

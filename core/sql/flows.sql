@@ -74,3 +74,18 @@ SELECT id, flow, version, status, failed_step, error, created_at, finished_at
    AND (%(status)s::text IS NULL OR status = %(status)s::text)
  ORDER BY created_at DESC, id DESC
  LIMIT %(limit)s;
+
+-- name: flow_template_put
+-- A template's definition stored for its version unless one is already (then that one's hash): over shards,
+-- a processor checks a template on every shard before its first run (core/flows/sharded.py), so a changed
+-- definition is refused whichever shard the run would go to.
+WITH ins AS (
+    INSERT INTO {flow_templates} (name, version, def_hash, definition)
+    VALUES (%(flow)s, %(version)s, %(hash)s, %(definition)s::jsonb)
+    ON CONFLICT (name, version) DO NOTHING
+    RETURNING def_hash
+)
+SELECT def_hash FROM ins
+UNION ALL
+SELECT t.def_hash FROM {flow_templates} t WHERE t.name = %(flow)s AND t.version = %(version)s
+LIMIT 1;

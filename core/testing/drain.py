@@ -97,13 +97,20 @@ def drain(
     deadline = time.monotonic() + timeout
     waiter = _Waiter(processor, queue_list, poll_interval)
     out = Outcomes()
+    looked_again = False
     while max_records is None or out.handled < max_records:
         room = size if max_records is None else min(size, max_records - out.handled)
         batch = processor.claim_records(room, queues=queue_list)
         if batch:
+            looked_again = False
             _handle(processor, handler, batch, out)
             continue
         pending, due = _pending(processor, queue_list)
+        if pending == due and due and not looked_again:
+            # A record may have come due between the claim and the count (a backoff ending): claim once more
+            # before deciding that what is due cannot be claimed.
+            looked_again = True
+            continue
         if pending == due:
             # Nothing waits for its run_at: what is left is due yet not claimable (a held or stopped key, a
             # key limit reached by records held elsewhere), and only another outcome can change that.

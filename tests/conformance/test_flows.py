@@ -417,10 +417,6 @@ def test_a_running_run_holds_its_dedupe_key(processor: ProcessorAPI) -> None:
 
 def test_a_changed_definition_under_the_same_version_is_refused(processor: ProcessorAPI, backend: str,
                                                                request: pytest.FixtureRequest) -> None:
-    if backend == "shards":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "SQL side: templates are stored per shard and a keyless start_flow goes to the shards in turn, so a "
-            "changed definition starts on a shard that has not stored the version yet")))
     flow = make("versioned", {"a": {}, "b": {"after": ["a"]}})
     run = start(processor, flow)
     same = make("versioned", {"a": {}, "b": {"after": ["a"]}})  # other functions, the same definition

@@ -139,7 +139,8 @@ def shared(status: dict[str, Any]) -> dict[str, Any]:
 
 def test_queue_status_of_an_empty_queue(processor: ProcessorAPI) -> None:
     assert shared(processor.get_queue_status()) == {
-        "queues": {}, "totals": dict.fromkeys(("pending", "processing", "completed", "failed", "cancelled"), 0),
+        "queues": {},
+        "totals": dict.fromkeys(("pending", "processing", "completed", "failed", "cancelled", "waiting"), 0),
         "oldest_pending_age_seconds": None, "paused": {}}
     (rid,) = processor.add_records([{}])
     processor.mark_completed(processor.claim_records())

@@ -306,7 +306,7 @@ def test_health_check_has_the_real_ones_shape(p: InMemoryProcessor, clock: FakeC
     clock.advance(100)
     report = p.health_check(pending_age_degraded_s=50)
     assert set(report) == {"status", "instance", "database", "reasons", "checked_at", "queues", "pool", "horizon",
-                           "paused"}
+                           "paused", "flows"}
     assert set(report["database"]) == {"reachable", "host", "port", "dbname", "schema", "latency_ms",
                                        "server_version", "migrated"}
     assert set(report["horizon"]) == {"age_seconds", "holder", "holders", "live_tuples", "dead_tuples",
