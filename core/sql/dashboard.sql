@@ -68,6 +68,13 @@ SELECT q.queue,
   FROM unnest(%(queues)s::text[]) AS q(queue)
  ORDER BY q.queue;
 
+-- name: dashboard_waiting_counts
+-- Flow steps waiting for their parents, per queue, among the first %(cap)s of them (an index-only scan of the
+-- waiting index, which includes the queue): exact below the cap, "at least" at it.
+SELECT queue, count(*) FROM (SELECT queue FROM {records} WHERE status = 'waiting' LIMIT %(cap)s) w
+ GROUP BY queue
+ ORDER BY queue;
+
 -- name: dashboard_estimate_pending
 -- The planner's estimate of a queue's pending records, shown (as such) where the count passed its cap.
 EXPLAIN (FORMAT JSON) SELECT 1 FROM {records} WHERE status = 'pending' AND queue = %(queue)s::text;
@@ -95,9 +102,10 @@ SELECT min(id), max(id) FROM {records};
 -- name: dashboard_records
 -- One window of ids [floor, after), newest first, filtered (an empty filter is NULL and folds away). The
 -- window bounds the rows a rare filter reads; the caller walks down window by window within a time budget.
--- The ordering index serves a key with active states, the lease index processing records.
+-- The ordering index serves a key with active states, the lease index processing records, the flow index
+-- a flow run's records and the waiting index waiting ones (both by id: the caller reads them in one window).
 SELECT id, queue, status, priority, attempts, max_attempts, ordering_key, dedupe_key, left(last_error, 300),
-       run_at, created_at, updated_at, finished_at, claimed_by
+       run_at, created_at, updated_at, finished_at, claimed_by, flow_run_id, step
   FROM {records}
  WHERE id < %(after)s AND id >= %(floor)s
    AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
@@ -106,6 +114,7 @@ SELECT id, queue, status, priority, attempts, max_attempts, ordering_key, dedupe
    AND (%(key)s::text IS NULL OR ordering_key = %(key)s::text)
    AND (%(dedupe)s::text IS NULL OR dedupe_key = %(dedupe)s::text)
    AND (%(error)s::text IS NULL OR strpos(lower(last_error), lower(%(error)s::text)) > 0)
+   AND (%(run)s::bigint IS NULL OR flow_run_id = %(run)s::bigint)
  ORDER BY id DESC
  LIMIT %(limit)s;
 
@@ -128,7 +137,7 @@ SELECT finished_at FROM {records}
 -- never the pending or processing rows (a backlog of a million pending records above the failures costs
 -- nothing here).
 SELECT id, queue, status, priority, attempts, max_attempts, ordering_key, dedupe_key, left(last_error, 300),
-       run_at, created_at, updated_at, finished_at, claimed_by
+       run_at, created_at, updated_at, finished_at, claimed_by, flow_run_id, step
   FROM {records}
  WHERE status IN ('completed', 'failed', 'cancelled')
    AND (%(end)s::timestamptz IS NULL OR finished_at >= %(end)s::timestamptz)
@@ -141,13 +150,15 @@ SELECT id, queue, status, priority, attempts, max_attempts, ordering_key, dedupe
    AND (%(key)s::text IS NULL OR ordering_key = %(key)s::text)
    AND (%(dedupe)s::text IS NULL OR dedupe_key = %(dedupe)s::text)
    AND (%(error)s::text IS NULL OR strpos(lower(last_error), lower(%(error)s::text)) > 0)
+   AND (%(run)s::bigint IS NULL OR flow_run_id = %(run)s::bigint)
  ORDER BY finished_at DESC, id DESC
  LIMIT %(limit)s;
 
 -- name: dashboard_record
 SELECT id, queue, status, priority, attempts, max_attempts, ordering_key, dedupe_key, dedupe_while, dedupe_held,
        key_blocked, cancel_requested, last_error, run_at, created_at, updated_at, finished_at, claimed_by,
-       claimed_at, lease_expires_at, CASE WHEN %(payload)s THEN jsonb_pretty(payload) END AS payload
+       claimed_at, lease_expires_at, CASE WHEN %(payload)s THEN jsonb_pretty(payload) END AS payload,
+       flow_run_id, step, flow_index, waiting_on, CASE WHEN %(payload)s THEN jsonb_pretty(result) END AS result
   FROM {records}
  WHERE id = %(id)s;
 
@@ -188,6 +199,7 @@ SELECT (SELECT shard_no FROM {shard_identity}) AS shard_no,
        (SELECT count(*) FROM (SELECT 1 FROM {records}
                                WHERE status = 'processing' AND lease_expires_at IS NOT NULL LIMIT %(cap)s) c)
            AS processing,
+       (SELECT count(*) FROM (SELECT 1 FROM {records} WHERE status = 'waiting' LIMIT %(cap)s) c) AS waiting,
        (SELECT count(*) FROM pg_prepared_xacts
          WHERE database = current_database() AND gid LIKE %(prefix)s) AS in_doubt;
 
@@ -197,3 +209,103 @@ DELETE FROM {records}
  WHERE id = ANY(%(ids)s::bigint[])
    AND status IN ('completed', 'failed', 'cancelled')
 RETURNING id;
+
+-- name: dashboard_flow_runs_end
+-- Flows. Where a window of runs below a run id ends: the id of the %(window)s-th run, read from the primary
+-- key alone (NULL: fewer are left). Only a status filter needs it (without one, every run read matches).
+SELECT id FROM {flow_runs}
+ WHERE (%(after)s::bigint IS NULL OR id < %(after)s::bigint)
+ ORDER BY id DESC
+ OFFSET %(window)s - 1
+ LIMIT 1;
+
+-- name: dashboard_flow_runs
+-- The latest runs below a run id, newest first, down the primary key, within the window down to %(end)s.
+SELECT id, flow, version, status, failed_step, left(error, 300), created_at, finished_at
+  FROM {flow_runs}
+ WHERE (%(after)s::bigint IS NULL OR id < %(after)s::bigint)
+   AND (%(end)s::bigint IS NULL OR id >= %(end)s::bigint)
+   AND (%(status)s::text IS NULL OR status = %(status)s::text)
+ ORDER BY id DESC
+ LIMIT %(limit)s;
+
+-- name: dashboard_flow_runs_by_flow_end
+-- One flow's window below the position (at, after): the created_at of its %(window)s-th run, read from the
+-- (flow, created_at) index alone (NULL: fewer are left). The window holds every run of the flow started from
+-- then on, ties included (runs started at the position's own moment with a higher id are counted in it too,
+-- which only makes the window a little shorter).
+SELECT created_at FROM {flow_runs}
+ WHERE flow = %(flow)s::text
+   AND (%(at)s::timestamptz IS NULL OR created_at <= %(at)s::timestamptz)
+ ORDER BY created_at DESC
+ OFFSET %(window)s - 1
+ LIMIT 1;
+
+-- name: dashboard_flow_runs_by_flow
+-- One flow's latest runs below the position, newest first, by the (flow, created_at) index, within the
+-- window down to end_at (every run started then included).
+SELECT id, flow, version, status, failed_step, left(error, 300), created_at, finished_at
+  FROM {flow_runs}
+ WHERE flow = %(flow)s::text
+   AND (%(at)s::timestamptz IS NULL OR created_at <= %(at)s::timestamptz)
+   AND (%(at)s::timestamptz IS NULL OR created_at < %(at)s::timestamptz OR id < %(after)s::bigint)
+   AND (%(end_at)s::timestamptz IS NULL OR created_at >= %(end_at)s::timestamptz)
+   AND (%(status)s::text IS NULL OR status = %(status)s::text)
+ ORDER BY created_at DESC, id DESC
+ LIMIT %(limit)s;
+
+-- name: dashboard_flow_run
+-- A run by its primary key, with its version's stored definition (the steps' parents: the graph).
+SELECT fr.id, fr.flow, fr.version, fr.status, CASE WHEN %(payload)s THEN jsonb_pretty(fr.input) END,
+       fr.dedupe_key, fr.failed_step, fr.error, fr.on_failure_id, fr.created_at, fr.updated_at, fr.finished_at,
+       (SELECT t.definition FROM {flow_templates} t WHERE t.name = fr.flow AND t.version = fr.version)
+  FROM {flow_runs} fr
+ WHERE fr.id = %(run)s::bigint;
+
+-- name: dashboard_flow_counts
+-- A run's records by step and state, among its first %(cap)s (the flow index, in id order); whether a step's
+-- for_each placeholder (its elements not known yet) is among them.
+SELECT step, status, count(*), bool_or(flow_index = -1)
+  FROM (SELECT step, status, flow_index FROM {records}
+         WHERE flow_run_id = %(run)s::bigint
+         ORDER BY flow_run_id, id
+         LIMIT %(cap)s) r
+ GROUP BY step, status;
+
+-- name: dashboard_flow_step_records
+-- The records a run's page shows per step: its first %(firsts)s and its first %(hots)s failed or processing
+-- ones (each limit at most the step's count, so that no walk looks for records that are not there), by the
+-- flow index; results pretty-printed and cut (not with hidden payloads), errors cut.
+SELECT s.step, r.id, r.status, r.attempts, r.max_attempts, r.flow_index, r.last_error, r.result, r.queue,
+       r.finished_at, r.waiting_on
+  FROM unnest(%(steps)s::text[], %(firsts)s::int[], %(hots)s::int[]) AS s(step, firsts, hots)
+ CROSS JOIN LATERAL (
+    (SELECT x.id, x.status, x.attempts, x.max_attempts, x.flow_index, left(x.last_error, %(error_chars)s) AS last_error,
+            CASE WHEN %(payload)s THEN left(jsonb_pretty(x.result), %(result_chars)s) END AS result, x.queue,
+            x.finished_at, x.waiting_on
+       FROM {records} x
+      WHERE x.flow_run_id = %(run)s::bigint AND x.step = s.step
+      ORDER BY x.flow_run_id, x.id
+      LIMIT s.firsts)
+    UNION
+    (SELECT x.id, x.status, x.attempts, x.max_attempts, x.flow_index, left(x.last_error, %(error_chars)s),
+            CASE WHEN %(payload)s THEN left(jsonb_pretty(x.result), %(result_chars)s) END, x.queue,
+            x.finished_at, x.waiting_on
+       FROM {records} x
+      WHERE x.flow_run_id = %(run)s::bigint AND x.step = s.step AND x.status IN ('failed', 'processing')
+      ORDER BY x.flow_run_id, x.id
+      LIMIT s.hots)
+ ) r;
+
+-- name: dashboard_flow_failed_recent
+-- Runs failed in the last hour among the latest %(cap)s finished then (the finished_at index), and how many
+-- finished runs that read (at the cap the count is "at least").
+SELECT count(*) FILTER (WHERE status = 'failed'), count(*)
+  FROM (SELECT status FROM {flow_runs}
+         WHERE finished_at >= now() - interval '1 hour'
+         ORDER BY finished_at DESC
+         LIMIT %(cap)s) f;
+
+-- name: dashboard_flow_names
+-- The flows that have run (their templates are stored per name and version: a small table).
+SELECT DISTINCT name FROM {flow_templates} ORDER BY name LIMIT %(limit)s;

@@ -26,6 +26,7 @@ from starlette.staticfiles import StaticFiles
 from core.constants import VERSION
 from core.errors import DatabaseUnavailable, InvalidArgument, SchemaNotMigrated
 from core.web import actions, charts
+from core.web import flowpages as flowpages  # registers the flow pages and their action
 from core.web.filters import BadRequest, NotFound
 from core.web.memsource import MemorySource
 from core.web.pages import PAGES, Options, Page, View, flash

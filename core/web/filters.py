@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from core.constants import STATUSES
+from core.constants import FLOW_RUN_STATUSES, STATUSES
 
 MAX_TEXT = 200  # queue names are at most 200 characters; keys and error searches get the same room
 MAX_ID = 2**63 - 1
@@ -20,8 +20,9 @@ MAX_SECONDS = 1e10     # the longest duration the processor takes (core.checks.M
 UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 DURATION_PART = re.compile(r"(\d{1,12}(?:\.\d{1,6})?)([smhd]?)")
 ACTIVE = ("pending", "processing", "failed")
-# What each bulk action can change, and so the records it is offered for.
-ACTION_STATUSES = {"retry": ("failed",), "cancel": ("pending", "processing", "failed"),
+# What each bulk action can change, and so the records it is offered for (a flow step waiting for its
+# parents can be cancelled: its run settles as for any cancelled step).
+ACTION_STATUSES = {"retry": ("failed",), "cancel": ("pending", "processing", "failed", "waiting"),
                    "purge": ("completed", "failed", "cancelled")}
 
 
@@ -120,22 +121,23 @@ def state(params: Mapping[str, Any]) -> str | None:
 
 @dataclass(frozen=True)
 class RecordFilter:
-    """The records page's filter (every field optional)."""
+    """The records page's filter (every field optional); ``run`` a flow run's id."""
 
     queue: str | None = None
     state: str | None = None
     key: str | None = None
     dedupe: str | None = None
     error: str | None = None
+    run: int | None = None
 
     @classmethod
     def parse(cls, params: Mapping[str, Any]) -> RecordFilter:
         return cls(queue=text(params, "queue"), state=state(params), key=text(params, "key"),
-                   dedupe=text(params, "dedupe"), error=text(params, "error"))
+                   dedupe=text(params, "dedupe"), error=text(params, "error"), run=optional_id(params, "run"))
 
     def query(self) -> dict[str, str]:
         """The filter as query parameters (for links and the bulk forms' hidden fields)."""
-        return {f.name: v for f in fields(self) if (v := getattr(self, f.name)) is not None}
+        return {f.name: str(v) for f in fields(self) if (v := getattr(self, f.name)) is not None}
 
     def statuses(self, only: tuple[str, ...] | None = None) -> list[str] | None:
         """The states to read: the filter's, narrowed to ``only`` (an action's); None is every state."""
@@ -145,11 +147,14 @@ class RecordFilter:
         return [s for s in (chosen or list(STATUSES)) if s in only]
 
     def indexed(self, statuses: list[str] | None) -> bool:
-        """Whether an index finds the matches directly (no window walk): a key with active states only, or
-        processing records (the lease index)."""
+        """Whether an index finds the matches directly (no window walk): a flow run's records (the flow
+        index, by id), a key with active states only, processing records (the lease index), waiting ones
+        (the waiting index, by id)."""
+        if self.run is not None:
+            return True
         if statuses is None:
             return False
-        if statuses == ["processing"]:
+        if statuses in (["processing"], ["waiting"]):
             return True
         return self.key is not None and all(s in ACTIVE for s in statuses)
 
@@ -168,3 +173,28 @@ def limit(params: Mapping[str, Any], default: int = DEFAULT_LIMIT, maximum: int 
     if n > maximum:
         raise BadRequest(f"limit must be at most {maximum}")
     return n
+
+
+def run_status(params: Mapping[str, Any]) -> str | None:
+    value = text(params, "status")
+    if value is not None and value not in FLOW_RUN_STATUSES:
+        raise BadRequest(f"unknown run status {value[:40]!r}; a run is {', '.join(FLOW_RUN_STATUSES)}")
+    return value
+
+
+@dataclass(frozen=True)
+class RunFilter:
+    """The flows page's filter: a flow's name, a run's status (both optional)."""
+
+    flow: str | None = None
+    status: str | None = None
+
+    @classmethod
+    def parse(cls, params: Mapping[str, Any]) -> RunFilter:
+        return cls(flow=text(params, "flow"), status=run_status(params))
+
+    def query(self) -> dict[str, str]:
+        return {f.name: v for f in fields(self) if (v := getattr(self, f.name)) is not None}
+
+    def __bool__(self) -> bool:
+        return bool(self.query())

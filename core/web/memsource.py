@@ -10,6 +10,7 @@ from typing import Any
 
 from core.constants import FINAL_STATUSES
 from core.web.filters import ACTIVE, RecordFilter
+from core.web.memflows import MemoryFlowReads
 from core.web.source import (
     CHART_BUCKET,
     CHART_CAP,
@@ -24,13 +25,15 @@ from core.web.source import (
 
 def _matches(row: Any, f: RecordFilter, statuses: list[str] | None) -> bool:
     return ((f.queue is None or row.queue == f.queue) and (statuses is None or row.status in statuses)
+            and (f.run is None or getattr(row, "flow_run_id", None) == f.run)
             and (f.key is None or row.ordering_key == f.key) and (f.dedupe is None or row.dedupe_key == f.dedupe)
             and (f.error is None or (row.last_error is not None and f.error.lower() in row.last_error.lower())))
 
 
 @dataclass
-class MemorySource(Source):
-    """Reads of an in-memory processor's :class:`~core.testing.MemoryTables`."""
+class MemorySource(MemoryFlowReads, Source):
+    """Reads of an in-memory processor's :class:`~core.testing.MemoryTables` (its flows through the processor's
+    public methods: :class:`~core.web.memflows.MemoryFlowReads`)."""
 
     window_size = 2**63  # one walk step: everything is in memory
 
@@ -45,6 +48,11 @@ class MemorySource(Source):
             now = t.now()
             names = {q for q, _ in t.finished} | set(t.pending_queues()) | set(t.queue_limits)
             names |= {t.rows[i].queue for i in t.processing}
+            waiting: dict[str, int] = {}
+            for r in t.rows.values():
+                if r.status == "waiting":
+                    waiting[r.queue] = waiting.get(r.queue, 0) + 1
+            names |= set(waiting)
             out = []
             for name in sorted(names):
                 pending = [t.rows[i] for i in t.pending_ids(name)]
@@ -52,7 +60,8 @@ class MemorySource(Source):
                 out.append(QueueRow(
                     name, Count.of(len(pending)), Count.of(sum(1 for i in t.processing if t.rows[i].queue == name)),
                     t.finished[(name, "completed")], t.finished[(name, "failed")], t.finished[(name, "cancelled")],
-                    (now - min(due)).total_seconds() if due else None, t.queue_limits.get(name)))
+                    (now - min(due)).total_seconds() if due else None, t.queue_limits.get(name),
+                    waiting=Count.of(waiting.get(name, 0))))
             return out
 
     def finished_since(self, now: datetime, since: datetime) -> tuple[list[tuple[int, int, int, int]],
@@ -79,7 +88,7 @@ class MemorySource(Source):
         with self.tables.lock:
             rows = sorted((r for r in self.tables.rows.values()
                            if floor <= r.id < after and _matches(r, f, statuses)), key=lambda r: -r.id)[:limit]
-            return [{c: getattr(r, c) for c in RECORD_COLUMNS} for r in rows]
+            return [{c: getattr(r, c, None) for c in RECORD_COLUMNS} for r in rows]
 
     def finished_window(self, f: RecordFilter, statuses: list[str], position: tuple[datetime, int] | None,
                         limit: int, upto: int | None) -> list[tuple[list[dict[str, Any]], datetime | None]]:
@@ -89,7 +98,7 @@ class MemorySource(Source):
                            and (upto is None or r.id <= upto)
                            and (position is None or (r.finished_at, r.id) < position)),
                           key=lambda r: (r.finished_at, r.id), reverse=True)[:limit]
-            return [([{c: getattr(r, c) for c in RECORD_COLUMNS} for r in rows], None)]
+            return [([{c: getattr(r, c, None) for c in RECORD_COLUMNS} for r in rows], None)]
 
     def record(self, record_id: int, payload: bool) -> dict[str, Any] | None:
         self.store.check_open()
@@ -97,10 +106,11 @@ class MemorySource(Source):
             row = self.tables.rows.get(record_id)
             if row is None:
                 return None
-            out = {c: getattr(row, c, None) for c in DETAIL_COLUMNS if c != "payload"}
+            out = {c: getattr(row, c, None) for c in DETAIL_COLUMNS if c not in ("payload", "result")}
             out["key_blocked"] = False  # a hint the in-memory store does not keep
             out["payload"] = json.dumps(json.loads(row.payload), indent=2) if payload else None
-            return out
+        out["result"] = self.step_result(out, payload)
+        return out
 
     def neighbours(self, key: str, record_id: int) -> list[dict[str, Any]]:
         with self.tables.lock:

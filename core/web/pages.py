@@ -31,7 +31,8 @@ from core.web.filters import (
     optional_id,
     record_id,
 )
-from core.web.source import QueueRow, Source
+from core.web.flowdata import FlowsUnavailable
+from core.web.source import Count, QueueRow, Source
 
 
 def always(processor: Any) -> bool:
@@ -52,6 +53,10 @@ def can_rate(processor: Any) -> bool:
 
 def has_schedules(processor: Any) -> bool:
     return _has(processor, "list_schedules", "unschedule", "fire_due_schedules")
+
+
+def has_flows(processor: Any) -> bool:
+    return _has(processor, "list_flow_runs", "flow_status", "cancel_flow")
 
 
 def sharded(processor: Any) -> bool:
@@ -133,7 +138,11 @@ DONE = {"retry": "Retried {n} record(s): pending again.", "cancel": "Cancelled {
         "rate": "Queue rate saved.", "unrate": "Queue rate removed.",
         "key_rate": "Key rate saved.", "key_unrate": "Key rate removed.",
         "fire": "Fired the due schedules: {n} record(s) added.", "unschedule": "Schedule removed.",
-        "no_schedule": "No such schedule: nothing removed."}
+        "no_schedule": "No such schedule: nothing removed.",
+        "flow_cancel": "Run cancelled: its records that had not finished are cancelled (one being processed ends "
+                       "cancelled when its handler returns); its on_failure step does not run.",
+        "flow_ended": "The run had already ended and keeps its status; its records that had not finished are "
+                      "cancelled."}
 
 
 def flash(params: Mapping[str, Any]) -> str | None:
@@ -172,7 +181,18 @@ def overview(v: View) -> dict[str, Any]:
         inst["heartbeat_age"] = (now - inst["last_heartbeat_at"]).total_seconds()
     return {"queues": queues, "chart": charts.bars(v.source.chart(now)), "instances": instances,
             "horizon": horizon, "reasons": reasons, "paused": [q for q in queues if q.paused is not None],
-            "status": "degraded" if reasons else "healthy"}
+            "status": "degraded" if reasons else "healthy", "failed_runs": failed_runs(v)}
+
+
+def failed_runs(v: View) -> Count | None:
+    """Flow runs failed in the last hour (at least, when the read stopped at its cap); None without flows."""
+    if not has_flows(v.processor):
+        return None
+    try:
+        found = v.source.failed_runs()
+    except FlowsUnavailable:
+        return None
+    return None if found is None else Count(found[0], found[1])
 
 
 @page("records", "/records", "Records")

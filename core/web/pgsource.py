@@ -18,7 +18,9 @@ from core.db import Conn
 from core.errors import DatabaseUnavailable, SchemaNotMigrated
 from core.queries import Queries
 from core.shardmove import PREFIX
-from core.web.filters import RecordFilter
+from core.web import pgflows
+from core.web.filters import RecordFilter, RunFilter
+from core.web.flowdata import Position, RunDetail
 from core.web.source import (
     CHART_BUCKET,
     CHART_CAP,
@@ -104,7 +106,11 @@ class PostgresSource(Source):
         return [merged[name] for name in sorted(merged)]
 
     def _queues_on(self, conn: Conn, q: Queries) -> list[QueueRow]:
+        waiting = {str(name): int(n) for name, n in
+                   conn.execute(q.dashboard_waiting_counts, {"cap": COUNT_CAP + 1}).fetchall()}
+        capped = sum(waiting.values()) > COUNT_CAP  # a sample: each queue's count is "at least" then
         names = [str(r[0]) for r in conn.execute(q.dashboard_queue_names, {"limit": MAX_QUEUES}).fetchall()]
+        names = sorted(set(names) | set(waiting))[:MAX_QUEUES]
         if not names:
             return []
         rows = conn.execute(q.dashboard_queue_counts, {"queues": names, "cap": COUNT_CAP + 1}).fetchall()
@@ -113,7 +119,8 @@ class PostgresSource(Source):
             out.append(QueueRow(
                 str(name), Count.of(int(pending), estimate=partial(self._estimate, conn, q, str(name))),
                 Count.of(int(processing)), int(completed), int(failed), int(cancelled),
-                None if age is None else float(age), None if max_pending is None else int(max_pending)))
+                None if age is None else float(age), None if max_pending is None else int(max_pending),
+                waiting=Count(waiting.get(str(name), 0), capped)))
         return out
 
     @staticmethod
@@ -158,7 +165,7 @@ class PostgresSource(Source):
     def window(self, f: RecordFilter, statuses: list[str] | None, after: int, floor: int,
                limit: int) -> list[dict[str, Any]]:
         params = {"after": after, "floor": floor, "queue": f.queue, "statuses": statuses, "key": f.key,
-                  "dedupe": f.dedupe, "error": f.error, "limit": limit,
+                  "dedupe": f.dedupe, "error": f.error, "run": f.run, "limit": limit,
                   "processing_only": statuses == ["processing"]}
         parts = self.each(lambda c, q: c.execute(q.dashboard_records, params).fetchall())
         rows = heapq.merge(*parts, key=lambda r: -int(r[0])) if len(parts) > 1 else iter(parts[0] if parts else [])
@@ -169,7 +176,7 @@ class PostgresSource(Source):
         at, after = position if position is not None else (None, 0)
         params = {"at": at, "after": after, "strict": after == 0, "window": WINDOW, "upto": upto,
                   "statuses": statuses, "queue": f.queue, "key": f.key, "dedupe": f.dedupe, "error": f.error,
-                  "limit": limit}
+                  "run": f.run, "limit": limit}
 
         def read(conn: Conn, q: Queries) -> tuple[list[dict[str, Any]], datetime | None]:
             end = conn.execute(q.dashboard_finished_end, params).fetchone()
@@ -222,9 +229,24 @@ class PostgresSource(Source):
                 entry["error"] = " ".join(str(exc).split())[:300]
                 out.append(entry)
                 continue
-            no, accepting, partitions, moving, pending, processing, in_doubt = row or (None,) * 7
+            no, accepting, partitions, moving, pending, processing, waiting, in_doubt = row or (None,) * 8
             entry.update(shard=no, accepting=accepting, partitions=partitions, moving=moving,
                          pending=Count.of(int(pending or 0)), processing=Count.of(int(processing or 0)),
-                         in_doubt=in_doubt)
+                         waiting=Count.of(int(waiting or 0)), in_doubt=in_doubt)
             out.append(entry)
         return out
+
+    # ------------------------------------------------------------------ flows (core/web/pgflows.py)
+
+    def runs_window(self, f: RunFilter, position: Position | None, limit: int
+                    ) -> list[tuple[list[dict[str, Any]], Position | None]]:
+        return pgflows.runs_window(self.each, f, position, limit)
+
+    def flow_run(self, run_id: int, payloads: bool) -> RunDetail | None:
+        return pgflows.flow_run(self.each, run_id, payloads)
+
+    def failed_runs(self) -> tuple[int, bool] | None:
+        return pgflows.failed_runs(self.each)
+
+    def flow_names(self) -> list[str]:
+        return pgflows.flow_names(self.each)

@@ -21,7 +21,8 @@ from typing import Any
 
 from core.constants import FINAL_STATUSES
 from core.health import holder_text
-from core.web.filters import RecordFilter
+from core.web.filters import MAX_ID, RecordFilter
+from core.web.flowdata import FlowReads
 
 COUNT_CAP = 10_000          # counts above it are shown as "10,000+" (or estimated)
 WINDOW = 100_000            # ids read by one statement of a walk (about 15 ms beside 10 M rows)
@@ -69,11 +70,13 @@ class QueueRow:
     max_pending: int | None = None
     paused: dict[str, Any] | None = None    # {"since", "until", "reason"} while paused
     rate: dict[str, Any] | None = None      # {"n", "per"}: at most n records start per `per` seconds
+    waiting: Count = Count(0)               # flow steps waiting for their parents
 
     def merge(self, other: QueueRow) -> None:
         """Add another shard's line of the same queue."""
         self.pending += other.pending
         self.processing += other.processing
+        self.waiting += other.waiting
         self.completed += other.completed
         self.failed += other.failed
         self.cancelled += other.cancelled
@@ -107,16 +110,17 @@ class RecordsPage:
 
 
 RECORD_COLUMNS = ("id", "queue", "status", "priority", "attempts", "max_attempts", "ordering_key", "dedupe_key",
-                  "last_error", "run_at", "created_at", "updated_at", "finished_at", "claimed_by")
+                  "last_error", "run_at", "created_at", "updated_at", "finished_at", "claimed_by", "flow_run_id",
+                  "step")
 DETAIL_COLUMNS = ("id", "queue", "status", "priority", "attempts", "max_attempts", "ordering_key", "dedupe_key",
                   "dedupe_while", "dedupe_held", "key_blocked", "cancel_requested", "last_error", "run_at",
                   "created_at", "updated_at", "finished_at", "claimed_by", "claimed_at", "lease_expires_at",
-                  "payload")
+                  "payload", "flow_run_id", "step", "flow_index", "waiting_on", "result")
 
 
 @dataclass
-class Source(ABC):
-    """The reads of one request (see the module docstring)."""
+class Source(FlowReads, ABC):
+    """The reads of one request (see the module docstring); the flow reads are :class:`FlowReads`'."""
 
     processor: Any
     down: list[str] = field(default_factory=list)  # "shard 2: why", for the page's warning
@@ -239,10 +243,10 @@ class Source(ABC):
         return Chart(start, CHART_BUCKET, buckets, since, capped)
 
     def records(self, f: RecordFilter, after: int | None, limit: int, *, at: int | None = None,
-                budget: float = PAGE_BUDGET, only: tuple[str, ...] | None = None,
+                budget: float | None = None, only: tuple[str, ...] | None = None,
                 upto: int | None = None) -> RecordsPage:
         """A page of matching records below the cursor (``after``, and ``at`` for finished records), none above
-        id ``upto``, until the page is full, the records end, or ``budget`` seconds passed.
+        id ``upto``, until the page is full, the records end, or ``budget`` seconds (:data:`PAGE_BUDGET`) passed.
 
         Finished states alone are read most recently finished first, window by window down the finished_at
         index (pending and processing rows never enter it); any other filter walks down the ids window by
@@ -250,7 +254,7 @@ class Source(ABC):
         statuses = f.statuses(only)
         if statuses == []:
             return RecordsPage([], None)
-        deadline = time.monotonic() + budget
+        deadline = time.monotonic() + (PAGE_BUDGET if budget is None else budget)
         if statuses is not None and set(statuses) <= set(FINAL_STATUSES) and not f.indexed(statuses):
             return self._finished(f, statuses, after, at, limit, upto, deadline)
         span = self.id_range()
@@ -287,7 +291,9 @@ class Source(ABC):
                 if len(got) >= want:
                     ends.append((got[-1]["finished_at"], got[-1]["id"]))
                 elif end is not None:
-                    ends.append((end, 0))
+                    # below every record finished at `end`: just before that moment, above every id (a
+                    # position a link carries as it is; (end, 0) would be an id no link takes)
+                    ends.append((end - timedelta(microseconds=1), MAX_ID))
             cutoff = max(ends, default=None)
             merged = sorted((r for got, _ in parts for r in got), key=lambda r: (r["finished_at"], r["id"]),
                             reverse=True)

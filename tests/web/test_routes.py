@@ -4,14 +4,17 @@ escaping of every value that comes from a record."""
 from __future__ import annotations
 
 import base64
+import html
 import re
+from typing import Any
 
+import psycopg
 import pytest
 
 from core import DistributedProcessor
 from core.web import dashboard
 from tests.web.conftest import ORIGIN, Web, client_of, post
-from tests.web.seed import XSS, seed
+from tests.web.seed import XSS, completed, seed
 
 SECURITY_HEADERS = {
     "x-frame-options": "DENY",
@@ -57,7 +60,7 @@ def test_the_overview_counts_by_state_and_shows_live_instances(web: Web,
     row = re.search(r'<tr data-queue="emails">(.*?)</tr>', html, re.S)
     assert row is not None
     cells = [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row.group(1), re.S)]
-    assert cells[1:6] == ["4", "0", "3", "2", "0"]  # pending, processing, completed, failed, cancelled
+    assert cells[1:7] == ["4", "0", "0", "3", "2", "0"]  # pending, processing, waiting, completed, failed, cancelled
     assert "test-a" in html and ">1</td>" in html  # the instance, holding one record
     processor.release_records(held)
 
@@ -259,3 +262,26 @@ def test_payloads_can_be_hidden(processor: DistributedProcessor) -> None:
     with client_of(dashboard(processor, hide_payloads=True)) as client:
         html = client.get(f"/records/{s.failed[1]}").text
     assert "a@example.com" not in html and "Hidden" in html
+
+
+def test_a_search_out_of_time_links_to_where_it_stopped(web: Web, processor: DistributedProcessor,
+                                                        db: psycopg.Connection[Any],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import core.web.pgsource
+    import core.web.source
+
+    done = completed(processor, 7)
+    db.execute("UPDATE processing_queue SET finished_at = now() - id * interval '1 second'")
+    monkeypatch.setattr(core.web.pgsource, "WINDOW", 2)  # a window of two finished records per statement
+    monkeypatch.setattr(core.web.source, "PAGE_BUDGET", -1.0)  # and no time for a second one
+    seen: list[int] = []
+    url: str | None = "/records?state=completed"
+    while url is not None:
+        page = web.get(url)
+        assert page.status_code == 200, page.text[-500:]
+        seen += ids_on(page.text)
+        found = re.search(r'<a href="([^"]+)" rel="next">', page.text)
+        url = None if found is None else html.unescape(found.group(1))
+        assert url is None or "Searched down to records finished at" in page.text
+        assert len(seen) <= len(done)
+    assert seen == sorted(done)  # most recently finished first (the lowest ids here), each once
