@@ -165,7 +165,7 @@ class Bench:
         elapsed = max(o["end"] for o in outs) - started
         done = sum(o["done"] for o in outs)
         return {"rate": done / elapsed, "done": done, "elapsed": elapsed, "rss": [o["rss"] for o in outs],
-                "cpu": [o["cpu"] for o in outs]}
+                "cpu": [o["cpu"] for o in outs], "cpu_run": [o.get("cpu_run") for o in outs]}
 
     @staticmethod
     def _alternate(pairs: int, first: Callable[[], float], second: Callable[[], float], *,
@@ -554,6 +554,11 @@ class Bench:
 
         run(self)
 
+    def suite_otel(self) -> None:
+        from bench.otel import run
+
+        run(self)
+
     def suite_hotpath(self) -> None:
         from bench.hotpath import run
 
@@ -650,7 +655,7 @@ def find_server() -> tuple[str, str]:
 
 
 SUITES = ("drain", "enqueue", "latency", "table", "keys", "horizon", "pooling", "shards", "memory", "dashboard",
-          "producers", "control", "flows")
+          "producers", "control", "flows", "otel")
 # Run only when named (--only): hotpath's breakdown and experiments take about 40 minutes in full.
 OPTIONAL_SUITES = ("hotpath",)
 

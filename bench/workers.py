@@ -47,8 +47,24 @@ def raw_loop(mode: str, dsn: str, batch: int) -> int:
             done += len(rows)
 
 
+# The process's CPU time when the start gun fired (``ours``): the JSON's ``cpu_run`` is what came after it.
+CPU_AT_GO = [0.0]
+
+
+def configure_tracing() -> None:
+    """``DPB_OTEL_SDK=1``: an OpenTelemetry SDK tracer provider with no span processor (suite ``otel``: a span per
+    record made, none exported); otherwise nothing (the API's default provider, as without an SDK)."""
+    if os.environ.get("DPB_OTEL_SDK"):
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+
+        trace.set_tracer_provider(TracerProvider())
+
+
 def ours(dsn: str, batch: int) -> int:
     from core import DistributedProcessor
+
+    configure_tracing()
 
     cleanup = float(os.environ.get("DPB_CLEANUP", "0")) or None  # profiling: a run without the cleaner
     pooling = os.environ.get("DPB_POOLING", "session")  # "transaction" behind PgBouncer
@@ -58,6 +74,7 @@ def ours(dsn: str, batch: int) -> int:
         p.get_queue_status()  # connected before the gun
         print("ready", flush=True)
         sys.stdin.readline()
+        CPU_AT_GO[0] = time.process_time()
         summary = p.run(lambda record: None, stop_when_empty=True, poll_interval=0.2, handle_signals=False,
                         claimers=int(os.environ.get("DPB_CLAIMERS", "2")),
                         concurrency=int(os.environ.get("DPB_CONC", "10")))
@@ -118,7 +135,7 @@ def main() -> int:
     import psutil
 
     print(json.dumps({"done": n, "end": time.time(), "rss": psutil.Process().memory_info().rss,
-                      "cpu": time.process_time()}), flush=True)
+                      "cpu": time.process_time(), "cpu_run": time.process_time() - CPU_AT_GO[0]}), flush=True)
     return 0
 
 

@@ -16,7 +16,7 @@ import pytest
 from tests.support import ROOT
 
 SECTIONS = ("Enqueue in your transaction", "Queue control: schedules, pause and resume, rate limits",
-            "Flows: steps released by their parents' completion")
+            "Flows: steps released by their parents' completion", "Tracing")
 _BLOCK = re.compile(r"^```(python|sql)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
@@ -47,6 +47,10 @@ def test_the_sections_examples_run(section: str, dsn: str, db: Any) -> None:
         # one run, completed: 7 records (validate, charge, reserve, ship, 2 labels, pack)
         assert db.execute("SELECT status FROM flow_runs").fetchall() == [("completed",)]
         assert db.execute("SELECT status, count(*) FROM processing_queue GROUP BY 1").fetchall() == [("completed", 7)]
+    if section == "Tracing":
+        # the record completed, its trace context (the send span's) stored
+        assert db.execute("SELECT status, trace_context LIKE '00-%' FROM processing_queue").fetchall() == [
+            ("completed", True)]
     if section == "Enqueue in your transaction":
         # three orders, each with its record; the signup's record in queue 'welcome'
         assert db.execute("SELECT count(*) FROM orders").fetchone()[0] == 3
