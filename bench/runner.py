@@ -656,7 +656,7 @@ def find_server() -> tuple[str, str]:
 
 SUITES = ("drain", "enqueue", "latency", "table", "keys", "horizon", "pooling", "shards", "memory", "dashboard",
           "producers", "control", "flows", "otel")
-# Run only when named (--only): hotpath's breakdown and experiments take about 40 minutes in full.
+# Run only when named (--only): hotpath's breakdown and experiments take about 50 minutes in full.
 OPTIONAL_SUITES = ("hotpath",)
 
 
