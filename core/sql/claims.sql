@@ -22,8 +22,9 @@ WITH done AS (
            updated_at = now(),
            lease_expires_at = NULL,
            dedupe_held = false,
-           -- A flow step's result (NULL for the others: the array is NULL without flow records).
-           result = (%(done_results)s::jsonb[])[width_bucket(d.id, %(done_ids)s::bigint[])]
+           -- A flow step's result (none without flow records: the array is NULL, nothing to look up).
+           result = CASE WHEN %(done_results)s::jsonb[] IS NOT NULL
+                         THEN (%(done_results)s::jsonb[])[width_bucket(d.id, %(done_ids)s::bigint[])] END
      -- An id list, not a join: a join's order comes from statistics, and one planned while the table was
      -- empty (a worker started before the first record; plans are cached per connection) walked the whole
      -- primary key on every statement. The ids come sorted, so width_bucket (a binary search) finds each
@@ -200,6 +201,28 @@ claimed AS (
               t.lease_expires_at, t.run_at, t.created_at, t.ordering_key, t.dedupe_key, t.cancel_requested,
               t.flow_run_id, t.step, t.trace_context
 ),
+-- The parents' results of the flow steps claimed (only those rows: nothing is read for other records), by their
+-- edges; a for_each step's results as a list in element order (an element not completed: null). MATERIALIZED:
+-- computed once (inlined, it was run again for every claimed row).
+parents AS MATERIALIZED (
+    SELECT c.id,
+           (SELECT jsonb_object_agg(g.step, g.val)
+              FROM (SELECT p.step,
+                           CASE WHEN bool_and(p.flow_index IS NULL) THEN (array_agg(p.result))[1]
+                                ELSE coalesce(jsonb_agg(CASE WHEN p.status = 'completed' THEN p.result END
+                                                        ORDER BY p.flow_index) FILTER (WHERE p.flow_index >= 0),
+                                              '[]'::jsonb) END AS val
+                      FROM {flow_edges} e
+                     -- each parent by primary key (LIMIT: never flattened into a join a plan could turn into a
+                     -- walk of the table)
+                     CROSS JOIN LATERAL (SELECT x.step, x.flow_index, x.status, x.result FROM {records} x
+                                          WHERE x.id = e.parent_id LIMIT 1) p
+                     WHERE e.child_id = c.id AND (p.status = 'completed' OR p.flow_index IS NOT NULL)
+                     GROUP BY p.step) g
+            HAVING count(*) > 0) AS parents
+      FROM claimed c
+     WHERE c.flow_run_id IS NOT NULL
+),
 -- The tokens spent: what each rate-limited queue's claim took. Returned: how long until a bucket left
 -- without a whole token has the next (an idle claimer sleeps that long rather than ask again at once).
 charged AS (
@@ -233,23 +256,7 @@ SELECT claimed.id, claimed.queue, claimed.payload, claimed.priority, claimed.att
   -- few rows, never the table.
   LEFT JOIN (SELECT DISTINCT ON (p.queue) p.* FROM picked p ORDER BY p.queue, p.id) picked
          ON picked.id = claimed.id
-  -- A flow step's parents by its edges (nothing read for other records: the condition comes first); a for_each
-  -- step's results as a list in element order (an element not completed: null).
-  LEFT JOIN LATERAL (
-        SELECT jsonb_object_agg(g.step, g.val) AS parents
-          FROM (SELECT p.step,
-                       CASE WHEN bool_and(p.flow_index IS NULL) THEN (array_agg(p.result))[1]
-                            ELSE coalesce(jsonb_agg(CASE WHEN p.status = 'completed' THEN p.result END
-                                                    ORDER BY p.flow_index) FILTER (WHERE p.flow_index >= 0),
-                                          '[]'::jsonb) END AS val
-                  FROM {flow_edges} e
-                 -- each parent by primary key (a join could be planned as a walk of the table)
-                 CROSS JOIN LATERAL (SELECT x.step, x.flow_index, x.status, x.result FROM {records} x
-                                      WHERE x.id = e.parent_id LIMIT 1) p  -- (LIMIT: never flattened into a join)
-                 WHERE claimed.flow_run_id IS NOT NULL AND e.child_id = claimed.id
-                   AND (p.status = 'completed' OR p.flow_index IS NOT NULL)
-                 GROUP BY p.step) g
-         HAVING count(*) > 0) par ON true
+  LEFT JOIN parents par ON par.id = claimed.id
  ORDER BY claimed.priority DESC, claimed.run_at, claimed.id;
 
 -- name: fail
