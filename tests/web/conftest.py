@@ -135,7 +135,9 @@ def serve() -> Iterator[Callable[[Any], Served]]:
         served.__exit__(None, None, None)
 
 
-@pytest.fixture(scope="session")
+# For this package's tests only: while Playwright's synchronous API is started, the main thread reports a
+# running event loop, and asyncio.run() in any later test would fail.
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Any]:
     """Debian's Chromium through Playwright (never a downloaded browser). Missing: skipped, but under CI
     (``CI`` set) a failure: CI installs it and must run these tests."""
