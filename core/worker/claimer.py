@@ -92,7 +92,9 @@ class Claimer:
                 s.wake.set()
                 continue
             buf.flush_unblock()
-            if s.options.stop_when_empty and self._quiet() and self._nothing_due():
+            # Quiet again after the query: another claimer may have claimed the last due records between the
+            # first look and the query's snapshot (stopping then, with no grace, would release them unrun).
+            if s.options.stop_when_empty and self._quiet() and self._nothing_due() and self._quiet():
                 s.stop(0)
                 break
             rate_wait = getattr(records, "rate_wait", None)
