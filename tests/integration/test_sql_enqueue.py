@@ -49,6 +49,50 @@ def test_dp_add_record_refuses_bad_input_and_a_full_queue(processor: Distributed
     assert db.execute("SELECT count(*) FROM processing_queue WHERE queue = 'small'").fetchone()[0] == 1
 
 
+COLUMNS = ("queue, payload, status, priority, run_at = created_at AS at_now, "
+           "CASE WHEN run_at <> created_at THEN run_at END AS run_at, attempts, max_attempts, ordering_key, "
+           "dedupe_key, dedupe_while, dedupe_held, key_blocked, trace_context")
+GENERAL = ("SELECT (dp_add_records(%s, ARRAY[%s::jsonb], %s, %s::timestamptz, %s, ARRAY[NULL]::text[],"
+           " ARRAY[NULL]::text[])).ids[1]")
+
+
+@pytest.mark.parametrize(("queue", "priority", "run_at", "max_attempts"), [
+    ("default", 0, None, None),
+    ("mail", 3, None, 2),
+    ("default", 0, "2000-01-01T00:00:00Z", None),
+    ("default", 0, "2999-01-01T00:00:00Z", 7),
+])
+def test_dp_add_record_inline_writes_what_dp_add_records_writes(dsn: str, queue: str, priority: int,
+                                                                 run_at: str | None, max_attempts: int | None) -> None:
+    """A record with no key takes dp_add_record's inline insert (migration 0013); the same record through
+    dp_add_records with key arrays of one NULL (its general path) is the same row, announced and notified the
+    same way, in an application's transaction."""
+    payload = json.dumps({"n": 1})
+    inline = ("SELECT dp_add_record(%s::jsonb, queue => %s, priority => %s, max_attempts => %s"
+              + (", run_at => %s::timestamptz)" if run_at else ")"))
+    rows, events, notices = [], [], []
+    for general in (False, True):
+        with psycopg.connect(dsn, autocommit=True) as listener, psycopg.connect(dsn) as conn:
+            listener.execute(f'LISTEN "{channel_for("public", queue)}"')
+            conn.execute("TRUNCATE processing_queue, claim_floor_events")
+            conn.commit()
+            if general:
+                args: tuple[Any, ...] = (queue, payload, priority, run_at, max_attempts or 5)
+                rid = conn.execute(GENERAL, args).fetchone()[0]
+            else:
+                args = (payload, queue, priority, max_attempts) + ((run_at,) if run_at else ())
+                rid = conn.execute(inline, args).fetchone()[0]
+            conn.commit()
+            rows.append(conn.execute(f"SELECT {COLUMNS} FROM processing_queue WHERE id = %s", (rid,)).fetchone())
+            events.append(conn.execute("SELECT count(*) FROM claim_floor_events WHERE NOT at_commit").fetchone()[0])
+            conn.commit()
+            notices.append(len(list(listener.notifies(timeout=2.0, stop_after=1))))
+    assert rows[0] == rows[1]
+    assert rows[0][0:4] == (queue, {"n": 1}, "pending", priority) and rows[0][7] == (max_attempts or 5)
+    assert events == [1, 1]  # in a transaction block: announced, dated at the commit
+    assert notices == [1, 1]
+
+
 def test_dp_add_record_notifies_at_the_commit(db: Any, dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as listener:
         listener.execute(f'LISTEN "{channel_for("public", "default")}"')
