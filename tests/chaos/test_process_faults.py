@@ -54,6 +54,12 @@ def test_container_crash_and_restart_sigkill_every_few_seconds(dsn: str, chaos_d
                    message=f"records of {victim} recovered")
         recoveries.append(time.monotonic() - t0)
     wait_until(lambda: unfinished(db) == 0, 60, interval=0.2, message="drained after the kills")
+    # A replacement spawned near the end may still be starting: until run() registers it, its signal handling is
+    # not installed yet and a SIGTERM would end it with -15 instead of a graceful stop.
+    alive = fleet.alive()
+    wait_until(lambda: db.execute("SELECT count(*) FROM processor_instances WHERE instance_id = ANY(%s)",
+                                  (alive,)).fetchone()[0] == len(alive), 30, interval=0.1,
+               message="every running worker registered before the stop")
     results = fleet.terminate_all()
     assert len(killed) >= 3, "the test must really kill workers mid-drain"
     for name, (code, _, err) in results.items():

@@ -137,11 +137,12 @@ def test_a_queue_rate_holds_across_four_workers(workers: WorkerProcs, dsn: str, 
 def test_a_key_rate_holds_back_its_key_only(workers: WorkerProcs, dsn: str, db: Any) -> None:
     with DistributedProcessor(dsn) as p:
         p.set_key_rate("partner", 10, 1.0)
-        p.add_records([{} for _ in range(40)], ordering_key="partner")
+        # 80 at 10/s after a burst of 10: the partner's half-way start comes about 3 s after its first
+        p.add_records([{} for _ in range(80)], ordering_key="partner")
         others = p.add_records([{} for _ in range(2000)], ordering_key=[f"k{i % 200}" for i in range(2000)])
         for i in range(2):
             _start(workers, dsn, f"w{i}", "--concurrency", "4")
-        wait_until(lambda: db.execute("SELECT count(DISTINCT record_id) FROM ledger").fetchone()[0] == 2040, 120,
+        wait_until(lambda: db.execute("SELECT count(DISTINCT record_id) FROM ledger").fetchone()[0] == 2080, 120,
                    interval=0.1,
                    message="every record started")
     _stop(workers)
