@@ -68,6 +68,10 @@ class Claims:
         self.db = db
         self.q = db.q
         self.settings = db.settings
+        # Which claim statement the next claim sends: the lean one until a full one's gate says otherwise (a
+        # hint only: the lean statement tests its gate itself). Claimer threads share it; a stale read costs
+        # at most one extra statement.
+        self.lean = True
 
     # ------------------------------------------------------------------ claim
 
@@ -120,12 +124,22 @@ class Claims:
         *, ticket: Ticket | None = None, announce: bool = False,
     ) -> tuple[list[Record], int]:
         params = self.claim_params(done, size, queues, unblock, ticket=ticket, announce=announce)
+        # The lean statement while no claimed queue has a control set (its gate, read in the statement itself,
+        # says so) and no flow record is among the completed (their settlement is the full statement's).
+        lean = (self.lean or not size) and params["done_results"] is None
         # Binary results: timestamps, UUIDs and integers decode several times faster than from text.
-        rows = self.db.execute_raw(conn, "claim", params, binary=True).fetchall()
-        completed = int(rows[0][-2]) if rows else 0
+        rows = self.db.execute_raw(conn, "claim_lean" if lean else "claim", params, binary=True).fetchall()
+        completed = int(rows[0][-3]) if rows else 0
+        if size and rows:
+            self.lean = bool(rows[0][-1])
+            if lean and not self.lean:
+                # The gate was shut (a pause or a rate set since): the completion is done, the claim is not.
+                # The full statement claims, from the same floors (the lean one read no floor event).
+                claimed, _ = self.claim_on(conn, [], size, queues, ticket=ticket, announce=announce)
+                return claimed, completed
         claimed = Claimed()
         if rows:
-            claimed.rate_wait = rows[0][-1]  # a rate-limited queue or key has no token for that long
+            claimed.rate_wait = rows[0][-2]  # a rate-limited queue or key has no token for that long
         if not rows or rows[0][0] is None:
             return claimed, completed
         new, head, tail = tuple.__new__, (params["token"],), (self.db.shard,)

@@ -52,14 +52,14 @@ def _fill(db: Any) -> None:
     db.execute("ANALYZE processing_queue")
 
 
-def _plan(p: DistributedProcessor, db: Any, queues: list[str]) -> dict[str, Any]:
+def _plan(p: DistributedProcessor, db: Any, queues: list[str], name: str = "claim") -> dict[str, Any]:
     params = {
         "queues": queues, "batch": 100, "instance_id": "explain", "lease_seconds": 30, "token": None,
         "done_ids": "{}", "done_tokens": "{}", "done_results": None, "unblock_keys": [], "channels": [], "nqueues": [],
         "default_key_concurrency": 1, "default_block_on_failure": False, "announce": False,
         **start_params(queues),
     }
-    stmt = p.q.claim
+    stmt = getattr(p.q, name)
     row = db.execute("EXPLAIN (FORMAT JSON) " + stmt, params).fetchone()
     return row[0][0]["Plan"]  # type: ignore[no-any-return]
 
@@ -82,11 +82,12 @@ def _nodes(plan: dict[str, Any], parent: str | None = None) -> list[tuple[str | 
     return out
 
 
+@pytest.mark.parametrize("name", ["claim", "claim_lean"])
 @pytest.mark.parametrize("queues", [["default"], ["default", "q2", "q3"]])
 def test_claim_uses_the_partial_index_under_lockrows(
-    big_table: DistributedProcessor, db: Any, queues: list[str]
+    big_table: DistributedProcessor, db: Any, queues: list[str], name: str
 ) -> None:
-    plan = _plan(big_table, db, queues)
+    plan = _plan(big_table, db, queues, name)
     nodes = _nodes(plan)
     text = json.dumps(plan)
     assert "Seq Scan" not in {n["Node Type"] for _, n in nodes if n.get("Relation Name") == "processing_queue"}, text
@@ -156,6 +157,8 @@ _STATEMENT_PARAMS: dict[str, dict[str, Any]] = {
     "flow_defects": {"after": 0, "limit": 1000},
     "any_due": {"queues": ["default"]},
 }
+# The lean claim statement (no queue control, no flow settlement) takes the same parameters.
+_STATEMENT_PARAMS["claim_lean"] = _STATEMENT_PARAMS["claim"]
 
 
 # Partial indexes of unfinished rows only: pending, in flight, flow steps waiting for their parents.
@@ -199,7 +202,7 @@ def _assert_on_the_indexes(name: str, plan: dict[str, Any]) -> None:
         # key: PostgreSQL 15 shows it with an "id IS NOT NULL" condition, 17 and later without).
         if n["Node Type"] in ("Index Scan", "Index Only Scan") and n.get("Index Name") not in _LIVE_ROW_INDEXES:
             assert "Index Cond" in n or (parent == "Limit" and "Filter" not in n), text
-    if name == "claim":
+    if name in ("claim", "claim_lean"):
         # the pending index only for the claim itself, under its row locks (never for the per-key probes)
         _assert_pending_index_use(_nodes(plan), text)
 
