@@ -35,6 +35,7 @@ TABLES = {
     "fire_schedule_function": "dp_fire_schedule",
     "queue_state": "queue_state",
     "queue_rates": "queue_rates",
+    "queue_controls": "queue_controls",
     "key_rates": "key_rates",
     "key_buckets": "key_buckets",
     "schedules": "schedules",

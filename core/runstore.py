@@ -126,6 +126,7 @@ class PostgresRun:
         # finished index: a backlog of expired rows goes over several rounds without one long transaction).
         yield from self.recovery.steps()
         yield self.prune_key_buckets
+        yield self.end_expired_pauses
         yield self.flow_sweep  # flow records waiting although their parents finished: a defect, repaired
         if self.settings.retention is not None:
             yield from self.admin.purge_steps(self.settings.retention, RETENTION_BATCH, RETENTION_BATCHES)
@@ -148,6 +149,10 @@ class PostgresRun:
     def prune_key_buckets(self) -> int:
         """Token buckets of keys idle long enough to be full again go (a key that starts again gets one)."""
         return int(run(on(self.service_db, Stmt(self.service_db.q.prune_key_buckets, None, "rowcount"))))
+
+    def end_expired_pauses(self) -> int:
+        """Pauses whose until has passed are written as resumed (their queues were claimable already)."""
+        return int(run(on(self.service_db, Stmt(self.service_db.q.end_expired_pauses, None, "rowcount"))))
 
     def wait(self, timeout: float) -> bool:
         return self.service_db.wait(timeout)

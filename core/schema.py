@@ -275,8 +275,7 @@ shard_moves = Table(
     PrimaryKeyConstraint("move_id"),
 )
 
-# Queue control (migration 0009). A paused queue gives nothing to any claim (read by the claim statement itself,
-# so no instance can miss it); with resume_at it resumes by itself then.
+# Queue control (migration 0009). A paused queue gives nothing to any claim; with resume_at it resumes then.
 queue_state = Table(
     "queue_state",
     metadata,
@@ -288,9 +287,8 @@ queue_state = Table(
     PrimaryKeyConstraint("queue"),
 )
 
-# Rate limits: a token bucket per queue (at most n record starts per ``per`` seconds, bursts up to n), charged
-# by the claim statement under the bucket's row lock; per ordering key (exact or glob, as key_concurrency),
-# with one bucket per key that has one (key_buckets).
+# Rate limits: a token bucket per queue (at most n starts per ``per`` seconds, bursts up to n), charged by the
+# claim under the bucket's row lock; per ordering key (exact or glob) with one bucket per key (key_buckets).
 queue_rates = Table(
     "queue_rates",
     metadata,
@@ -306,6 +304,17 @@ queue_rates = Table(
     CheckConstraint("n > 0 AND per > 0", name="positive"),
 )
 RATE_SLOTS = 8
+# How many pauses and rates are set (migration 0014: one row kept by triggers), the lean claim's gate.
+queue_controls = Table(
+    "queue_controls",
+    metadata,
+    Column("id", SmallInteger, nullable=False, server_default=text("1")),
+    Column("paused", Integer, nullable=False, server_default=text("0")),
+    Column("queue_rate_rows", Integer, nullable=False, server_default=text("0")),
+    Column("key_rates", Integer, nullable=False, server_default=text("0")),
+    PrimaryKeyConstraint("id"),
+    CheckConstraint("id = 1", name="one_row"),
+)
 key_rates = Table(
     "key_rates",
     metadata,

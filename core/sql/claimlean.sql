@@ -8,15 +8,13 @@
 -- execution, used or not; those parts cost the drain with nothing configured several per cent (measured:
 -- docs/hot-path.md). The caller sends this statement only with no flow record among the completed (their
 -- settlement is in the full statement) and goes back to the full one when the gate below is shut.
--- The gate: none of the claimed queues paused, none rate-limited, no key rate anywhere. Read in this statement's
--- snapshot, as the full statement reads them: a pause committed before it is seen by it. Shut, it claims
--- nothing (the completion still runs) and says so (lean = false): the caller claims again with the full one.
+-- The gate: no queue paused, no queue rate, no key rate (queue_controls: one row that triggers keep counting
+-- them, migration 0014; one row is cheaper to read than the three tables). Read in this statement's snapshot,
+-- as the full statement reads the tables: a pause committed before it is seen by it. Shut, it claims nothing
+-- (the completion still runs) and says so (lean = false): the caller claims again with the full one.
 WITH gate AS MATERIALIZED (
-    SELECT NOT EXISTS (SELECT 1 FROM {queue_state} ps
-                        WHERE ps.queue = ANY(%(queues)s::text[]) AND ps.paused_at IS NOT NULL
-                          AND (ps.resume_at IS NULL OR ps.resume_at > now()))
-       AND NOT EXISTS (SELECT 1 FROM {queue_rates} x WHERE x.queue = ANY(%(queues)s::text[]))
-       AND NOT EXISTS (SELECT 1 FROM {key_rates}) AS open
+    SELECT coalesce((SELECT c.paused = 0 AND c.queue_rate_rows = 0 AND c.key_rates = 0
+                       FROM {queue_controls} c WHERE c.id = 1), false) AS open
 ),
 done AS (
     UPDATE {records} d

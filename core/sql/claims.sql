@@ -250,13 +250,10 @@ SELECT claimed.id, claimed.queue, claimed.payload, claimed.priority, claimed.att
              (SELECT min(x.per / x.n) / 8 FROM rates r JOIN {queue_rates} x ON x.queue = r.queue
                WHERE r.limited AND r.slot IS NULL),  -- every slot held by another claim: look again soon
              nullif(current_setting('dp.rate_wait', true), '')::float8) AS rate_wait,
-       -- Whether the lean statement (claimlean.sql) would claim as this one does: no claimed queue paused or
-       -- rate-limited, no key rate. The caller's next claim sends that one when so.
-       NOT EXISTS (SELECT 1 FROM {queue_state} ps
-                    WHERE ps.queue = ANY(%(queues)s::text[]) AND ps.paused_at IS NOT NULL
-                      AND (ps.resume_at IS NULL OR ps.resume_at > now()))
-       AND NOT EXISTS (SELECT 1 FROM {queue_rates} x WHERE x.queue = ANY(%(queues)s::text[]))
-       AND NOT EXISTS (SELECT 1 FROM {key_rates}) AS lean
+       -- Whether the lean statement (claimlean.sql) would claim as this one does (its gate: no pause, no rate
+       -- anywhere). The caller's next claim sends that one when so.
+       coalesce((SELECT c.paused = 0 AND c.queue_rate_rows = 0 AND c.key_rates = 0
+                   FROM {queue_controls} c WHERE c.id = 1), false) AS lean
   FROM (SELECT 1) AS one
   LEFT JOIN claimed ON true
   -- The floor's peek on one row per queue (fewer values to decode); both sides are the statement's own

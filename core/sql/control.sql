@@ -65,3 +65,9 @@ SELECT 'key', pattern, n, per FROM {key_rates}
 -- Buckets idle longer than the longest rate's period are full again: they go (the next use starts one full).
 DELETE FROM {key_buckets}
  WHERE updated_at < now() - coalesce((SELECT max(per) FROM {key_rates}), 0) * interval '1 second';
+
+-- name: end_expired_pauses
+-- A pause whose until has passed is over already (the claims read resume_at); written as resumed, it no longer
+-- counts in queue_controls, and the claims go back to the lean statement (core/sql/claimlean.sql).
+UPDATE {queue_state} SET paused_at = NULL, resume_at = NULL, reason = NULL, updated_at = now()
+ WHERE paused_at IS NOT NULL AND resume_at <= now();

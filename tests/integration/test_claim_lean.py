@@ -4,11 +4,20 @@ one as soon as the lean one's gate, read in the statement itself, finds a pause 
 from __future__ import annotations
 
 import json
+import threading
+import time
+from datetime import datetime, timedelta, timezone
 from typing import Any
+
+import psycopg
+from sqlalchemy import create_engine, pool
 
 from core import DistributedProcessor, Record
 from core.claims import Claims
 from core.flows import Flow
+from core.instance import ProcessFacts
+from core.migrate import alembic_config, upgrade
+from core.runstore import PostgresRun
 
 
 def claims_of(p: DistributedProcessor) -> Claims:
@@ -91,3 +100,95 @@ def test_a_flow_step_claimed_by_the_lean_statement_gets_its_parents_results(dsn:
             # flow records among the completed: the full statement, which settles the run
             assert p.mark_completed([r._replace(result=json.dumps(results[r.id])) for r in got]) == len(got)
         assert p.flow_status(run.id)["status"] == "completed"
+
+
+def _counts(db: Any) -> tuple[int, int, int]:
+    row = db.execute("SELECT paused, queue_rate_rows, key_rates FROM queue_controls").fetchone()
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+def test_queue_controls_counts_the_pauses_and_rates_set(processor: DistributedProcessor, db: Any) -> None:
+    assert _counts(db) == (0, 0, 0)
+    processor.pause("a")
+    processor.pause("a", reason="again")  # still one pause
+    processor.pause("b")
+    assert _counts(db)[0] == 2
+    assert processor.resume("a")
+    assert not processor.resume("a")
+    assert _counts(db)[0] == 1
+    processor.set_queue_rate("a", 100, 1)
+    processor.set_queue_rate("a", 2, 1)  # fewer slots: the rest deleted
+    slots = int(db.execute("SELECT count(*) FROM queue_rates").fetchone()[0])
+    assert slots >= 1 and _counts(db)[1] == slots
+    processor.set_key_rate("k*", 1, 1)
+    processor.set_key_rate("k*", 2, 1)
+    processor.set_key_rate("x", 2, 1)
+    assert _counts(db)[2] == 2
+    processor.set_key_rate("x", None, None)
+    processor.set_queue_rate("a", None, None)
+    assert _counts(db) == (1, 0, 1)
+    db.execute("TRUNCATE queue_state, key_rates")
+    assert _counts(db) == (0, 0, 0)
+
+
+def test_counts_of_overlapping_transactions_add_up(dsn: str, db: Any) -> None:
+    # Both started from the same count: the second waits for the first's lock on the row, then adds to the
+    # count the first committed (n = n + d), never writes its own stale sum over it.
+    with psycopg.connect(dsn) as one, psycopg.connect(dsn) as two:
+        one.execute("INSERT INTO queue_state (queue, paused_at) VALUES ('p1', now())")
+        two.execute("SELECT 1")  # two's transaction (and snapshot) starts before one commits
+        worker = threading.Thread(target=lambda: two.execute(
+            "INSERT INTO key_rates (pattern, like_pattern, is_exact, n, per) VALUES ('k', 'k', true, 1, 1)"))
+        worker.start()
+        deadline = time.monotonic() + 10
+        while not db.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0]:
+            assert time.monotonic() < deadline, "the second writer never waited for the count's row"
+            time.sleep(0.01)
+        one.commit()
+        worker.join(10)
+        assert not worker.is_alive()
+        two.commit()
+    assert _counts(db) == (1, 0, 1)
+
+
+def test_an_expired_pause_is_ended_by_maintenance_and_claims_go_lean_again(processor: DistributedProcessor,
+                                                                        db: Any, dsn: str) -> None:
+    processor.add_records([{"n": 1}, {"n": 2}], queue="q")
+    processor.pause("q", until=datetime.now(timezone.utc) + timedelta(hours=1))
+    assert processor.claim_records(10, queues=["q"]) == [] and not claims_of(processor).lean
+    db.execute("UPDATE queue_state SET resume_at = now() - interval '1 second'")
+    # over by its until: claimable at once (the full statement reads resume_at), still counted
+    assert len(processor.claim_records(1, queues=["q"])) == 1 and not claims_of(processor).lean
+    run = PostgresRun(processor.settings, ProcessFacts(), dsn, claimers=1, handler_slots=0)
+    try:
+        ended = [step() for step in run.maintenance() if getattr(step, "__name__", "") == "end_expired_pauses"]
+    finally:
+        run.close()
+    assert ended == [1] and _counts(db) == (0, 0, 0)
+    assert len(processor.claim_records(1, queues=["q"])) == 1 and claims_of(processor).lean
+
+
+def test_migration_0014_counts_what_is_set_and_downgrades(empty_dsn: str) -> None:
+    from alembic import command
+
+    upgrade(empty_dsn, revision="0013_add_record_inline")
+    with DistributedProcessor(empty_dsn) as p:  # controls set under the previous version
+        p.pause("a")
+        p.set_key_rate("k", 1, 1)
+    upgrade(empty_dsn)
+    with psycopg.connect(empty_dsn, autocommit=True) as db:
+        assert _counts(db) == (1, 0, 1)
+    engine = create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(empty_dsn),
+                           poolclass=pool.NullPool)
+    with engine.connect() as connection:
+        cfg = alembic_config()
+        cfg.attributes["connection"] = connection
+        command.downgrade(cfg, "0013_add_record_inline")
+        connection.commit()
+    engine.dispose()
+    with psycopg.connect(empty_dsn, autocommit=True) as db:
+        assert db.execute("SELECT to_regclass('queue_controls')").fetchone() == (None,)
+        db.execute("DELETE FROM key_rates")  # no trigger left behind to fail
+    upgrade(empty_dsn)
+    with psycopg.connect(empty_dsn, autocommit=True) as db:
+        assert _counts(db) == (1, 0, 0)
