@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -36,7 +37,16 @@ def alembic_config(schema: str = "public") -> Config:
 
 def upgrade(dsn: str, schema: str = "public", revision: str = "head", connect_timeout: float = 10.0) -> None:
     """Bring the database to ``revision``; safe to run twice and from several instances at once."""
+    _run(dsn, schema, connect_timeout, lambda cfg: command.upgrade(cfg, revision))
 
+
+def downgrade(dsn: str, revision: str, schema: str = "public", connect_timeout: float = 10.0) -> None:
+    """Take the database back to ``revision`` (each migration's downgrade in turn); stop the workers of the
+    newer version first: their statements may need what the downgrade removes."""
+    _run(dsn, schema, connect_timeout, lambda cfg: command.downgrade(cfg, revision))
+
+
+def _run(dsn: str, schema: str, connect_timeout: float, action: Callable[[Config], None]) -> None:
     def connect() -> psycopg.Connection[tuple[object, ...]]:
         try:
             # No prepared statements: migrations may run through PgBouncer's transaction pooling too.
@@ -49,7 +59,7 @@ def upgrade(dsn: str, schema: str = "public", revision: str = "head", connect_ti
         with engine.connect() as connection:
             cfg = alembic_config(schema)
             cfg.attributes["connection"] = connection
-            command.upgrade(cfg, revision)
+            action(cfg)
             connection.commit()
     finally:
         engine.dispose()

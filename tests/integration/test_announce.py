@@ -11,10 +11,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
-from sqlalchemy import create_engine, pool
 
 from core import DistributedProcessor
-from core.migrate import alembic_config, current_revision, upgrade
+from core.migrate import current_revision, downgrade, upgrade
 
 
 def _events(db: Any) -> int:
@@ -52,8 +51,6 @@ def test_application_transactions_copy_batches_and_sql_calls_announce(processor:
 
 
 def test_migration_0012_downgrades_and_upgrades_again(empty_dsn: str) -> None:
-    from alembic import command
-
     upgrade(empty_dsn)
 
     def finish_arguments() -> int:
@@ -61,14 +58,7 @@ def test_migration_0012_downgrades_and_upgrades_again(empty_dsn: str) -> None:
             return int(conn.execute("SELECT pronargs FROM pg_proc WHERE proname = 'dp_enqueue_finish'").fetchone()[0])
 
     assert finish_arguments() == 8
-    engine = create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(empty_dsn),
-                           poolclass=pool.NullPool)
-    with engine.connect() as connection:
-        cfg = alembic_config()
-        cfg.attributes["connection"] = connection
-        command.downgrade(cfg, "0011_trace_context")
-        connection.commit()
-    engine.dispose()
+    downgrade(empty_dsn, "0011_trace_context")
     assert current_revision(empty_dsn) == "0011_trace_context"
     assert finish_arguments() == 7
     with DistributedProcessor(empty_dsn) as p:  # the functions as 0011 left them still add records

@@ -10,13 +10,12 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
-from sqlalchemy import create_engine, pool
 
 from core import DistributedProcessor, Record
 from core.claims import Claims
 from core.flows import Flow
 from core.instance import ProcessFacts
-from core.migrate import alembic_config, upgrade
+from core.migrate import downgrade, upgrade
 from core.runstore import PostgresRun
 
 
@@ -169,8 +168,6 @@ def test_an_expired_pause_is_ended_by_maintenance_and_claims_go_lean_again(proce
 
 
 def test_migration_0014_counts_what_is_set_and_downgrades(empty_dsn: str) -> None:
-    from alembic import command
-
     upgrade(empty_dsn, revision="0013_add_record_inline")
     with DistributedProcessor(empty_dsn) as p:  # controls set under the previous version
         p.pause("a")
@@ -178,14 +175,7 @@ def test_migration_0014_counts_what_is_set_and_downgrades(empty_dsn: str) -> Non
     upgrade(empty_dsn)
     with psycopg.connect(empty_dsn, autocommit=True) as db:
         assert _counts(db) == (1, 0, 1)
-    engine = create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(empty_dsn),
-                           poolclass=pool.NullPool)
-    with engine.connect() as connection:
-        cfg = alembic_config()
-        cfg.attributes["connection"] = connection
-        command.downgrade(cfg, "0013_add_record_inline")
-        connection.commit()
-    engine.dispose()
+    downgrade(empty_dsn, "0013_add_record_inline")
     with psycopg.connect(empty_dsn, autocommit=True) as db:
         assert db.execute("SELECT to_regclass('queue_controls')").fetchone() == (None,)
         db.execute("DELETE FROM key_rates")  # no trigger left behind to fail
