@@ -129,6 +129,18 @@ class Enqueuer:
 
     def _call(self, batch: NewRecords, texts: list[str], expect_shard: int | None, *,
               own: bool = True) -> Plan[AddResult]:
+        if len(texts) == 1 and expect_shard is None and batch.keys[0] is None and batch.dedupes[0] is None:
+            # The commonest call, one record without keys: dp_add_one (no arrays to send and to unnest, and in
+            # an application's transaction its announcement is decided at the commit).
+            one = {"queue": batch.queue, "payload": texts[0], "priority": batch.priority, "run_at": batch.run_at,
+                   "max_attempts": batch.max_attempts, "notify": self.db.settings.notify, "own": own,
+                   "trace": batch.trace}
+            status, rid, queue_limit, depth = yield Stmt(self.q.add_one, one, "one")
+            if status == "ok":
+                return AddResult([rid], [])
+            if status == "full":
+                raise QueueFull(batch.queue, int(queue_limit), int(depth), 1)
+            # "general": this database is a shard; dp_add_records guards its records
         params = {**self._params(batch, expect_shard, own), "payloads": texts, "max_attempts": batch.max_attempts,
                   "dedupe_while": batch.dedupe_while, "notify": self.db.settings.notify, "trace": batch.trace}
         row = yield Stmt(self.q.add_records, params, "one", binary=True)

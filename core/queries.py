@@ -28,6 +28,7 @@ TABLES = {
     "shard_ids_function": "dp_set_shard_ids",  # functions, schema-qualified the same way
     "raise_ids_function": "dp_raise_ids",
     "add_records_function": "dp_add_records",
+    "add_one_function": "dp_add_one",
     "enqueue_prepare_function": "dp_enqueue_prepare",
     "enqueue_finish_function": "dp_enqueue_finish",
     "key_checks_function": "dp_key_checks",

@@ -12,6 +12,14 @@ SELECT status, ids, deduplicated, owner, queue_limit, depth, adding
                               %(max_attempts)s, %(keys)s::text[], %(dedupes)s::text[], %(dedupe_while)s,
                               %(notify)s, %(expect_shard)s::int, %(key_gap)s, %(own)s, p_trace => %(trace)s::text);
 
+-- name: add_one
+-- One record without keys (migration 0015, core/sql/ddl/0015_announce_at_commit.sql): the queue's limit, the
+-- insert, the announcement (at the commit, for an application's transaction that turns out long) and the
+-- NOTIFY. status 'ok', 'full' (nothing written) or 'general' (a shard: add it through add_records).
+SELECT status, id, queue_limit, depth
+  FROM {add_one_function}(%(queue)s, %(payload)s::jsonb, %(priority)s, %(run_at)s::timestamptz,
+                          %(max_attempts)s, %(notify)s, %(own)s, %(trace)s::text);
+
 -- name: enqueue_prepare
 -- Before a COPY: the shard's guard, the producers' locks, which keyed records go in blocked, the limit.
 SELECT status, owner, blocked, queue_limit

@@ -2,18 +2,26 @@
 
 An announcement is for records that may become visible long after their position in claim order. The pool's
 single-statement inserts commit right after the statement, so they announce nothing unless their class needs it
-(a priority, a due explicit run_at); an application's transaction, a COPY batch and ``dp_add_record`` in a
-transaction block (it cannot know whether its transaction goes on) announce."""
+(a priority, a due explicit run_at); a COPY batch and a batch in an application's transaction announce; a record
+added alone in an application's transaction (``add_records(conn=)``, ``dp_add_record``) is announced at the
+commit when the transaction turned out long (migration 0015)."""
 
 from __future__ import annotations
 
+import time
+import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
+import pytest
 
 from core import DistributedProcessor
+from core.floors import ANNOUNCE_AFTER, Floors, position
 from core.migrate import current_revision, downgrade, upgrade
+from core.record import Record
+
+LATER = datetime.now(timezone.utc) + timedelta(days=1)
 
 
 def _events(db: Any) -> int:
@@ -34,20 +42,118 @@ def test_the_pools_single_statement_inserts_announce_nothing(processor: Distribu
     assert len(processor.claim_records(20, queues=["default", "limited"])) == 6
 
 
-def test_application_transactions_copy_batches_and_sql_calls_announce(processor: DistributedProcessor, db: Any,
-                                                                      dsn: str) -> None:
+def _long(conn: psycopg.Connection[Any]) -> None:
+    """Make the open transaction on ``conn`` one that commits later than ANNOUNCE_AFTER after its start."""
+    time.sleep(ANNOUNCE_AFTER + 0.1)
+
+
+def test_application_transactions_announce_at_the_commit_only_when_long(processor: DistributedProcessor,
+                                                                       db: Any, dsn: str) -> None:
+    """Migration 0015: a record added alone (add_records(conn=) of one record, dp_add_record) in an
+    application's transaction is announced by a deferred trigger at the commit, only when the transaction
+    lasted longer than ANNOUNCE_AFTER; a batch on the connection and a COPY batch announce as before."""
     with psycopg.connect(dsn) as conn:
         processor.add_records([{"n": 1}], conn=conn)
+        conn.execute("SELECT dp_add_record('{}')")
+        conn.commit()  # short: nothing to announce (no floor passes a position younger than FLOOR_LAG)
+    assert _events(db) == 0
+    with psycopg.connect(dsn) as conn:
+        processor.add_records([{"n": 2}], conn=conn)
+        processor.add_records([{"n": 3}], conn=conn)  # the same queue again: no second check queued
+        conn.execute("SELECT dp_add_record('{}')")
+        processor.add_records([{"n": 4}], conn=conn, queue="other")  # another queue: its own check
+        _long(conn)
+        before_commit = conn.execute("SELECT clock_timestamp()").fetchone()[0]
+        conn.commit()
+    events = db.execute("SELECT queue, np, at_commit, created_at >= %s FROM claim_floor_events ORDER BY queue",
+                        (before_commit,)).fetchall()
+    assert events == [("default", 0, False, True), ("other", 0, False, True)]  # dated at the commit
+    db.execute("TRUNCATE claim_floor_events")
+    with psycopg.connect(dsn) as conn, conn.transaction():  # a check queued in a savepoint rolled back goes
+        conn.execute("SAVEPOINT s")
+        processor.add_records([{"n": 5}], conn=conn)
+        conn.execute("ROLLBACK TO SAVEPOINT s")
+        processor.add_records([{"n": 6}], conn=conn)  # queues the check again
+        _long(conn)
+    assert _events(db) == 1
+    db.execute("TRUNCATE claim_floor_events")
+    with psycopg.connect(dsn) as conn:  # a batch on the connection announces at once, as before
+        processor.add_records([{"n": 7}, {"n": 8}], conn=conn)
         conn.commit()
     assert _events(db) == 1
     processor.add_records([{"n": i} for i in range(processor.settings.copy_threshold)])  # COPY, several statements
     assert _events(db) == 2
-    with psycopg.connect(dsn) as conn:  # from SQL, in a transaction that may go on
+    assert db.execute("SELECT count(*) FROM claim_floor_events WHERE at_commit").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("how", ["add_records(conn=)", "dp_add_record"])
+def test_a_long_application_transaction_is_found_behind_a_floor(make_processor: Any, dsn: str, how: str) -> None:
+    """What the deferred announcement is for: a claimer whose floor passed the record's position while its
+    transaction was open finds it at the commit, without waiting for its floor's reset."""
+    claimer = make_processor(instance_id="claimer")
+    claimer.floors = Floors(reset_every=3600)
+    with psycopg.connect(dsn) as conn:
+        if how == "dp_add_record":
+            rid = conn.execute("SELECT dp_add_record('{}')").fetchone()[0]
+        else:
+            rid = claimer.add_records([{}], conn=conn)[0]
+        _long(conn)
+        _raise_floor(claimer)  # as claims running meanwhile would have it: above the record's position
+        assert claimer.claim_records(10) == []  # not committed yet
+        conn.commit()
+    assert [r.id for r in claimer.claim_records(10)] == [rid]
+
+
+def test_short_application_transactions_need_no_announcement(make_processor: Any, dsn: str) -> None:
+    """A claimer that never resets its floor, claiming while producers commit short transactions of one
+    record each, finds every record: its floor stays FLOOR_LAG behind its clock."""
+    claimer = make_processor(instance_id="claimer")
+    claimer.floors = Floors(reset_every=3600)
+    added: list[int] = []
+    claimed: list[int] = []
+    with psycopg.connect(dsn) as conn:
+        for i in range(40):
+            with conn.transaction():
+                added += claimer.add_records([{"n": i}], conn=conn)
+            claimed += [r.id for r in claimer.claim_records(10)]
+    assert _events_dsn(dsn) == 0
+    claimed += [r.id for r in claimer.claim_records(100)]
+    assert sorted(claimed) == sorted(added)
+
+
+def _events_dsn(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        return _events(conn)
+
+
+def _raise_floor(p: DistributedProcessor, queue: str = "default") -> None:
+    """Put the processor's floor above every due record, as a claimer whose scans passed them would have it."""
+    now = datetime.now(timezone.utc)
+    far = Record(2**62, queue, {}, -(2**31) + 1, 1, 1, uuid.uuid4(), now, LATER, LATER, LATER)
+    ticket = p.floors.ticket([queue])
+    ticket.seen = {queue: position(far)}
+    p.floors.advance(ticket, [far])
+
+
+def test_migration_0015_downgrades_and_upgrades_again(empty_dsn: str) -> None:
+    upgrade(empty_dsn)
+
+    def functions() -> set[str]:
+        with psycopg.connect(empty_dsn) as conn:
+            return {r[0] for r in conn.execute("SELECT proname FROM pg_proc WHERE proname LIKE 'dp\\_%'")}
+
+    assert {"dp_add_one", "dp_announce_at_commit"} <= functions()
+    downgrade(empty_dsn, "0014_control_counts")
+    assert not {"dp_add_one", "dp_announce_at_commit"} & functions()
+    with psycopg.connect(empty_dsn) as conn:  # dp_add_record as 0013 left it: it announces at once
         conn.execute("SELECT dp_add_record('{}')")
         conn.commit()
-    assert _events(db) == 3
-    # Dated at the commit (the deferred trigger), so the claimers read them.
-    assert db.execute("SELECT count(*) FROM claim_floor_events WHERE at_commit").fetchone()[0] == 0
+        assert _events(conn) == 1
+    upgrade(empty_dsn)
+    with DistributedProcessor(empty_dsn) as p, psycopg.connect(empty_dsn) as conn:
+        p.add_records([{"n": 1}], conn=conn)
+        conn.commit()
+        assert _events(conn) == 1 and len(p.claim_records(10)) == 2
 
 
 def test_migration_0012_downgrades_and_upgrades_again(empty_dsn: str) -> None:
@@ -63,9 +169,10 @@ def test_migration_0012_downgrades_and_upgrades_again(empty_dsn: str) -> None:
     assert finish_arguments() == 7
     with DistributedProcessor(empty_dsn) as p:  # the functions as 0011 left them still add records
         p.set_queue_limit("limited", 10)
-        assert len(p.add_records([{"n": 1}], queue="limited")) == 1
+        # (a batch: a single record takes dp_add_one, which migration 0015 adds)
+        assert len(p.add_records([{"n": 1}, {"n": 2}], queue="limited")) == 2
     upgrade(empty_dsn)
     assert finish_arguments() == 8
     with DistributedProcessor(empty_dsn) as p:
-        p.add_records([{"n": 2}], queue="limited")
-        assert len(p.claim_records(10, queues=["limited"])) == 2
+        p.add_records([{"n": 3}], queue="limited")
+        assert len(p.claim_records(10, queues=["limited"])) == 3

@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from core import DistributedProcessor, InvalidArgument, NotInTransaction, QueueFull
+from core import DistributedProcessor, InvalidArgument, NotInTransaction, QueueFull, WrongShard
 from core.testing import InMemoryProcessor, NoDatabase
 from tests.support import wait_until
 
@@ -92,6 +92,38 @@ def test_a_full_queue_leaves_the_application_transaction_usable(processor: Distr
         conn.commit()
     assert _count(db, "SELECT count(*) FROM orders") == 2
     assert _records(db) == [first, second]
+
+
+def test_a_single_record_into_a_full_queue_leaves_the_transaction_usable(processor: DistributedProcessor,
+                                                                         app_db: str, db: Any) -> None:
+    """One record alone takes dp_add_one (migration 0015): the same limit, the same numbers, nothing raised
+    inside the application's transaction; on the pool too."""
+    processor.set_queue_limit("mail", 2)
+    with psycopg.connect(app_db) as conn:
+        (first,) = processor.add_records([{}], queue="mail", conn=conn)
+        (second,) = processor.add_records([{}], queue="mail", conn=conn)
+        with pytest.raises(QueueFull) as caught:
+            processor.add_records([{}], queue="mail", conn=conn)
+        assert (caught.value.queue, caught.value.limit, caught.value.depth, caught.value.adding) == ("mail", 2, 2, 1)
+        conn.execute("INSERT INTO orders (note) VALUES ('still usable')")
+        conn.commit()
+    with pytest.raises(QueueFull):
+        processor.add_records([{}], queue="mail")
+    assert _count(db, "SELECT count(*) FROM orders") == 1
+    assert _records(db) == [first, second]
+
+
+def test_a_single_record_on_a_shards_database_takes_the_shards_guard(processor: DistributedProcessor,
+                                                                      db: Any) -> None:
+    """dp_add_one leaves a shard's records to dp_add_records (its guard): a processor without shards pointed at
+    a shard's database adds a keyless record there, and is refused by a retiring shard like a batch is."""
+    db.execute("INSERT INTO shard_identity (shard_no, accepting) VALUES (0, true)")
+    (rid,) = processor.add_records([{}])
+    db.execute("UPDATE shard_identity SET accepting = false")
+    for batch in ([{}], [{}, {}]):
+        with pytest.raises(WrongShard, match="retiring"):
+            processor.add_records(batch)
+    assert _records(db) == [rid]
 
 
 def test_copy_batches_on_the_application_connection(processor: DistributedProcessor, app_db: str, db: Any) -> None:
