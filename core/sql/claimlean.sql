@@ -125,13 +125,31 @@ claimed AS (
               t.lease_expires_at, t.run_at, t.created_at, t.ordering_key, t.dedupe_key, t.cancel_requested,
               t.flow_run_id, t.step, t.trace_context
 )
--- The full statement's columns. A flow step claimed here gets its parents' results from dp_flow_parents (the
--- same value as the full statement's read ahead), called for flow rows only.
+-- The full statement's columns. A flow step claimed here gets its parents' results as the full statement reads
+-- them ahead (the same subquery, per flow row, evaluated for flow rows only; an on_failure step's from
+-- dp_flow_parents: a SQL function with a WITH is never inlined, and called it parses and plans its body again
+-- in every statement).
 SELECT claimed.id, claimed.queue, claimed.payload, claimed.priority, claimed.attempts, claimed.max_attempts,
        claimed.claimed_at, claimed.lease_expires_at, claimed.run_at, claimed.created_at, claimed.ordering_key,
        claimed.dedupe_key, claimed.cancel_requested, claimed.flow_run_id, claimed.step,
        CASE WHEN claimed.flow_run_id IS NOT NULL
-            THEN {flow_parents_function}(claimed.id, claimed.flow_run_id) END AS parents,
+            THEN coalesce(
+                (SELECT jsonb_object_agg(g.step, g.val)
+                   FROM (SELECT p.step,
+                                CASE WHEN bool_and(p.flow_index IS NULL) THEN (array_agg(p.result))[1]
+                                     ELSE coalesce(jsonb_agg(CASE WHEN p.status = 'completed' THEN p.result END
+                                                             ORDER BY p.flow_index) FILTER (WHERE p.flow_index >= 0),
+                                                   '[]'::jsonb) END AS val
+                           FROM {flow_edges} e
+                          CROSS JOIN LATERAL (SELECT x.step, x.flow_index, x.status, x.result FROM {records} x
+                                               WHERE x.id = e.parent_id LIMIT 1) p
+                          WHERE e.child_id = claimed.id AND (p.status = 'completed' OR p.flow_index IS NOT NULL)
+                          GROUP BY p.step) g
+                 HAVING count(*) > 0),
+                CASE WHEN EXISTS (SELECT 1 FROM {flow_runs} fr
+                                   WHERE fr.id = claimed.flow_run_id AND fr.on_failure_id = claimed.id)
+                     THEN {flow_parents_function}(claimed.id, claimed.flow_run_id)
+                     ELSE '{{}}'::jsonb END) END AS parents,
        NULL::text AS result,
        claimed.trace_context,
        picked.fs_np, picked.fs_at, picked.fs_id,

@@ -238,9 +238,15 @@ charged AS (
 SELECT claimed.id, claimed.queue, claimed.payload, claimed.priority, claimed.attempts, claimed.max_attempts,
        claimed.claimed_at, claimed.lease_expires_at, claimed.run_at, claimed.created_at, claimed.ordering_key,
        claimed.dedupe_key, claimed.cancel_requested, claimed.flow_run_id, claimed.step,
-       -- A flow step's parents' results ({} for a first step; an on_failure step's: dp_flow_parents).
+       -- A flow step's parents' results ({} for a first step; an on_failure step's: dp_flow_parents). The
+       -- function only for an on_failure record (a SQL function with a WITH is never inlined: called, it
+       -- parses and plans its body again in every statement; for every first step it found {}).
        CASE WHEN claimed.flow_run_id IS NOT NULL
-            THEN coalesce(par.parents, {flow_parents_function}(claimed.id, claimed.flow_run_id)) END AS parents,
+            THEN coalesce(par.parents,
+                          CASE WHEN EXISTS (SELECT 1 FROM {flow_runs} fr
+                                             WHERE fr.id = claimed.flow_run_id AND fr.on_failure_id = claimed.id)
+                               THEN {flow_parents_function}(claimed.id, claimed.flow_run_id)
+                               ELSE '{{}}'::jsonb END) END AS parents,
        NULL::text AS result,  -- a flow step's result: none yet
        claimed.trace_context,
        picked.fs_np, picked.fs_at, picked.fs_id,

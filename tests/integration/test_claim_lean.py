@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
+import pytest
 
 from core import DistributedProcessor, Record
 from core.claims import Claims
@@ -182,3 +183,34 @@ def test_migration_0014_counts_what_is_set_and_downgrades(empty_dsn: str) -> Non
     upgrade(empty_dsn)
     with psycopg.connect(empty_dsn, autocommit=True) as db:
         assert _counts(db) == (1, 0, 0)
+
+
+@pytest.mark.parametrize("statement", ["lean", "full"])
+def test_an_on_failure_step_gets_every_finished_step_through_either_statement(dsn: str, statement: str) -> None:
+    """Both statements read a step's parents alike and hand an on_failure step to dp_flow_parents (every step of
+    its run): a first step gets {}, the on_failure step what finished."""
+    flow = Flow(f"lean_refund_{statement}")
+
+    @flow.step()
+    def a(record: Record) -> str:
+        return "A"
+
+    @flow.step(after=[a], max_attempts=1)
+    def b(record: Record) -> None:
+        return None
+
+    @flow.on_failure
+    def refund(record: Record) -> None:
+        return None
+
+    with DistributedProcessor(dsn) as p:
+        p.start_flow(flow, {"order": 1})
+        claims_of(p).lean = statement == "lean"
+        (first,) = p.claim_records(10, queues=[flow.name])
+        assert (first.step, first.parents) == ("a", {})
+        assert p.mark_completed([first._replace(result=json.dumps("A"))]) == 1
+        (second,) = p.claim_records(10, queues=[flow.name])
+        assert p.mark_failed([second], RuntimeError("no"), retry=False) == 1
+        claims_of(p).lean = statement == "lean"  # no completion in the call: this says which statement claims
+        (got,) = p.claim_records(10, queues=[flow.name])
+        assert (got.step, got.parents) == ("refund", {"a": "A"})

@@ -53,6 +53,22 @@ LEAN = _parts(raw_statements()["claim_lean"])
 FULL = _parts(raw_statements()["claim"])
 
 
+def _parents_read(text: str) -> str:
+    """The read of a flow step's parents' results: the full statement's parents part, the lean one's column."""
+    start = text.index("(SELECT jsonb_object_agg(g.step, g.val)")
+    return text[start:text.index("HAVING count(*) > 0)", start)]
+
+
+def test_both_statements_read_a_flow_steps_parents_alike() -> None:
+    lean = _parents_read(raw_statements()["claim_lean"])
+    assert lean == _parents_read(FULL["parents"]).replace("e.child_id = c.id", "e.child_id = claimed.id")
+    # and the on_failure step's (every step of its run) from the function, in both
+    for statement in ("claim_lean", "claim"):
+        assert ("CASE WHEN EXISTS (SELECT 1 FROM {flow_runs} fr\nWHERE fr.id = claimed.flow_run_id AND "
+                "fr.on_failure_id = claimed.id)\nTHEN {flow_parents_function}(claimed.id, claimed.flow_run_id)\n"
+                "ELSE '{{}}'::jsonb END") in raw_statements()[statement]
+
+
 def test_the_lean_statement_has_only_the_full_statements_parts_and_its_gate() -> None:
     assert set(LEAN) - set(FULL) == {"gate"}
     # what it leaves out: flow settlement, rates, the parents read ahead, the rates charged
