@@ -8,11 +8,12 @@ from pathlib import Path
 import psycopg
 from alembic import command
 from alembic.config import Config
+from alembic.util.exc import CommandError
 from psycopg import sql
 from sqlalchemy import create_engine, pool
 
 from core.dsn import redact
-from core.errors import DatabaseUnavailable
+from core.errors import DatabaseUnavailable, InvalidArgument
 from core.queries import Queries
 
 
@@ -36,17 +37,20 @@ def alembic_config(schema: str = "public") -> Config:
 
 
 def upgrade(dsn: str, schema: str = "public", revision: str = "head", connect_timeout: float = 10.0) -> None:
-    """Bring the database to ``revision``; safe to run twice and from several instances at once."""
-    _run(dsn, schema, connect_timeout, lambda cfg: command.upgrade(cfg, revision))
+    """Bring the database to ``revision``; safe to run twice and from several instances at once. An unknown
+    revision raises ``InvalidArgument`` naming it (nothing is changed)."""
+    _run(dsn, schema, connect_timeout, revision, lambda cfg: command.upgrade(cfg, revision))
 
 
 def downgrade(dsn: str, revision: str, schema: str = "public", connect_timeout: float = 10.0) -> None:
     """Take the database back to ``revision`` (each migration's downgrade in turn); stop the workers of the
-    newer version first: their statements may need what the downgrade removes."""
-    _run(dsn, schema, connect_timeout, lambda cfg: command.downgrade(cfg, revision))
+    newer version first: their statements may need what the downgrade removes. An unknown revision raises
+    ``InvalidArgument`` naming it (nothing is changed)."""
+    _run(dsn, schema, connect_timeout, revision, lambda cfg: command.downgrade(cfg, revision))
 
 
-def _run(dsn: str, schema: str, connect_timeout: float, action: Callable[[Config], None]) -> None:
+def _run(dsn: str, schema: str, connect_timeout: float, revision: str,
+         action: Callable[[Config], None]) -> None:
     def connect() -> psycopg.Connection[tuple[object, ...]]:
         try:
             # No prepared statements: migrations may run through PgBouncer's transaction pooling too.
@@ -59,7 +63,10 @@ def _run(dsn: str, schema: str, connect_timeout: float, action: Callable[[Config
         with engine.connect() as connection:
             cfg = alembic_config(schema)
             cfg.attributes["connection"] = connection
-            action(cfg)
+            try:
+                action(cfg)
+            except CommandError as exc:  # Alembic resolves the revision before it runs any migration
+                raise InvalidArgument(f"revision {revision!r}: {exc}") from None
             connection.commit()
     finally:
         engine.dispose()

@@ -7,12 +7,14 @@ import subprocess
 import sys
 
 import psycopg
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool
 
-from core.migrate import alembic_config, current_revision, upgrade
+from core.errors import InvalidArgument
+from core.migrate import alembic_config, current_revision, downgrade, upgrade
 from core.schema import metadata
 from tests.support import ROOT, run_cli
 
@@ -70,3 +72,11 @@ def test_custom_schema_is_migrated_and_used(empty_dsn: str) -> None:
     with psycopg.connect(empty_dsn) as conn:
         assert conn.execute("SELECT to_regclass('public.processing_queue')").fetchone() == (None,)
         assert conn.execute("SELECT count(*) FROM tenant_a.processing_queue").fetchone() == (1,)
+
+
+def test_an_unknown_revision_is_a_typed_error_and_changes_nothing(empty_dsn: str) -> None:
+    upgrade(empty_dsn, revision="0014_control_counts")
+    for call in (lambda: upgrade(empty_dsn, revision="0099_nowhere"), lambda: downgrade(empty_dsn, "0099_nowhere")):
+        with pytest.raises(InvalidArgument, match="revision '0099_nowhere'"):
+            call()
+        assert current_revision(empty_dsn) == "0014_control_counts"
