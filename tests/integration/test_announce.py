@@ -86,6 +86,19 @@ def test_application_transactions_announce_at_the_commit_only_when_long(processo
     assert db.execute("SELECT count(*) FROM claim_floor_events WHERE at_commit").fetchone()[0] == 0
 
 
+def test_the_stated_limit_set_constraints_all_immediate(processor: DistributedProcessor, db: Any,
+                                                       dsn: str) -> None:
+    """The README's limit: with SET CONSTRAINTS ALL IMMEDIATE the at-commit check runs at the end of the
+    insert, when the transaction is still short, so a transaction that then goes on long writes no event (its
+    record waits for the floors' periodic scan from the start)."""
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
+        processor.add_records([{"n": 1}], conn=conn)
+        _long(conn)
+        conn.commit()
+    assert _events(db) == 0
+
+
 @pytest.mark.parametrize("how", ["add_records(conn=)", "dp_add_record"])
 def test_a_long_application_transaction_is_found_behind_a_floor(make_processor: Any, dsn: str, how: str) -> None:
     """What the deferred announcement is for: a claimer whose floor passed the record's position while its
