@@ -7,12 +7,16 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 from psycopg.conninfo import conninfo_to_dict
 
+from core.floors import position
+from core.record import Record
 from core.testing import postgres
 from core.testing.postgres import Server, can_connect, candidate_dsns, unique_name
 
@@ -125,3 +129,14 @@ def health_report(port: int) -> dict[str, Any]:
         return {}
     report: dict[str, Any] = json.loads(body)
     return report
+
+
+def raise_floor(p: Any, queue: str = "default") -> None:
+    """Put the processor's floor above every due record, as a claimer whose scans passed them would have it."""
+    now = datetime.now(timezone.utc)  # the claim's clock: the floor reads events from a little before it
+    later = now + timedelta(days=1)
+    far = Record(2**62, queue, {}, -(2**31) + 1, 1, 1, uuid.uuid4(), now, later, later, later)
+    ticket = p.floors.ticket([queue])
+    ticket.seen = {queue: position(far)}  # as a claim that peeked and saw nothing pending before it
+    p.floors.advance(ticket, [far])
+    assert p.floors.floor(queue) > (0, datetime.now(timezone.utc), 0)

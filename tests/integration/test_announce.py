@@ -9,7 +9,6 @@ commit when the transaction turned out long (migration 0015)."""
 from __future__ import annotations
 
 import time
-import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -17,11 +16,9 @@ import psycopg
 import pytest
 
 from core import DistributedProcessor
-from core.floors import ANNOUNCE_AFTER, Floors, position
+from core.floors import ANNOUNCE_AFTER, Floors
 from core.migrate import current_revision, downgrade, upgrade
-from core.record import Record
-
-LATER = datetime.now(timezone.utc) + timedelta(days=1)
+from tests.support import raise_floor
 
 
 def _events(db: Any) -> int:
@@ -111,7 +108,7 @@ def test_a_long_application_transaction_is_found_behind_a_floor(make_processor: 
         else:
             rid = claimer.add_records([{}], conn=conn)[0]
         _long(conn)
-        _raise_floor(claimer)  # as claims running meanwhile would have it: above the record's position
+        raise_floor(claimer)  # as claims running meanwhile would have it: above the record's position
         assert claimer.claim_records(10) == []  # not committed yet
         conn.commit()
     assert [r.id for r in claimer.claim_records(10)] == [rid]
@@ -137,15 +134,6 @@ def test_short_application_transactions_need_no_announcement(make_processor: Any
 def _events_dsn(dsn: str) -> int:
     with psycopg.connect(dsn) as conn:
         return _events(conn)
-
-
-def _raise_floor(p: DistributedProcessor, queue: str = "default") -> None:
-    """Put the processor's floor above every due record, as a claimer whose scans passed them would have it."""
-    now = datetime.now(timezone.utc)
-    far = Record(2**62, queue, {}, -(2**31) + 1, 1, 1, uuid.uuid4(), now, LATER, LATER, LATER)
-    ticket = p.floors.ticket([queue])
-    ticket.seen = {queue: position(far)}
-    p.floors.advance(ticket, [far])
 
 
 def test_migration_0015_downgrades_and_upgrades_again(empty_dsn: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -12,12 +11,9 @@ import psycopg
 import pytest
 
 from core import DistributedProcessor
-from core.floors import Floors, position
-from core.record import Record
+from core.floors import Floors
 from tests.servers import Cluster
-from tests.support import wait_until
-
-LATER = datetime.now(timezone.utc) + timedelta(days=1)
+from tests.support import raise_floor, wait_until
 
 
 @pytest.fixture
@@ -73,16 +69,6 @@ def test_claims_under_a_pinned_horizon_seek_their_floor(
 # ---------------------------------------------------------------------- each path below a floor
 
 
-def _raise_floor(p: DistributedProcessor, queue: str = "default") -> None:
-    """Put the processor's floor above every due record, as a claimer whose scans passed them would have it."""
-    now = datetime.now(timezone.utc)  # the claim's clock: the floor reads events from a little before it
-    far = Record(2**62, queue, {}, -(2**31) + 1, 1, 1, uuid.uuid4(), now, LATER, LATER, LATER)
-    ticket = p.floors.ticket([queue])
-    ticket.seen = {queue: position(far)}  # as a claim that peeked and saw nothing pending before it
-    p.floors.advance(ticket, [far])
-    assert p.floors.floor(queue) > (0, datetime.now(timezone.utc), 0)
-
-
 @pytest.fixture
 def claimer(make_processor: Any) -> DistributedProcessor:
     """A processor whose claims keep floors; its floors never reset by themselves during a test."""
@@ -95,7 +81,7 @@ def test_control_a_record_placed_below_without_announcing_waits_for_the_reset(
     claimer: DistributedProcessor, db: Any
 ) -> None:
     # What the announcements are for: a record written behind the claimer's floor by nobody who says so.
-    _raise_floor(claimer)
+    raise_floor(claimer)
     db.execute("INSERT INTO processing_queue (queue, payload) VALUES ('default', '{}')")
     assert claimer.claim_records(10) == []
     claimer.floors.reset_every = 0.0  # the periodic scan from the start bounds the wait
@@ -107,7 +93,7 @@ def test_inserts_claims_may_have_passed_are_announced(
     claimer: DistributedProcessor, make_processor: Any, how: str
 ) -> None:
     producer = make_processor(instance_id="producer", copy_threshold=5)
-    _raise_floor(claimer)
+    raise_floor(claimer)
     if how == "priority":
         ids = producer.add_records([{}], priority=3)
     elif how == "earlier run_at":
@@ -121,7 +107,7 @@ def test_recovered_records_are_announced(claimer: DistributedProcessor, make_pro
     other = make_processor(instance_id="other", lease_seconds=1)
     ids = other.add_records([{}])
     assert [r.id for r in other.claim_records(1)] == ids
-    _raise_floor(claimer)
+    raise_floor(claimer)
     wait_until(lambda: other.cleanup_orphaned_records() == 1, 10, interval=0.2, message="lease expired")
     assert [r.id for r in claimer.claim_records(10)] == ids
 
@@ -130,7 +116,7 @@ def test_released_records_are_announced(claimer: DistributedProcessor, make_proc
     other = make_processor(instance_id="other")
     other.add_records([{}, {}])
     held = other.claim_records(2)
-    _raise_floor(claimer)
+    raise_floor(claimer)
     assert other.release_records(held) == 2
     assert sorted(r.id for r in claimer.claim_records(10)) == sorted(r.id for r in held)
 
@@ -139,7 +125,7 @@ def test_operator_retries_are_announced(claimer: DistributedProcessor, make_proc
     other = make_processor(instance_id="other", max_attempts=1)
     (rid,) = other.add_records([{}])
     other.mark_failed(other.claim_records(1), "boom")
-    _raise_floor(claimer)
+    raise_floor(claimer)
     assert other.retry_failed([rid]) == 1
     assert [r.id for r in claimer.claim_records(10)] == [rid]
 
@@ -149,7 +135,7 @@ def test_a_cancel_that_unblocks_a_key_announces_its_next_record(
 ) -> None:
     other = make_processor(instance_id="other")
     head, nxt = other.add_records([{}, {}], ordering_key="k")  # the next one is inserted blocked
-    _raise_floor(claimer)
+    raise_floor(claimer)
     assert other.cancel([head]) == {head: "cancelled"}
     assert [r.id for r in claimer.claim_records(10)] == [nxt]
 
@@ -158,7 +144,7 @@ def test_the_sweep_announces_the_heads_it_unblocks(claimer: DistributedProcessor
     other = make_processor(instance_id="other")
     ids = other.add_records([{}], ordering_key="k")
     db.execute("UPDATE processing_queue SET key_blocked = true")  # as a crash between claim and unblock leaves it
-    _raise_floor(claimer)
+    raise_floor(claimer)
     other.cleanup_orphaned_records()
     assert [r.id for r in claimer.claim_records(10)] == ids
 
@@ -173,7 +159,7 @@ def test_a_keyed_final_failure_announces_the_key_it_frees(
     (nxt,) = other.add_records([{}], ordering_key="k")
     (head,) = other.claim_records(1)
     assert head.ordering_key == "k"
-    _raise_floor(claimer)
+    raise_floor(claimer)
     assert other.mark_failed([head], "final") == 1
     assert [r.id for r in claimer.claim_records(2000) if r.ordering_key] == [nxt]
 
