@@ -168,3 +168,53 @@ def test_flows_through_pgbouncer(via_bouncer: str, db: Any, workers: WorkerProcs
     assert db.execute("SELECT count(*) FROM flow_ledger").fetchone() == (20 * 9,)
     for run_id, step, parents in db.execute("SELECT run_id, step, parents FROM flow_ledger"):
         assert parents == expected_parents(step, runs[run_id]), (run_id, step, parents)
+
+
+@pytest.mark.parametrize("how", ["add_records(conn=)", "dp_add_record"])
+def test_the_at_commit_announcement_through_pgbouncer(pg_server: Server, dsn: str, db: Any, how: str) -> None:
+    """Migration 0015's announcement through a transaction pooler with one server connection, so that every
+    client transaction runs on the same server session. A record added alone in a long application transaction
+    is announced at its commit and found behind a raised floor. The per-queue marker that queues the check once
+    per transaction is transaction-local: had it outlived the first client's transaction on the pooled session,
+    the second client's long transaction would queue no check and write no event."""
+    from psycopg import connect
+
+    from core.floors import ANNOUNCE_AFTER, Floors
+    from tests.support import raise_floor
+
+    marker = "SELECT current_setting('dp.commit_' || md5('default'), true)"
+
+    def transaction(via: str, p: DistributedProcessor, *, long: bool) -> int:
+        with connect(via) as app:
+            if how == "dp_add_record":
+                rid = int(app.execute("SELECT dp_add_record('{}')").fetchone()[0])
+            else:
+                rid = p.add_records([{}], conn=app)[0]
+            assert app.execute(marker).fetchone()[0] == "y"  # the check is queued for this transaction
+            deadline = time.monotonic() + (ANNOUNCE_AFTER + 0.1 if long else 0)
+            while time.monotonic() < deadline:
+                app.execute("SELECT 1")
+            app.commit()
+            assert app.execute(marker).fetchone()[0] in (None, "")  # gone with the transaction
+            app.rollback()
+        return rid
+
+    def events() -> list[tuple[Any, ...]]:
+        rows = db.execute("SELECT queue, at_commit FROM claim_floor_events").fetchall()
+        db.execute("TRUNCATE claim_floor_events")
+        return rows
+
+    with PgBouncer(pg_server.admin_dsn, pool_size=1) as single:
+        via = single.dsn(dbname_of(dsn))
+        with DistributedProcessor(via, pooling="transaction", pool_max=1, instance_id="claimer") as claimer:
+            claimer.floors = Floors(reset_every=3600)
+            rid = transaction(via, claimer, long=True)
+            # As claims running during that transaction would have left it: above the record's position. The
+            # claim reads the event and lowers the floor to the record.
+            raise_floor(claimer)
+            assert [r.id for r in claimer.claim_records(10)] == [rid]
+            assert events() == [("default", False)]
+            transaction(via, claimer, long=True)  # the next client, on the same server session
+            assert events() == [("default", False)]
+            transaction(via, claimer, long=False)
+            assert events() == []
