@@ -36,8 +36,9 @@ class Record(NamedTuple):
     parents: dict[str, Any] | None = None
     # A flow step's result as JSON text, set by the worker when the step returns: its completion stores it.
     result: str | None = None
-    # The trace context stored by the ``add_records`` that added it (core/tracing.py: a W3C traceparent, then a
-    # space and its tracestate when there is one); None without one. Every attempt sees the original one.
+    # The trace context stored by the ``add_records`` (or a flow step's ``start_flow``) that added it
+    # (core/tracing.py: a W3C traceparent, then a space and its tracestate when there is one); None without one.
+    # Every attempt sees the original one.
     trace_context: str | None = None
 
     @property

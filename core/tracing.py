@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from opentelemetry.trace import Span, Tracer
 
+    from core.flows.run import FlowRun
     from core.record import AddResult, Record
 
 # DP_TRACING=off (or 0, false, no): behave as if opentelemetry were not installed (read once, at first use).
@@ -41,6 +42,7 @@ ATTEMPT = "messaging.distributed_processor.attempt"
 SHARD = "messaging.distributed_processor.shard"
 ORDERING_KEY = "messaging.distributed_processor.ordering_key"
 DEDUPLICATED = "messaging.distributed_processor.deduplicated"
+FLOW_RUN = "messaging.distributed_processor.flow_run_id"
 
 _UNLOADED: Any = object()
 _api: Any = _UNLOADED  # an _Api once loaded, None when tracing is unavailable
@@ -103,6 +105,14 @@ class Sending:
             self.span.set_attribute("messaging.message.id", str(result[0]))
         if result.deduplicated:
             self.span.set_attribute(DEDUPLICATED, len(result.deduplicated))
+
+    def started(self, run: FlowRun) -> None:
+        """A ``start_flow``'s span: the run's id (and whether an earlier run was returned instead)."""
+        if self.span is None:
+            return
+        self.span.set_attribute(FLOW_RUN, str(run.id))
+        if run.deduplicated:
+            self.span.set_attribute(DEDUPLICATED, 1)
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from core import checks
+from core import checks, tracing
 from core.constants import FLOW_RUN_STATUSES
 from core.errors import InvalidArgument, InvalidPayload
 from core.flows.run import FlowRun, StartRequest
@@ -39,10 +40,20 @@ def start_flow(self: Operations, flow: Flow, input: dict[str, Any], *, dedupe_ke
     its parents, released by their completion. ``dedupe_key``: while a run of this flow with that key is
     running, the call returns it (``deduplicated``) instead of starting another. A template whose definition
     differs from the one stored for its name and version raises ``FlowDefinitionChanged``.
+
+    With OpenTelemetry (extra ``[otel]``): a ``send {queue}`` PRODUCER span (the queue of the flow's first
+    step), and the trace context inside it stored on the run and each of its records (the ones a ``for_each``
+    makes and its ``on_failure`` record included), which the worker's ``process`` spans link to.
     """
     req = start_request(flow, input, dedupe_key, self.settings.max_attempts, self.settings.max_payload_bytes)
     app = None if conn is None else (yield from self._application_connection(conn))
-    started: FlowRun = yield from self.store.start_flow(req, app)
+    send = tracing.sending(str(req.steps[0]["queue"]), len(req.steps))  # None without opentelemetry
+    if send is None:
+        started: FlowRun = yield from self.store.start_flow(req, app)
+        return started
+    with send:  # the send span, ended when the start ends (with its error, if any)
+        started = yield from self.store.start_flow(replace(req, trace=send.context), app)
+        send.started(started)
     return started
 
 

@@ -33,3 +33,5 @@ class StartRequest:
     input_text: str
     dedupe_key: str | None
     steps: list[dict[str, Any]]
+    # The W3C trace context of the start (core/tracing.py), stored on the run and each of its records.
+    trace: str | None = None

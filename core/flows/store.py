@@ -58,7 +58,7 @@ class PostgresFlows:
         Raises :class:`StartRefused` when nothing was written."""
         params = {"flow": req.flow, "version": req.version, "hash": req.hash,
                   "definition": json.dumps(req.definition), "input": req.input_text, "dedupe": req.dedupe_key,
-                  "steps": json.dumps(req.steps), "expect_shard": expect_shard}
+                  "steps": json.dumps(req.steps), "expect_shard": expect_shard, "trace": req.trace}
         stmt = Stmt(self.q.start_flow, params, "one")
         if conn is not None:
             row = yield from using(conn, _one(stmt))

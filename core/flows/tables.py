@@ -53,6 +53,7 @@ def define(metadata: MetaData) -> tuple[Table, Table, Table]:
         Column("created_at", TS, nullable=False, server_default=func.now()),
         Column("updated_at", TS, nullable=False, server_default=func.now()),
         Column("finished_at", TS),
+        Column("trace_context", Text),  # the start's (migration 0016)
         PrimaryKeyConstraint("id"),
         CheckConstraint("status IN ('running', 'completed', 'failed', 'cancelled')", name="status"),
     )

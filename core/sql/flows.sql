@@ -1,13 +1,15 @@
 -- Flows (core/flows/): starting a run, observing and cancelling it, the health check of waiting records and
--- its repair, the retention of finished runs. The functions are in core/sql/ddl/0010_flows.sql.
+-- its repair, the retention of finished runs. The functions are in core/sql/ddl/0010_flows.sql (dp_start_flow,
+-- dp_flow_expand and dp_flow_settle as redefined by 0016_flow_trace.sql).
 -- Placeholders in braces are identifiers filled in with psycopg.sql.Identifier (schema-qualified tables);
 -- %(name)s are bound parameters. A literal % is written %%, a literal brace doubled. Blocks: "-- name: <name>".
 
 -- name: start_flow
--- A run in one round trip: template check, dedupe, its records and edges, the roots claimable.
+-- A run in one round trip: template check, dedupe, its records and edges, the roots claimable; the trace
+-- context of the start on the run and its records (migration 0016).
 SELECT status, run_id, ids, owner
   FROM {start_flow_function}(%(flow)s, %(version)s, %(hash)s, %(definition)s::jsonb, %(input)s::jsonb,
-                             %(dedupe)s::text, %(steps)s::jsonb, %(expect_shard)s::int);
+                             %(dedupe)s::text, %(steps)s::jsonb, %(expect_shard)s::int, %(trace)s::text);
 
 -- name: flow_run
 SELECT id, flow, version, status, input, dedupe_key, failed_step, error, on_failure_id, created_at,

@@ -22,53 +22,21 @@ import pytest
 import sqlalchemy as sa
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags, TraceState
 from sqlalchemy.orm import Session
 
 from core import AsyncDistributedProcessor, DistributedProcessor, tracing
+from tests.otelspans import Spans, ids_of, provide, stored_ids
 from tests.support import run_cli
 
 SYSTEM = "distributed-processor"
 
 
-class Spans:
-    def __init__(self, exporter: InMemorySpanExporter, tracer: trace.Tracer) -> None:
-        self.exporter = exporter
-        self.tracer = tracer
-
-    def finished(self, kind: SpanKind | None = None) -> list[ReadableSpan]:
-        return [s for s in self.exporter.get_finished_spans() if kind is None or s.kind == kind]
-
-    def sends(self) -> list[ReadableSpan]:
-        return self.finished(SpanKind.PRODUCER)
-
-
 @pytest.fixture
 def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[Spans]:
     """An SDK provider for this test only (set as the global one, taken away after)."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
-    yield Spans(exporter, provider.get_tracer("tests"))
-    provider.shutdown()
-
-
-def ids_of(span: ReadableSpan) -> tuple[str, str]:
-    ctx = span.context
-    assert ctx is not None
-    return f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
-
-
-def stored_ids(text: str | None) -> tuple[str, str]:
-    """(trace id, span id) of a stored trace context."""
-    assert text is not None
-    version, trace_id, span_id, _flags = tracing.decode(text)["traceparent"].split("-")
-    assert version == "00"
-    return trace_id, span_id
+    yield from provide(monkeypatch)
 
 
 def contexts(db_dsn: str) -> list[str | None]:
