@@ -34,6 +34,8 @@ DIFFERENCES: dict[str, list[tuple[str, str]]] = {
         # the gate in place of the pause probe
         ("WHERE NOT EXISTS (SELECT 1 FROM {queue_state} ps\nWHERE ps.queue = qn.name AND ps.paused_at IS NOT NULL\n"
          "AND (ps.resume_at IS NULL OR ps.resume_at > now()))", "WHERE (SELECT g.open FROM gate g)"),
+        # no flow children taken by the settlement: the whole batch
+        ("LIMIT greatest(0, %(batch)s - (SELECT count(*) FROM settled))", "LIMIT %(batch)s"),
     ],
 }
 
@@ -45,8 +47,13 @@ def _parts(text: str) -> dict[str, str]:
 
 
 def _cte(text: str) -> str:
-    """A part up to its closing parenthesis (the last part of the lean statement runs into its SELECT)."""
-    return text[:text.index("\n)")]
+    """A part up to its own closing parenthesis, whole: the one ending the part (``),``), or the one before the
+    statement's SELECT (the last part runs into it). Not the first line that starts with one: a part's inner
+    subqueries close on lines of their own too, and what follows them would go uncompared."""
+    body = text.rstrip()
+    if body.endswith("\n),"):
+        return body[:-3]
+    return text[:text.index("\n)\nSELECT ")]
 
 
 LEAN = _parts(raw_statements()["claim_lean"])
