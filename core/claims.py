@@ -125,10 +125,14 @@ class Claims:
     ) -> tuple[list[Record], int]:
         params = self.claim_params(done, size, queues, unblock, ticket=ticket, announce=announce)
         # The lean statement while no claimed queue has a control set (its gate, read in the statement itself,
-        # says so) and no flow record is among the completed (their settlement is the full statement's).
-        lean = (self.lean or not size) and params["done_results"] is None
+        # says so) and no flow record is among the completed (their settlement is the full statement's). Flow
+        # records completed by a claim: the full statement that also takes the children they release
+        # (claimflow.sql; the others never pay for taking).
+        flows = params["done_results"] is not None
+        lean = (self.lean or not size) and not flows
+        name = "claim_lean" if lean else "claim_flow" if flows and size else "claim"
         # Binary results: timestamps, UUIDs and integers decode several times faster than from text.
-        rows = self.db.execute_raw(conn, "claim_lean" if lean else "claim", params, binary=True).fetchall()
+        rows = self.db.execute_raw(conn, name, params, binary=True).fetchall()
         completed = int(rows[0][-3]) if rows else 0
         if size and rows:
             self.lean = bool(rows[0][-1])

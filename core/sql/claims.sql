@@ -35,20 +35,14 @@ WITH done AS (
     RETURNING d.id, d.ordering_key, d.status, d.flow_run_id
 ),
 -- Flow steps completed (or cancelled) here settle their run in this statement (results stored above), children's
--- counts down (core/sql/ddl/0017_flow_take.sql). A child at zero is taken by this statement when it can (due,
--- in a queue claimed here, no ordering key, room left, no pause or rate set anywhere): made processing with
--- this statement's token in the update that counts it, and returned with the records claimed below (one
--- write instead of two: pending, then claimed); the others are claimable from the next statement on. Only
--- records this statement completed (fenced): a stale instance settles nothing. No flow record: no call.
+-- counts down, those at zero claimable from the next statement on (core/sql/ddl/0010_flows.sql). Only records
+-- this statement completed (fenced): a stale instance settles nothing. No flow record: no call.
 settled AS (
-    SELECT t.*
-      FROM (SELECT array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'completed') AS ok,
-                   array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'cancelled') AS ended
-              FROM done s
-             WHERE s.flow_run_id IS NOT NULL
-            HAVING count(*) > 0) a
-     CROSS JOIN LATERAL {flow_settle_take_function}(a.ok, a.ended, %(queues)s::text[], %(batch)s, %(token)s::uuid,
-                                                    %(instance_id)s, %(lease_seconds)s) t
+    SELECT {flow_settle_function}(array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'completed'),
+                                  array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'cancelled')) AS n
+      FROM done s
+     WHERE s.flow_run_id IS NOT NULL
+    HAVING count(*) > 0
 ),
 -- Keys whose earliest pending record must become claimable (the keys of records claimed by the caller's
 -- previous statement: this statement's snapshot sees every insert committed since).
@@ -183,8 +177,7 @@ picked AS (
                         WHERE ps.queue = qn.name AND ps.paused_at IS NOT NULL
                           AND (ps.resume_at IS NULL OR ps.resume_at > now()))
      ORDER BY c.priority DESC, c.run_at, c.id
-     -- The room the children taken above left (reading them also settles first, so the taking sees the room).
-     LIMIT greatest(0, %(batch)s - (SELECT count(*) FROM settled))
+     LIMIT %(batch)s
 ),
 claimed AS (
     UPDATE {records} t
@@ -249,7 +242,7 @@ SELECT claimed.id, claimed.queue, claimed.payload, claimed.priority, claimed.att
        -- function only for an on_failure record (a SQL function with a WITH is never inlined: called, it
        -- parses and plans its body again in every statement; for every first step it found {}).
        CASE WHEN claimed.flow_run_id IS NOT NULL
-            THEN coalesce(claimed.taken_parents, par.parents,
+            THEN coalesce(par.parents,
                           CASE WHEN EXISTS (SELECT 1 FROM {flow_runs} fr
                                              WHERE fr.id = claimed.flow_run_id AND fr.on_failure_id = claimed.id)
                                THEN {flow_parents_function}(claimed.id, claimed.flow_run_id)
@@ -257,7 +250,8 @@ SELECT claimed.id, claimed.queue, claimed.payload, claimed.priority, claimed.att
        NULL::text AS result,  -- a flow step's result: none yet
        claimed.trace_context,
        picked.fs_np, picked.fs_at, picked.fs_id,
-       (SELECT count(*) FROM done) + 0 * (SELECT count(*) FROM notified) AS completed,
+       (SELECT count(*) FROM done) + 0 * (SELECT count(*) FROM notified) + 0 * (SELECT count(*) FROM settled)
+           AS completed,
        least((SELECT min((1 - ch.tokens) * ch.interval_s) FROM charged ch WHERE ch.tokens < 1),
              (SELECT min(x.per / x.n) / 8 FROM rates r JOIN {queue_rates} x ON x.queue = r.queue
                WHERE r.limited AND r.slot IS NULL),  -- every slot held by another claim: look again soon
@@ -267,16 +261,7 @@ SELECT claimed.id, claimed.queue, claimed.payload, claimed.priority, claimed.att
        coalesce((SELECT c.paused = 0 AND c.queue_rate_rows = 0 AND c.key_rates = 0
                    FROM {queue_controls} c WHERE c.id = 1), false) AS lean
   FROM (SELECT 1) AS one
-  -- The records claimed, and the flow children the settlement took (their parents' results read there).
-  LEFT JOIN (SELECT c.id, c.queue, c.payload, c.priority, c.attempts, c.max_attempts, c.claimed_at,
-                    c.lease_expires_at, c.run_at, c.created_at, c.ordering_key, c.dedupe_key, c.cancel_requested,
-                    c.flow_run_id, c.step, c.trace_context, NULL::jsonb AS taken_parents
-               FROM claimed c
-              UNION ALL
-             SELECT t.id, t.queue, t.payload, t.priority, t.attempts, t.max_attempts, t.claimed_at,
-                    t.lease_expires_at, t.run_at, t.created_at, t.ordering_key, t.dedupe_key, t.cancel_requested,
-                    t.flow_run_id, t.step, t.trace_context, t.parents
-               FROM settled t) claimed ON true
+  LEFT JOIN claimed ON true
   -- The floor's peek on one row per queue (fewer values to decode); both sides are the statement's own
   -- few rows, never the table.
   LEFT JOIN (SELECT DISTINCT ON (p.queue) p.* FROM picked p ORDER BY p.queue, p.id) picked

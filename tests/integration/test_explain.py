@@ -82,7 +82,7 @@ def _nodes(plan: dict[str, Any], parent: str | None = None) -> list[tuple[str | 
     return out
 
 
-@pytest.mark.parametrize("name", ["claim", "claim_lean"])
+@pytest.mark.parametrize("name", ["claim", "claim_lean", "claim_flow"])
 @pytest.mark.parametrize("queues", [["default"], ["default", "q2", "q3"]])
 def test_claim_uses_the_partial_index_under_lockrows(
     big_table: DistributedProcessor, db: Any, queues: list[str], name: str
@@ -157,8 +157,10 @@ _STATEMENT_PARAMS: dict[str, dict[str, Any]] = {
     "flow_defects": {"after": 0, "limit": 1000},
     "any_due": {"queues": ["default"]},
 }
-# The lean claim statement (no queue control, no flow settlement) takes the same parameters.
+# The lean claim statement (no queue control, no flow settlement) takes the same parameters, and so does the one
+# that takes flow children (with flow results: a plan where the settlement runs).
 _STATEMENT_PARAMS["claim_lean"] = _STATEMENT_PARAMS["claim"]
+_STATEMENT_PARAMS["claim_flow"] = {**_STATEMENT_PARAMS["claim"], "done_results": ["1", "2", "3"]}
 
 
 # Partial indexes of unfinished rows only: pending, in flight, flow steps waiting for their parents.
@@ -202,7 +204,7 @@ def _assert_on_the_indexes(name: str, plan: dict[str, Any]) -> None:
         # key: PostgreSQL 15 shows it with an "id IS NOT NULL" condition, 17 and later without).
         if n["Node Type"] in ("Index Scan", "Index Only Scan") and n.get("Index Name") not in _LIVE_ROW_INDEXES:
             assert "Index Cond" in n or (parent == "Limit" and "Filter" not in n), text
-    if name in ("claim", "claim_lean"):
+    if name in ("claim", "claim_lean", "claim_flow"):
         # the pending index only for the claim itself, under its row locks (never for the per-key probes)
         _assert_pending_index_use(_nodes(plan), text)
 

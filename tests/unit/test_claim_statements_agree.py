@@ -34,8 +34,6 @@ DIFFERENCES: dict[str, list[tuple[str, str]]] = {
         # the gate in place of the pause probe
         ("WHERE NOT EXISTS (SELECT 1 FROM {queue_state} ps\nWHERE ps.queue = qn.name AND ps.paused_at IS NOT NULL\n"
          "AND (ps.resume_at IS NULL OR ps.resume_at > now()))", "WHERE (SELECT g.open FROM gate g)"),
-        # no flow children taken by the settlement: the whole batch
-        ("LIMIT greatest(0, %(batch)s - (SELECT count(*) FROM settled))", "LIMIT %(batch)s"),
     ],
 }
 
@@ -89,3 +87,58 @@ def test_each_shared_part_is_the_same_text_but_for_the_listed_differences(part: 
         assert full.count(old) == 1, f"{part}: the listed difference is no longer in claims.sql: {old!r}"
         full = full.replace(old, new)
     assert _cte(LEAN[part]) == _cte(full)
+
+
+# The statement that takes flow children (core/sql/claimflow.sql) against the full one: per part, and its final
+# SELECT, the full statement's text with exactly these differences.
+FLOW = _parts(raw_statements()["claim_flow"])
+FLOW_DIFFERENCES: dict[str, list[tuple[str, str]]] = {
+    "settled": [
+        ("SELECT {flow_settle_function}(array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'completed'),\n"
+         "array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'cancelled')) AS n\nFROM done s\n"
+         "WHERE s.flow_run_id IS NOT NULL\nHAVING count(*) > 0",
+         "SELECT t.*\nFROM (SELECT array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'completed') AS ok,\n"
+         "array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'cancelled') AS ended\nFROM done s\n"
+         "WHERE s.flow_run_id IS NOT NULL\nHAVING count(*) > 0) a\n"
+         "CROSS JOIN LATERAL {flow_settle_take_function}(a.ok, a.ended, %(queues)s::text[], %(batch)s, "
+         "%(token)s::uuid,\n%(instance_id)s, %(lease_seconds)s) t"),
+    ],
+    "picked": [("LIMIT %(batch)s\n", "LIMIT greatest(0, %(batch)s - (SELECT count(*) FROM settled))\n")],
+}
+FLOW_FINAL_DIFFERENCES = [
+    ("THEN coalesce(par.parents,", "THEN coalesce(claimed.taken_parents, par.parents,"),
+    ("(SELECT count(*) FROM done) + 0 * (SELECT count(*) FROM notified) + 0 * (SELECT count(*) FROM settled)\n"
+     "AS completed,", "(SELECT count(*) FROM done) + 0 * (SELECT count(*) FROM notified) AS completed,"),
+    ("LEFT JOIN claimed ON true\n",
+     "LEFT JOIN (SELECT c.id, c.queue, c.payload, c.priority, c.attempts, c.max_attempts, c.claimed_at,\n"
+     "c.lease_expires_at, c.run_at, c.created_at, c.ordering_key, c.dedupe_key, c.cancel_requested,\n"
+     "c.flow_run_id, c.step, c.trace_context, NULL::jsonb AS taken_parents\nFROM claimed c\nUNION ALL\n"
+     "SELECT t.id, t.queue, t.payload, t.priority, t.attempts, t.max_attempts, t.claimed_at,\n"
+     "t.lease_expires_at, t.run_at, t.created_at, t.ordering_key, t.dedupe_key, t.cancel_requested,\n"
+     "t.flow_run_id, t.step, t.trace_context, t.parents\nFROM settled t) claimed ON true\n"),
+]
+
+
+def _final(text: str) -> str:
+    return text[text.index("\n)\nSELECT ") + 3:]
+
+
+def test_the_flow_statement_has_the_full_statements_parts() -> None:
+    assert set(FLOW) == set(FULL)
+
+
+@pytest.mark.parametrize("part", sorted(FULL))
+def test_each_part_of_the_flow_statement_is_the_full_ones_but_for_the_listed_differences(part: str) -> None:
+    full = FULL[part]
+    for old, new in FLOW_DIFFERENCES.get(part, []):
+        assert full.count(old) == 1, f"{part}: the listed difference is no longer in claims.sql: {old!r}"
+        full = full.replace(old, new)
+    assert _cte(FLOW[part]) == _cte(full)
+
+
+def test_the_flow_statements_final_select_is_the_full_ones_but_for_the_listed_differences() -> None:
+    full = _final(raw_statements()["claim"])
+    for old, new in FLOW_FINAL_DIFFERENCES:
+        assert full.count(old) == 1, f"the listed difference is no longer in claims.sql: {old!r}"
+        full = full.replace(old, new)
+    assert _final(raw_statements()["claim_flow"]) == full
