@@ -1,6 +1,7 @@
 -- Flows (core/flows/): starting a run, observing and cancelling it, the health check of waiting records and
 -- its repair, the retention of finished runs. The functions are in core/sql/ddl/0010_flows.sql (dp_start_flow,
--- dp_flow_expand and dp_flow_settle as redefined by 0016_flow_trace.sql).
+-- dp_flow_expand and dp_flow_settle as redefined by 0016_flow_trace.sql; dp_flow_settle again, and
+-- dp_flow_settle_take, by 0017_flow_take.sql).
 -- Placeholders in braces are identifiers filled in with psycopg.sql.Identifier (schema-qualified tables);
 -- %(name)s are bound parameters. A literal % is written %%, a literal brace doubled. Blocks: "-- name: <name>".
 

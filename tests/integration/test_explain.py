@@ -158,7 +158,8 @@ _STATEMENT_PARAMS: dict[str, dict[str, Any]] = {
     "any_due": {"queues": ["default"]},
 }
 # The lean claim statement (no queue control, no flow settlement) takes the same parameters, and so does the one
-# that takes flow children (with flow results: a plan where the settlement runs).
+# that takes flow children (with flow results). Only the statement's own plan: the settlement function's inner
+# statements are planned when they run, not by EXPLAIN.
 _STATEMENT_PARAMS["claim_lean"] = _STATEMENT_PARAMS["claim"]
 _STATEMENT_PARAMS["claim_flow"] = {**_STATEMENT_PARAMS["claim"], "done_results": ["1", "2", "3"]}
 
