@@ -29,6 +29,29 @@ def held_by(db: Any, instance: str) -> int:
                           (instance,)).fetchone()[0])
 
 
+def drain_with_kills(db: Any, fleet: Fleet, handler: str, *, seed: int, cadence: float,
+                     max_kills: int) -> tuple[set[str], int]:
+    """Until every run finished (or 240 s), every ``cadence`` seconds SIGKILL a worker holding records (at most
+    ``max_kills``) and start another under a new identity. Returns the killed and how many records they held
+    when killed (their leases, until recovery takes them back)."""
+    rng = random.Random(seed)
+    killed: set[str] = set()
+    held_when_killed = 0
+    deadline = time.monotonic() + 240
+    while unfinished_runs(db) > 0 and time.monotonic() < deadline:
+        time.sleep(cadence)  # the fault cadence, not a synchronisation
+        victims = [n for n in fleet.alive() if held_by(db, n)]
+        if not victims or len(killed) >= max_kills:
+            continue
+        victim = rng.choice(victims)
+        fleet.procs[victim].send_signal(signal.SIGKILL)
+        fleet.procs[victim].wait(10)
+        held_when_killed += held_by(db, victim)
+        killed.add(victim)
+        fleet.spawn(handler=handler)  # restarted under a new identity
+    return killed, held_when_killed
+
+
 def test_flows_survive_sigkills_every_record_completed_once_parents_complete(dsn: str, db: Any,
                                                                             fleet: Fleet) -> None:
     db.execute(LEDGER_DDL)
@@ -36,19 +59,7 @@ def test_flows_survive_sigkills_every_record_completed_once_parents_complete(dsn
         runs = {p.start_flow(flow, {"n": n}).id: n for n in range(RUNS)}
     for _ in range(4):
         fleet.spawn(handler=HANDLER)
-    rng = random.Random(24)
-    killed: set[str] = set()
-    deadline = time.monotonic() + 240
-    while unfinished_runs(db) > 0 and time.monotonic() < deadline:
-        time.sleep(1.5)  # the fault cadence, not a synchronisation
-        victims = [n for n in fleet.alive() if held_by(db, n)]
-        if not victims or len(killed) >= 5:
-            continue
-        victim = rng.choice(victims)
-        fleet.procs[victim].send_signal(signal.SIGKILL)
-        fleet.procs[victim].wait(10)
-        killed.add(victim)
-        fleet.spawn(handler=HANDLER)  # restarted under a new identity
+    killed, _ = drain_with_kills(db, fleet, HANDLER, seed=24, cadence=1.5, max_kills=5)
     wait_until(lambda: unfinished_runs(db) == 0, RECOVERY_BOUND + 120, interval=0.5,
                message="every run finished after the kills")
     results = fleet.terminate_all()
@@ -94,21 +105,7 @@ def test_plain_steps_taken_by_the_claims_that_release_them_survive_sigkills(dsn:
     handler = "tests.procs.flow_chaos:plain_flow"
     for _ in range(4):
         fleet.spawn(handler=handler)
-    rng = random.Random(17)
-    killed: set[str] = set()
-    held_when_killed = 0
-    deadline = time.monotonic() + 240
-    while unfinished_runs(db) > 0 and time.monotonic() < deadline:
-        time.sleep(1.0)  # the fault cadence, not a synchronisation
-        victims = [n for n in fleet.alive() if held_by(db, n)]
-        if not victims or len(killed) >= 4:
-            continue
-        victim = rng.choice(victims)
-        fleet.procs[victim].send_signal(signal.SIGKILL)
-        fleet.procs[victim].wait(10)
-        held_when_killed += held_by(db, victim)  # its leases, until recovery takes them back
-        killed.add(victim)
-        fleet.spawn(handler=handler)
+    killed, held_when_killed = drain_with_kills(db, fleet, handler, seed=17, cadence=1.0, max_kills=4)
     wait_until(lambda: unfinished_runs(db) == 0, RECOVERY_BOUND + 120, interval=0.5,
                message="every run finished after the kills")
     results = fleet.terminate_all()

@@ -12,9 +12,9 @@ from typing import Any
 import psycopg
 
 from core import DistributedProcessor, Record
-from core.claims import Claims
 from core.flows import Flow
 from core.migrate import current_revision, downgrade, upgrade
+from tests.integration.test_claim_lean import claims_of
 
 chain = Flow("take_chain")
 
@@ -32,10 +32,6 @@ def second(record: Record) -> int:
 @chain.step(after=[second])
 def third(record: Record) -> None:
     return None
-
-
-def claims_of(p: DistributedProcessor) -> Claims:
-    return p.store.claims  # type: ignore[attr-defined, no-any-return]
 
 
 def done(record: Record, result: Any) -> Record:
