@@ -170,6 +170,53 @@ def test_flows_through_pgbouncer(via_bouncer: str, db: Any, workers: WorkerProcs
         assert parents == expected_parents(step, runs[run_id]), (run_id, step, parents)
 
 
+def test_flow_children_taken_through_pgbouncer(via_bouncer: str, dsn: str, db: Any, workers: WorkerProcs) -> None:
+    """Migration 0017's taking behind a transaction pooler. The claim that completes a plain step takes the child
+    it releases (``claim_flow``: the settlement, a function with a plan setting of its own, inside the claim
+    statement) and returns it with its parents' results; then two worker processes drain runs of plain steps
+    (their completions ride on the claims that take) through the pooler: every record completed, every execution
+    saw all its parents' results, no session state lost."""
+    from tests.integration.test_claim_lean import claims_of
+    from tests.integration.test_flow_take import chain, done, row
+    from tests.procs.flow_chaos import EXEC_DDL, expected_parents, plain_flow
+
+    with DistributedProcessor(via_bouncer, pooling="transaction", pool_max=2, instance_id="taker") as p:
+        run = p.start_flow(chain, {"n": 1})
+        (one,) = p.claim_records(10, queues=[chain.name])
+        got, completed = claims_of(p).claim([done(one, 1)], 10, [chain.name])
+        assert completed == 1
+        (two,) = got  # taken by the statement that completed its parent, through the pooler
+        assert (two.id, two.step, two.parents) == (run.ids["second"], "second", {"first": 1})
+        assert row(db, two.id) == ("processing", two.lease_token, "taker", 1, True)
+        got, _ = claims_of(p).claim([done(two, 2)], 10, [chain.name])
+        assert [(r.step, r.parents) for r in got] == [("third", {"second": 2})]
+        assert p.mark_completed(got) == 1
+        assert p.flow_status(run.id)["status"] == "completed"
+
+    db.execute(EXEC_DDL)
+    with DistributedProcessor(via_bouncer, pooling="transaction", pool_max=2) as p:
+        runs = {p.start_flow(plain_flow, {"n": n}).id: n for n in range(20)}
+    for i in range(2):
+        # DATABASE_URL: the steps log each execution straight to the database, not through the pooler.
+        workers.start(f"p{i}", ["-m", "core", "--dsn", via_bouncer, "--pooling", "transaction", "run", "--handler",
+                                "tests.procs.flow_chaos:plain_flow", "--poll-only", "--poll-interval", "0.2"],
+                      env={"DATABASE_URL": dsn})
+    wait_until(lambda: db.execute("SELECT count(*) FROM flow_runs WHERE flow = %s AND status = 'completed'",
+                                  (plain_flow.name,)).fetchone()[0] == 20,
+               90, interval=0.2, message="20 runs of plain steps completed through the pooler")
+    for name, (code, _, err) in workers.terminate_all().items():
+        assert code == 0, f"{name}: {err[-2000:]}"
+        assert not any(e in err for e in POOLING_ERRORS), err[-2000:]
+    records = db.execute("SELECT count(*) FROM processing_queue WHERE flow_run_id = ANY(%s)",
+                         (list(runs),)).fetchone()[0]
+    assert records == 20 * 9
+    assert db.execute("SELECT count(DISTINCT record_id) FROM flow_exec").fetchone() == (records,)
+    wrong = [(run_id, step, parents) for run_id, step, parents in
+             db.execute("SELECT run_id, step, parents FROM flow_exec")
+             if parents != expected_parents(step, runs[run_id])]
+    assert wrong == [], wrong[:5]
+
+
 @pytest.mark.parametrize("how", ["add_records(conn=)", "dp_add_record"])
 def test_the_at_commit_announcement_through_pgbouncer(pg_server: Server, dsn: str, db: Any, how: str) -> None:
     """Migration 0015's announcement through a transaction pooler with one server connection, so that every
