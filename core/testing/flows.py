@@ -105,14 +105,15 @@ class MemoryFlows:
                         ids.setdefault(row.step, row.id)
                 return FlowRun(held.id, req.flow, req.version, ids, True, 0)
         text = jsonb_text(req.input)
-        run = f.runs[run_id] = RunRow(run_id, req.flow, req.version, text, req.dedupe_key, now, now)
+        run = f.runs[run_id] = RunRow(run_id, req.flow, req.version, text, req.dedupe_key, now, now,
+                                      trace_context=req.trace)
         ids = {}
         for s in req.steps:
             each = s["each"]
             row = Row(self._new_id(), s["queue"], text, s["priority"], now, s["max_attempts"], now,
                       ordering_key=s["ordering_key"], status="waiting", updated_at=now, flow_run_id=run_id,
                       step=s["name"], flow_index=None if each is None else -1,
-                      waiting_on=len(s["after"]) + (each is not None))
+                      waiting_on=len(s["after"]) + (each is not None), trace_context=req.trace)
             self._insert(row, run)
             ids[s["name"]] = row.id
         for s in req.steps:
@@ -164,7 +165,7 @@ class MemoryFlows:
         for i in range(1, n):
             row = Row(self._new_id(), ph.queue, jsonb_text(value[i]), ph.priority, ph.run_at, ph.max_attempts, now,
                       ordering_key=ph.ordering_key, status="waiting", updated_at=now, flow_run_id=ph.flow_run_id,
-                      step=ph.step, flow_index=i, waiting_on=ph.waiting_on)
+                      step=ph.step, flow_index=i, waiting_on=ph.waiting_on, trace_context=ph.trace_context)
             self._insert(row, run)
             new.append(row.id)
         ups, downs = list(f.parents.get(ph.id, ())), list(f.children.get(ph.id, ()))
@@ -298,7 +299,7 @@ class MemoryFlows:
             if isinstance(handler, dict):
                 row = Row(self._new_id(), handler["queue"], run.input, int(handler["priority"]), now,
                           int(handler["max_attempts"]), now, status="waiting", updated_at=now,
-                          flow_run_id=run.id, step=handler["name"])
+                          flow_run_id=run.id, step=handler["name"], trace_context=run.trace_context)
                 self._insert(row, run)
                 run.on_failure_id = row.id
                 released += self.release([row.id], now)

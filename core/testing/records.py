@@ -85,7 +85,7 @@ class MemoryRecords:
                 new.append(Row(first + i, queue, text, batch.priority, run_at, batch.max_attempts, now,
                                ordering_key=key, dedupe_key=dedupe,
                                dedupe_while=None if dedupe is None else batch.dedupe_while,
-                               dedupe_held=dedupe is not None, updated_at=now))
+                               dedupe_held=dedupe is not None, updated_at=now, trace_context=batch.trace))
                 ids.append(first + i)
             cap = t.queue_limits.get(queue)
             if cap is not None and new:
@@ -166,7 +166,8 @@ class MemoryRecords:
             self.tables.drop_dedupe(row)
         return Record(row.id, row.queue, _loads(row.payload), row.priority, row.attempts, row.max_attempts,
                       token, now, lease, row.run_at, row.created_at, row.ordering_key, row.dedupe_key,
-                      row.cancel_requested, 0, row.flow_run_id, row.step, parents)
+                      row.cancel_requested, 0, row.flow_run_id, row.step, parents,
+                      trace_context=row.trace_context)
 
     def unblock(self, keys: Iterable[str], *, announce: bool = True) -> None:
         """A no-op: the ``key_blocked`` hint is not kept (a key's next record is claimable when the rules

@@ -65,6 +65,8 @@ class Row:
     flow_index: int | None = None
     waiting_on: int = 0
     result: str | None = None
+    # The W3C trace context of the add_records or start_flow that wrote it (core/tracing.py; None: NULL).
+    trace_context: str | None = None
 
     def position(self) -> Position:
         return (-self.priority, self.run_at, self.id)
@@ -116,6 +118,7 @@ class RunRow:
     on_failure_id: int | None = None
     finished_at: datetime | None = None
     records: list[int] = field(default_factory=list)
+    trace_context: str | None = None  # the start's, copied to the records the run adds later
 
 
 @dataclass(frozen=True)
