@@ -160,6 +160,9 @@ def test_flows_through_pgbouncer(via_bouncer: str, db: Any, workers: WorkerProcs
     for i in range(2):
         workers.start(f"f{i}", ["-m", "core", "--dsn", via_bouncer, "--pooling", "transaction", "run", "--handler",
                                 "tests.procs.flow_chaos:flow", "--poll-only", "--poll-interval", "0.2"])
+    # Both registered (so both handle the SIGTERM below) even if one drains everything before the other is up.
+    wait_until(lambda: db.execute("SELECT count(*) FROM processor_instances WHERE status = 'running'")
+               .fetchone()[0] == 2, 60, interval=0.1, message="both workers running")
     wait_until(lambda: db.execute("SELECT count(*) FROM flow_runs WHERE status = 'completed'").fetchone()[0] == 20,
                90, interval=0.2, message="20 runs completed through the pooler")
     for name, (code, _, err) in workers.terminate_all().items():
@@ -194,13 +197,18 @@ def test_flow_children_taken_through_pgbouncer(via_bouncer: str, dsn: str, db: A
         assert p.flow_status(run.id)["status"] == "completed"
 
     db.execute(EXEC_DDL)
-    with DistributedProcessor(via_bouncer, pooling="transaction", pool_max=2) as p:
-        runs = {p.start_flow(plain_flow, {"n": n}).id: n for n in range(20)}
     for i in range(2):
         # DATABASE_URL: the steps log each execution straight to the database, not through the pooler.
         workers.start(f"p{i}", ["-m", "core", "--dsn", via_bouncer, "--pooling", "transaction", "run", "--handler",
                                 "tests.procs.flow_chaos:plain_flow", "--poll-only", "--poll-interval", "0.2"],
                       env={"DATABASE_URL": dsn})
+    # Both registered, so both handle SIGTERM (a run registers once its signal handlers are in place): one
+    # worker can drain 20 runs alone before the other has started, and a SIGTERM that reaches a process still
+    # importing ends it by the signal, not by a drain.
+    wait_until(lambda: db.execute("SELECT count(*) FROM processor_instances WHERE status = 'running'")
+               .fetchone()[0] == 2, 60, interval=0.1, message="both workers running")
+    with DistributedProcessor(via_bouncer, pooling="transaction", pool_max=2) as p:
+        runs = {p.start_flow(plain_flow, {"n": n}).id: n for n in range(20)}
     wait_until(lambda: db.execute("SELECT count(*) FROM flow_runs WHERE flow = %s AND status = 'completed'",
                                   (plain_flow.name,)).fetchone()[0] == 20,
                90, interval=0.2, message="20 runs of plain steps completed through the pooler")
