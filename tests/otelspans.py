@@ -1,9 +1,11 @@
 """The OpenTelemetry SDK's in-memory exporter for a test (a provider set as the global one, taken away after),
-and the ids of spans and stored contexts: shared by the tracing tests."""
+the ids of spans and stored contexts, and a flow whose records are made at its start, by its fan-out and by its
+failure: shared by the tracing tests."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from opentelemetry import trace
@@ -13,6 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from core import tracing
+from core.flows import Flow
 
 
 class Spans:
@@ -49,3 +52,30 @@ def stored_ids(text: str | None) -> tuple[str, str]:
     version, trace_id, span_id, _flags = tracing.decode(text)["traceparent"].split("-")
     assert version == "00"
     return trace_id, span_id
+
+
+# split fans out over [1, 2, 3]; element 2 fails, so merge is cancelled and undo runs: every way a run adds
+# records (its start, a for_each, its on_failure step).
+traced = Flow("traced", version=1)
+
+
+@traced.step()
+def split(record: Any) -> list[int]:
+    return [1, 2, 3]
+
+
+@traced.step(for_each="split", max_attempts=1)
+def part(record: Any) -> int:
+    if record.payload == 2:
+        raise RuntimeError("planned failure of element 2")
+    return int(record.payload)
+
+
+@traced.step(after=[part])
+def merge(record: Any) -> None:
+    raise AssertionError("never runs: a part failed")
+
+
+@traced.on_failure
+def undo(record: Any) -> None:
+    return None

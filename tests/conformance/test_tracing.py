@@ -6,16 +6,14 @@ started it."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from opentelemetry.trace import SpanKind
 
 from core.api import ProcessorAPI
-from core.flows import Flow
 from core.record import Record
 from tests.conformance.test_flows import start, status
-from tests.otelspans import Spans, ids_of, provide, stored_ids
+from tests.otelspans import Spans, ids_of, provide, stored_ids, traced
 
 
 @pytest.fixture
@@ -41,31 +39,6 @@ def test_a_record_carries_the_context_of_the_send_span_that_added_it(processor: 
     process = spans.finished(SpanKind.CONSUMER)
     assert [s.name for s in process] == ["process traced"]
     assert [link.context.span_id for link in process[0].links] == [send.context.span_id]  # type: ignore[union-attr]
-
-
-traced = Flow("conformance_traced", version=1)
-
-
-@traced.step()
-def split(record: Any) -> list[int]:
-    return [1, 2, 3]
-
-
-@traced.step(for_each="split", max_attempts=1)
-def part(record: Any) -> int:
-    if record.payload == 2:
-        raise RuntimeError("planned failure of element 2")
-    return int(record.payload)
-
-
-@traced.step(after=[part])
-def merge(record: Any) -> None:
-    raise AssertionError("never runs: a part failed")
-
-
-@traced.on_failure
-def undo(record: Any) -> None:
-    return None
 
 
 def test_every_record_of_a_flow_run_is_in_the_trace_of_its_start(processor: ProcessorAPI, spans: Spans) -> None:

@@ -13,40 +13,14 @@ import pytest
 from opentelemetry.trace import SpanKind
 
 from core import DistributedProcessor, tracing
-from core.flows import Flow
 from core.flows.operations import start_request
 from core.migrate import current_revision, downgrade, upgrade
-from tests.otelspans import Spans, ids_of, provide, stored_ids
+from tests.otelspans import Spans, ids_of, provide, stored_ids, traced
 
 
 @pytest.fixture
 def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[Spans]:
     yield from provide(monkeypatch)
-
-
-traced = Flow("traced", version=1)
-
-
-@traced.step()
-def split(record: Any) -> list[int]:
-    return [1, 2, 3]
-
-
-@traced.step(for_each="split", max_attempts=1)
-def part(record: Any) -> int:
-    if record.payload == 2:
-        raise RuntimeError("planned failure of element 2")
-    return int(record.payload)
-
-
-@traced.step(after=[part])
-def merge(record: Any) -> None:
-    raise AssertionError("never runs: a part failed")
-
-
-@traced.on_failure
-def undo(record: Any) -> None:
-    return None
 
 
 def _stored(db: Any, run_id: int) -> tuple[list[tuple[str, str]], tuple[str, str]]:
