@@ -140,3 +140,10 @@ def raise_floor(p: Any, queue: str = "default") -> None:
     ticket.seen = {queue: position(far)}  # as a claim that peeked and saw nothing pending before it
     p.floors.advance(ticket, [far])
     assert p.floors.floor(queue) > (0, datetime.now(timezone.utc), 0)
+
+
+def wait_running(db: Any, n: int, timeout: float = 60.0) -> None:
+    """Until at least ``n`` instances are registered as running: each is inside ``run()`` with its signal
+    handling in place (a run registers after installing it)."""
+    wait_until(lambda: db.execute("SELECT count(*) FROM processor_instances WHERE status = 'running'")
+               .fetchone()[0] >= n, timeout, interval=0.1, message=f"{n} workers running")

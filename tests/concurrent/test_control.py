@@ -14,7 +14,7 @@ import pytest
 
 from core import DistributedProcessor
 from tests.procs.ledger import ensure_ledger
-from tests.support import WorkerProcs, wait_until
+from tests.support import WorkerProcs, wait_running, wait_until
 
 
 @pytest.fixture
@@ -28,10 +28,6 @@ def workers(db: Any) -> Iterator[WorkerProcs]:
 def _start(workers: WorkerProcs, dsn: str, name: str, *extra: str) -> None:
     workers.start(name, ["-m", "tests.procs.ledger_worker", dsn, name, *extra])
 
-
-def _running(db: Any, n: int) -> None:
-    wait_until(lambda: db.execute("SELECT count(*) FROM processor_instances WHERE status = 'running'")
-               .fetchone()[0] >= n, 60, interval=0.1, message=f"{n} workers running")
 
 
 def _clock(db: Any) -> datetime:
@@ -48,7 +44,7 @@ def test_a_schedule_fires_once_per_tick_with_workers_killed_and_restarted(worker
     # 4 processes start at once, each declaring the same schedule (as containers do): one schedule is left
     for i in range(4):
         _start(workers, dsn, f"w{i}", "--schedule", "sweep")
-    _running(db, 4)
+    wait_running(db, 4)
     assert db.execute("SELECT count(*) FROM schedules").fetchone()[0] == 1
     begin = _clock(db)
     time.sleep(10)  # the schedule runs: let ticks pass (this is the test's own timeline, not a wait for a result)

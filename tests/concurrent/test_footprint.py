@@ -11,7 +11,7 @@ import pytest
 
 from core import ConfigurationError, DistributedProcessor
 from tests.procs.handlers import SVC_LEDGER_DDL
-from tests.support import WorkerProcs, unfinished, wait_until
+from tests.support import WorkerProcs, unfinished, wait_running, wait_until
 
 
 @pytest.fixture
@@ -73,8 +73,7 @@ def test_twenty_processes_drain_50000_records_exactly_once_each_taking_a_share(
                                 "--poll-interval", "0.5", "--grace-seconds", "10"],
                       env={"DATABASE_URL": dsn, "DP_INSTANCE_ID": f"twenty-{i}"})
     # every container up before the work arrives, as under an orchestrator's rollout
-    wait_until(lambda: db.execute("SELECT count(*) FROM processor_instances WHERE status = 'running'")
-               .fetchone()[0] == 20, 90, interval=0.2, message="20 instances registered")
+    wait_running(db, 20, timeout=90)
     used = db.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()").fetchone()[0]
     assert used <= 20 * 4 + 2, used  # 3 each and 1 handler connection, plus the test's own
     with DistributedProcessor(dsn) as p:

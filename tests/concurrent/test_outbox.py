@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from core import AsyncDistributedProcessor, DistributedProcessor
 from tests.procs.ledger import ensure_ledger
-from tests.support import WorkerProcs, wait_until
+from tests.support import WorkerProcs, wait_running, wait_until
 
 N = 100
 
@@ -32,8 +32,7 @@ def workers(dsn: str, db: Any) -> Iterator[WorkerProcs]:
     for i in range(3):
         procs.start(f"w{i}", ["-m", "tests.procs.ledger_worker", dsn, f"w{i}", "--poll", "1"])
     # every worker registered and listening: a record committed now would be started at once
-    wait_until(lambda: db.execute("SELECT count(*) FROM processor_instances WHERE status = 'running'")
-               .fetchone()[0] == 3, 60, interval=0.1, message="3 workers running")
+    wait_running(db, 3)
     yield procs
     results = procs.terminate_all()
     procs.kill_all()

@@ -14,7 +14,7 @@ from core import DistributedProcessor
 from tests.concurrent.test_concurrent_claiming import race_5_processes
 from tests.procs.handlers import SVC_LEDGER_DDL
 from tests.servers import PgBouncer
-from tests.support import Server, WorkerProcs, dbname_of, run_cli, unfinished, wait_until
+from tests.support import Server, WorkerProcs, dbname_of, run_cli, unfinished, wait_running, wait_until
 
 # What a server-side prepared statement or lost session state looks like through a transaction pooler.
 POOLING_ERRORS = ("prepared statement", "InvalidSqlStatementName", "DuplicatePreparedStatement")
@@ -161,8 +161,7 @@ def test_flows_through_pgbouncer(via_bouncer: str, db: Any, workers: WorkerProcs
         workers.start(f"f{i}", ["-m", "core", "--dsn", via_bouncer, "--pooling", "transaction", "run", "--handler",
                                 "tests.procs.flow_chaos:flow", "--poll-only", "--poll-interval", "0.2"])
     # Both registered (so both handle the SIGTERM below) even if one drains everything before the other is up.
-    wait_until(lambda: db.execute("SELECT count(*) FROM processor_instances WHERE status = 'running'")
-               .fetchone()[0] == 2, 60, interval=0.1, message="both workers running")
+    wait_running(db, 2)
     wait_until(lambda: db.execute("SELECT count(*) FROM flow_runs WHERE status = 'completed'").fetchone()[0] == 20,
                90, interval=0.2, message="20 runs completed through the pooler")
     for name, (code, _, err) in workers.terminate_all().items():
@@ -205,8 +204,7 @@ def test_flow_children_taken_through_pgbouncer(via_bouncer: str, dsn: str, db: A
     # Both registered, so both handle SIGTERM (a run registers once its signal handlers are in place): one
     # worker can drain 20 runs alone before the other has started, and a SIGTERM that reaches a process still
     # importing ends it by the signal, not by a drain.
-    wait_until(lambda: db.execute("SELECT count(*) FROM processor_instances WHERE status = 'running'")
-               .fetchone()[0] == 2, 60, interval=0.1, message="both workers running")
+    wait_running(db, 2)
     with DistributedProcessor(via_bouncer, pooling="transaction", pool_max=2) as p:
         runs = {p.start_flow(plain_flow, {"n": n}).id: n for n in range(20)}
     wait_until(lambda: db.execute("SELECT count(*) FROM flow_runs WHERE flow = %s AND status = 'completed'",
