@@ -14,6 +14,7 @@ import pytest
 
 from core import DistributedProcessor
 from core.testing.plugin import processor_options
+from core.testing.postgres import Clones
 from tests.servers import leaked
 from tests.support import Server, unique_name
 
@@ -73,18 +74,18 @@ def empty_dsn(pg_server: Server) -> Iterator[str]:
 
 
 @pytest.fixture
-def dp_shards(request: pytest.FixtureRequest, dp_server: Any, dp_template: str) -> Iterator[DistributedProcessor]:
+def dp_shards(request: pytest.FixtureRequest, dp_server: Any, dp_clones: Clones) -> Iterator[DistributedProcessor]:
     """A processor over three shards: three fresh databases of the test server, set up as shards."""
-    names = [unique_name(f"dp_s{i}") for i in range(3)]
-    dsns = [dp_server.create_database(name, template=dp_template) for name in names]
+    names: list[str] = []
     try:
+        names += [dp_clones.take() for _ in range(3)]
         options = {"connect_timeout": 5, **processor_options(request)}
-        with DistributedProcessor(shards=dsns, **options) as p:
+        with DistributedProcessor(shards=[dp_server.dsn_for(n) for n in names], **options) as p:
             p.migrate()  # numbers the shards, writes the partition map
             yield p
     finally:
         for name in names:
-            dp_server.drop_database(name)
+            dp_clones.drop(name)
 
 
 @pytest.fixture

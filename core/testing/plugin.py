@@ -11,6 +11,8 @@ whenever the package is installed (no conftest needed).
   ``[embedded]``), started on first use and stopped at the session's end. ``DP_TEST_EMBEDDED=1`` skips the
   local server.
 * ``dp_template`` (session): the migrated template database's name.
+* ``dp_clones`` (session): a :class:`core.testing.postgres.Clones` of that template, copies made ahead of
+  the tests on a thread of their own (``take()``, ``drop(name)``).
 
 ``@pytest.mark.dp_options(**kwargs)`` passes constructor arguments to the processors ``dp_memory`` and
 ``dp_postgres`` build (``max_attempts=3``, ``retry=RetryPolicy(base_delay=0)``, ``lease_seconds=...``).
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from core.processor import DistributedProcessor
-from core.testing.postgres import Server, create_template, embedded_test_dir, find_server, unique_name
+from core.testing.postgres import Clones, Server, create_template, embedded_test_dir, find_server
 
 if TYPE_CHECKING:
     from core.testing.clock import FakeClock
@@ -85,15 +87,25 @@ def dp_template(dp_server: Server) -> Iterator[str]:
     dp_server.drop_database(name)
 
 
-@pytest.fixture
-def dp_dsn(dp_server: Server, dp_template: str) -> Iterator[str]:
-    """The DSN of a fresh, migrated database for this test only (dropped afterwards)."""
-    name = unique_name("dp_t")
-    dsn = dp_server.create_database(name, template=dp_template)
+@pytest.fixture(scope="session")
+def dp_clones(dp_server: Server, dp_template: str) -> Iterator[Clones]:
+    """Fresh copies of ``dp_template``, made ahead on a thread of their own and dropped behind (``take()``,
+    ``drop(name)``): what ``dp_dsn`` hands out."""
+    clones = Clones(dp_server, dp_template)
     try:
-        yield dsn
+        yield clones
     finally:
-        dp_server.drop_database(name)
+        clones.close()
+
+
+@pytest.fixture
+def dp_dsn(dp_server: Server, dp_clones: Clones) -> Iterator[str]:
+    """The DSN of a fresh, migrated database for this test only (dropped afterwards)."""
+    name = dp_clones.take()
+    try:
+        yield dp_server.dsn_for(name)
+    finally:
+        dp_clones.drop(name)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 import uvicorn
 
 from core import DistributedProcessor
-from core.testing.postgres import unique_name
+from core.testing.postgres import Clones
 from core.web import dashboard
 from tests.support import wait_until
 
@@ -80,17 +80,17 @@ def post(client: Web, path: str, data: Any, **kw: Any) -> httpx.Response:
 
 
 @pytest.fixture
-def shards(dp_server: Any, dp_template: str) -> Iterator[DistributedProcessor]:
+def shards(dp_server: Any, dp_clones: Clones) -> Iterator[DistributedProcessor]:
     """A processor over three shards: three fresh databases of the test server."""
-    names = [unique_name(f"dp_w{i}") for i in range(3)]
-    dsns = [dp_server.create_database(name, template=dp_template) for name in names]
+    names: list[str] = []
     try:
-        with DistributedProcessor(shards=dsns, connect_timeout=5) as p:
+        names += [dp_clones.take() for _ in range(3)]
+        with DistributedProcessor(shards=[dp_server.dsn_for(n) for n in names], connect_timeout=5) as p:
             p.migrate()
             yield p
     finally:
         for name in names:
-            dp_server.drop_database(name)
+            dp_clones.drop(name)
 
 
 class Served:
