@@ -90,6 +90,7 @@ def flow(dsn: str, batch: int) -> int:
         p.get_queue_status()
         print("ready", flush=True)
         sys.stdin.readline()
+        CPU_AT_GO[0] = time.process_time()
         summary = p.run(chain, stop_when_empty=True, poll_interval=0.2, handle_signals=False,
                         claimers=int(os.environ.get("DPB_CLAIMERS", "2")),
                         concurrency=int(os.environ.get("DPB_CONC", "10")))
