@@ -12,7 +12,7 @@ whenever the package is installed (no conftest needed).
   local server.
 * ``dp_template`` (session): the migrated template database's name.
 * ``dp_clones`` (session): a :class:`core.testing.postgres.Clones` of that template, copies made ahead of
-  the tests on a thread of their own (``take()``, ``drop(name)``).
+  the tests and dropped after them by threads of their own (``take()``, ``drop(name)``).
 
 ``@pytest.mark.dp_options(**kwargs)`` passes constructor arguments to the processors ``dp_memory`` and
 ``dp_postgres`` build (``max_attempts=3``, ``retry=RetryPolicy(base_delay=0)``, ``lease_seconds=...``).
@@ -89,7 +89,7 @@ def dp_template(dp_server: Server) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def dp_clones(dp_server: Server, dp_template: str) -> Iterator[Clones]:
-    """Fresh copies of ``dp_template``, made ahead on a thread of their own and dropped behind (``take()``,
+    """Fresh copies of ``dp_template``, made ahead and dropped behind by threads of their own (``take()``,
     ``drop(name)``): what ``dp_dsn`` hands out."""
     clones = Clones(dp_server, dp_template)
     try:
@@ -100,7 +100,8 @@ def dp_clones(dp_server: Server, dp_template: str) -> Iterator[Clones]:
 
 @pytest.fixture
 def dp_dsn(dp_server: Server, dp_clones: Clones) -> Iterator[str]:
-    """The DSN of a fresh, migrated database for this test only (dropped afterwards)."""
+    """The DSN of a fresh, migrated database for this test only (dropped after it, on ``dp_clones``' threads:
+    sessions the test left open end then)."""
     name = dp_clones.take()
     try:
         yield dp_server.dsn_for(name)

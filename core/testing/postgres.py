@@ -15,10 +15,12 @@ migrations would take a second.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,22 +176,29 @@ class Clones:
     of their own. ``CREATE DATABASE`` spends most of its time waiting for the copy's files to reach the disk
     (0.04-0.5 s each, measured on the CI machines; a test takes one copy, a sharded one three): on these threads
     that wait overlaps the tests' own work and the other copies' waits instead of adding to the run. The copies
-    are those :meth:`Server.create_database` makes; only when they are made changes. :meth:`close` drops every
-    copy left and stops the threads."""
+    are those :meth:`Server.create_database` makes; only when they are made changes. Copies made ahead grow
+    with use, up to ``ahead`` (a session that takes one makes one more). :meth:`close` drops every copy made
+    and not dropped yet, given back or not, and raises if one could not be dropped."""
+
+    ATTEMPTS = 3  # a copy that fails (the server briefly out of connections) is tried again before it is reported
 
     def __init__(self, server: Server, template: str, *, ahead: int = 4, threads: int = 2,
                  prefix: str = "dp_t") -> None:
         self.server = server
         self.template = template
+        self.ahead = ahead
         self.prefix = prefix
         self.errors: list[BaseException] = []  # drops that failed: close() raises the first
         self._ready: queue.Queue[str | BaseException] = queue.Queue()
         self._drops: list[str] = []
-        self._wanted = ahead  # copies to make in all: ahead, plus one per take
+        self._alive: set[str] = set()  # every copy made and not dropped yet, taken or not: close() drops them
+        self._taken = 0
+        self._wanted = 1  # copies to make in all: those taken, plus up to `ahead` more
         self._made = 0  # copies made or being made
         self._cv = threading.Condition()
         self._closing = False
-        self._threads = [threading.Thread(target=self._work, name=f"dp-test-clones-{i}", daemon=True)
+        # Not "dp-": that prefix names a processor's threads, which tests count.
+        self._threads = [threading.Thread(target=self._work, name=f"test-clones-{i}", daemon=True)
                          for i in range(threads)]
         for t in self._threads:
             t.start()
@@ -197,8 +206,9 @@ class Clones:
     def take(self, timeout: float = 120.0) -> str:
         """The name of a fresh copy of the template, for the caller alone; give it back with :meth:`drop`."""
         with self._cv:
-            self._wanted += 1
-            self._cv.notify()
+            self._taken += 1
+            self._wanted = max(self._wanted, self._taken + min(self.ahead, self._taken))
+            self._cv.notify_all()
         try:
             got = self._ready.get(timeout=timeout)
         except queue.Empty:
@@ -214,21 +224,63 @@ class Clones:
             self._cv.notify()
 
     def close(self, timeout: float = 120.0) -> None:
-        """Drop the copies given back and the ones made but never taken; stop the threads."""
+        """Stop the threads and drop every copy made and not dropped yet (given back, never taken, or taken and
+        kept by a taker that failed)."""
         with self._cv:
             self._closing = True
             self._cv.notify_all()
         for t in self._threads:
             t.join(timeout)
+        stuck = [t.name for t in self._threads if t.is_alive()]
+        if stuck:
+            raise RuntimeError(f"{', '.join(stuck)} still creating or dropping a copy of {self.template!r} after "
+                               f"{timeout:.0f} s: copies may be left on the server")
+        with self._cv:
+            left = sorted(self._alive)  # copies never given back (a taker that failed), or not dropped yet
+        for name in left:
+            self._drop(name)
+        if self.errors:
+            raise RuntimeError(f"dropping a copy of {self.template!r} failed: {self.errors[0]}") from self.errors[0]
+
+    def _ready_names(self) -> list[str]:
+        out: list[str] = []
         while True:
             try:
                 got = self._ready.get_nowait()
             except queue.Empty:
-                break
+                return out
             if isinstance(got, str):
-                self.server.drop_database(got)
-        if self.errors:
-            raise RuntimeError(f"dropping a copy of {self.template!r} failed: {self.errors[0]}") from self.errors[0]
+                out.append(got)
+
+    def _drop(self, name: str) -> None:
+        try:
+            self.server.drop_database(name)
+        except Exception as exc:  # reported by close(), after the other copies are dropped
+            self.errors.append(exc)
+        else:
+            with self._cv:
+                self._alive.discard(name)
+
+    def _create(self) -> str | BaseException:
+        error: BaseException | None = None
+        for attempt in range(self.ATTEMPTS):
+            name = unique_name(self.prefix)
+            try:
+                self.server.create_database(name, template=self.template)
+                with self._cv:
+                    self._alive.add(name)
+                return name
+            except Exception as exc:
+                error = exc
+                self._drop_quietly(name)  # a copy half made (its files written, the command failed late)
+                time.sleep(0.5 * (attempt + 1))
+        assert error is not None
+        return error
+
+    def _drop_quietly(self, name: str) -> None:
+        # The server that failed the copy may refuse this too; then there is nothing of it to drop.
+        with contextlib.suppress(Exception):
+            self.server.drop_database(name)
 
     def _work(self) -> None:
         while True:
@@ -236,19 +288,14 @@ class Clones:
                 while not (self._closing or self._drops or self._made < self._wanted):
                     self._cv.wait(1.0)
                 drop = self._drops.pop(0) if self._drops else None
-                if drop is None and self._closing:
-                    return  # the copies made and not taken are dropped by close()
-                if drop is None:
+                create = drop is None and not self._closing
+                if create:
                     self._made += 1
-            try:
-                if drop is not None:  # given back first: a drop frees what the next copy needs
-                    self.server.drop_database(drop)
-                else:
-                    name = unique_name(self.prefix)
-                    self.server.create_database(name, template=self.template)
-                    self._ready.put(name)
-            except Exception as exc:  # a copy's failure goes to the test that takes it, a drop's to close()
-                if drop is None:
-                    self._ready.put(exc)
-                else:
-                    self.errors.append(exc)
+            if drop is not None:  # given back first: a drop frees what the next copy needs
+                self._drop(drop)
+            elif create:
+                self._ready.put(self._create())  # a failure goes to the test that takes this copy
+            else:
+                for name in self._ready_names():  # made and never taken: the threads drop them, in parallel
+                    self._drop(name)
+                return

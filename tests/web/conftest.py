@@ -84,7 +84,8 @@ def shards(dp_server: Any, dp_clones: Clones) -> Iterator[DistributedProcessor]:
     """A processor over three shards: three fresh databases of the test server."""
     names: list[str] = []
     try:
-        names += [dp_clones.take() for _ in range(3)]
+        for _ in range(3):  # one at a time: a failed take leaves the ones before it in names, to drop
+            names.append(dp_clones.take())
         with DistributedProcessor(shards=[dp_server.dsn_for(n) for n in names], connect_timeout=5) as p:
             p.migrate()
             yield p
