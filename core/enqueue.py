@@ -171,8 +171,10 @@ class Enqueuer:
         # commit order within a key.
         rows = yield Stmt(q.allocate_ids, {"seq": self._sequence, "n": n}, "all", binary=True)
         ids: list[int] = [r[0] for r in rows]
+        # The payloads first (an invalid one aborts before any record row is sent), then the records without.
+        yield Copy(q.copy_payloads, self._payload_chunks(batch, texts, ids))
         stmt = q.copy_records if batch.run_at is None else q.copy_records_at
-        yield Copy(stmt, self._copy_chunks(batch, texts, ids, blocked or [False] * n))
+        yield Copy(stmt, self._copy_chunks(batch, ids, blocked or [False] * n))
         status, depth = yield Stmt(q.enqueue_finish, {
             "queue": batch.queue, "priority": batch.priority, "run_at": batch.run_at, "ids": ids,
             "limit": queue_limit, "notify": self.db.settings.notify, "undo": undo}, "one")
@@ -182,14 +184,23 @@ class Enqueuer:
             yield Stmt(q.enqueue_key_checks, {"queue": batch.queue, "keys": batch.keys, "blocked": blocked}, "none")
         return AddResult(ids)
 
-    def _copy_chunks(self, batch: NewRecords, texts: list[str] | None, ids: list[int],
-                     blocked: list[bool]) -> Iterator[str]:
+    def _payload_chunks(self, batch: NewRecords, texts: list[str] | None, ids: list[int]) -> Iterator[str]:
         # Rows are formatted here as COPY text, a chunk per write: much cheaper than a write_row per record,
         # and the server parses one chunk while the next is encoded. JSON from the encoder has no raw control
-        # characters, so only backslashes need escaping. run_at left out takes the column default, now(). The
-        # trace context is the batch's (core/tracing.py), the same on every row.
+        # characters, so only backslashes need escaping.
         items, n = batch.payloads, len(batch.payloads)
         limit = self.db.settings.max_payload_bytes
+        for start in range(0, n, COPY_CHUNK):
+            lines = []
+            for i in range(start, min(n, start + COPY_CHUNK)):
+                text = texts[i] if texts is not None else encode_payload(i, items[i], limit)
+                lines.append(f"{ids[i]}\t{text.replace(chr(92), chr(92) * 2)}\n")
+            yield "".join(lines)
+
+    def _copy_chunks(self, batch: NewRecords, ids: list[int], blocked: list[bool]) -> Iterator[str]:
+        # The records' rows, as _payload_chunks formats its. run_at left out takes the column default, now().
+        # The trace context is the batch's (core/tracing.py), the same on every row.
+        n = len(batch.payloads)
         constant = "\t".join(("", copy_text(batch.queue), str(batch.priority), str(batch.max_attempts), ""))
         if batch.run_at is not None:
             constant = f"{constant}{batch.run_at.isoformat()}\t"
@@ -198,8 +209,4 @@ class Enqueuer:
         key_texts = [null if k is None else copy_text(k) + ("\tt" if b else "\tf")
                      for k, b in zip(batch.keys, blocked, strict=True)]
         for start in range(0, n, COPY_CHUNK):
-            lines = []
-            for i in range(start, min(n, start + COPY_CHUNK)):
-                text = texts[i] if texts is not None else encode_payload(i, items[i], limit)
-                lines.append(f"{ids[i]}{constant}{key_texts[i]}\t{text.replace(chr(92), chr(92) * 2)}\n")
-            yield "".join(lines)
+            yield "".join(f"{ids[i]}{constant}{key_texts[i]}\n" for i in range(start, min(n, start + COPY_CHUNK)))

@@ -15,6 +15,7 @@ from psycopg import sql
 
 TABLES = {
     "records": "processing_queue",
+    "payloads": "processing_payload",
     "stats": "queue_stats",
     "key_limits": "key_concurrency",
     "queue_limits": "queue_limits",

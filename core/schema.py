@@ -16,6 +16,7 @@ Index design (why each exists):
 * ``ix_processing_queue_ordering``: per-key FIFO checks (earlier pending, in-flight count, earlier failed).
 * ``ux_processing_queue_dedupe``: the queueing lock; unique only while a record holds it.
 * ``ix_processing_queue_finished``: retention purge in bounded, ordered batches.
+* ``processing_payload`` (migration 0018): a batch's payloads, written once, coalesced with the record's own.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ processing_queue = Table(
     metadata,
     Column("id", BigInteger, Identity(always=False), nullable=False),
     Column("queue", Text, nullable=False, server_default=text("'default'")),
-    Column("payload", JSONB, nullable=False),
+    Column("payload", JSONB),  # NULL: in processing_payload (migration 0018)
     Column("status", Text, nullable=False, server_default=text("'pending'")),
     Column("priority", Integer, nullable=False, server_default=text("0")),
     Column("run_at", TS, nullable=False, server_default=func.now()),
@@ -156,6 +157,9 @@ Index(
     postgresql_include=["queue"],
     postgresql_where=text("status = 'waiting'"),
 )
+
+processing_payload = Table("processing_payload", metadata, Column("id", BigInteger, nullable=False,
+                           autoincrement=False), Column("payload", JSONB, nullable=False), PrimaryKeyConstraint("id"))
 
 # Where statements that put a claimable record below other instances' claim floors say so (an insert, a
 # recovery, a release, an operator's retry or cancel): insert-only, read per queue from a claimer's last claim
@@ -369,17 +373,13 @@ Index("ix_schedules_next_fire", schedules.c.next_fire)
 # Flows (core/flows/tables.py, migration 0010): templates, runs, edges.
 flow_templates, flow_runs, flow_edges = flow_tables.define(metadata)
 
-# dp_set_shard_ids sets the id sequence of a new shard: every id it hands out is congruent to its number
-# modulo the stride (the most shards there may be), above every id it holds and above ``above`` (the other
-# shards' highest), so ids are unique across shards and a record moved to another shard keeps its id.
-# dp_raise_ids takes ids until the next one is above ``above``: records moved in keep their order before
-# the shard's own later ones (per-key FIFO is id order). It only ever moves the sequence forward, by taking
-# values as any insert does, so it cannot race with inserts. {schema} is replaced by the quoted schema name.
+# dp_set_shard_ids: a new shard's ids are congruent to its number modulo the stride and above every id it
+# holds and ``above`` (unique across shards; a moved record keeps its id). dp_raise_ids takes ids until the
+# next is above ``above`` (moved records stay before the shard's later ones), as inserts take them.
 SHARD_FUNCTION_SQL = _template("shard_ids")
 
-# The function of the triggers that maintain queue_stats (statement-level, after insert, update and delete;
-# migration 0001 creates them): this version, with slots, is installed by 0006. {schema} is replaced by the
-# quoted schema name.
+# The function of queue_stats' triggers (statement-level, after insert, update and delete; created by 0001):
+# this version, with slots, is installed by 0006. {schema}: the quoted schema name.
 STATS_TRIGGER_SQL = _template("stats_trigger")
 
 # Migration 0007: the slot may be set for a transaction (``dp.stats_slot``): a move between shards counts its

@@ -121,7 +121,8 @@ claimed AS (
            dedupe_held = t.dedupe_held AND t.dedupe_while = 'active',
            updated_at = now()
      WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
-    RETURNING t.id, t.queue, t.payload, t.priority, t.attempts, t.max_attempts, t.claimed_at,
+    RETURNING t.id, t.queue, coalesce(t.payload, (SELECT a.payload FROM {payloads} a WHERE a.id = t.id)) AS payload,
+              t.priority, t.attempts, t.max_attempts, t.claimed_at,
               t.lease_expires_at, t.run_at, t.created_at, t.ordering_key, t.dedupe_key, t.cancel_requested,
               t.flow_run_id, t.step, t.trace_context
 )

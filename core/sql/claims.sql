@@ -196,8 +196,10 @@ claimed AS (
            updated_at = now()
      -- An id list, not a join: the rows are fetched by primary key whatever the plan guesses of the batch.
      WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
-    -- Not the lease token: the caller chose it, so it need not travel back and be decoded per row.
-    RETURNING t.id, t.queue, t.payload, t.priority, t.attempts, t.max_attempts, t.claimed_at,
+    -- Not the lease token: the caller chose it, so it need not travel back and be decoded per row. The payload:
+    -- the row's, else (NULL: a batch's record, migration 0018) its row in the payloads table, by primary key.
+    RETURNING t.id, t.queue, coalesce(t.payload, (SELECT a.payload FROM {payloads} a WHERE a.id = t.id)) AS payload,
+              t.priority, t.attempts, t.max_attempts, t.claimed_at,
               t.lease_expires_at, t.run_at, t.created_at, t.ordering_key, t.dedupe_key, t.cancel_requested,
               t.flow_run_id, t.step, t.trace_context
 ),

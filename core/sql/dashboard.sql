@@ -157,7 +157,8 @@ SELECT id, queue, status, priority, attempts, max_attempts, ordering_key, dedupe
 -- name: dashboard_record
 SELECT id, queue, status, priority, attempts, max_attempts, ordering_key, dedupe_key, dedupe_while, dedupe_held,
        key_blocked, cancel_requested, last_error, run_at, created_at, updated_at, finished_at, claimed_by,
-       claimed_at, lease_expires_at, CASE WHEN %(payload)s THEN jsonb_pretty(payload) END AS payload,
+       claimed_at, lease_expires_at, CASE WHEN %(payload)s THEN jsonb_pretty(coalesce(payload, (
+           SELECT a.payload FROM {payloads} a WHERE a.id = %(id)s))) END AS payload,
        flow_run_id, step, flow_index, waiting_on, CASE WHEN %(payload)s THEN jsonb_pretty(result) END AS result
   FROM {records}
  WHERE id = %(id)s;

@@ -43,13 +43,16 @@ SELECT pg_get_serial_sequence(%(table)s, 'id');
 -- Ids for a COPY batch, in order (the sequence name is resolved once per processor, by records_sequence).
 SELECT nextval(%(seq)s::regclass) FROM generate_series(1, %(n)s) g ORDER BY g;
 
+-- name: copy_payloads
+-- A batch's payloads, apart from its records (migration 0018): the records' rows carry none.
+COPY {payloads} (id, payload) FROM STDIN;
+
 -- name: copy_records
 -- trace_context: the batch's (core/tracing.py), \N without one.
-COPY {records} (id, queue, priority, max_attempts, trace_context, ordering_key, key_blocked, payload) FROM STDIN;
+COPY {records} (id, queue, priority, max_attempts, trace_context, ordering_key, key_blocked) FROM STDIN;
 
 -- name: copy_records_at
-COPY {records} (id, queue, priority, max_attempts, run_at, trace_context, ordering_key, key_blocked, payload)
-FROM STDIN;
+COPY {records} (id, queue, priority, max_attempts, run_at, trace_context, ordering_key, key_blocked) FROM STDIN;
 
 -- name: pending_depth
 SELECT count(*) FROM (

@@ -67,8 +67,13 @@ SELECT DISTINCT coalesce(ordering_key, dedupe_key) FROM {records}
 -- name: move_lock_keys
 -- The records of these keys (pending and finished: a key's history moves with it), locked, never waiting
 -- (a wait could deadlock with a claim's unblock): a row someone else holds is skipped, and its key then
--- counts as busy (move_pending_counts). Rows as JSON, for the other shard's insert.
-SELECT id, coalesce(ordering_key, dedupe_key), to_jsonb(t)::text FROM {records} t
+-- counts as busy (move_pending_counts). Rows as JSON, for the other shard's insert, each with its payload on it
+-- (a batch's record has its payload apart, migration 0018; the moved row carries it, and the source's payload
+-- row goes with the source's record).
+SELECT id, coalesce(ordering_key, dedupe_key),
+       (to_jsonb(t) || jsonb_build_object('payload', coalesce(t.payload, (
+           SELECT a.payload FROM {payloads} a WHERE a.id = t.id))))::text
+  FROM {records} t
  WHERE status <> 'processing' AND flow_run_id IS NULL
    AND (ordering_key = ANY(%(keys)s::text[]) OR (ordering_key IS NULL AND dedupe_key = ANY(%(keys)s::text[])))
  ORDER BY id
@@ -89,7 +94,11 @@ SELECT DISTINCT coalesce(ordering_key, dedupe_key) FROM {records}
    AND (ordering_key = ANY(%(keys)s::text[]) OR (ordering_key IS NULL AND dedupe_key = ANY(%(keys)s::text[])));
 
 -- name: move_lock_keyless
-SELECT id, NULL::text, to_jsonb(t)::text FROM {records} t
+-- As move_lock_keys, its payload on each row.
+SELECT id, NULL::text,
+       (to_jsonb(t) || jsonb_build_object('payload', coalesce(t.payload, (
+           SELECT a.payload FROM {payloads} a WHERE a.id = t.id))))::text
+  FROM {records} t
  WHERE status = 'pending' AND ordering_key IS NULL AND dedupe_key IS NULL AND flow_run_id IS NULL
  ORDER BY id
  LIMIT %(limit)s

@@ -273,7 +273,7 @@ def test_a_full_disk_refuses_writes_whole_and_the_work_resumes(fleet: Fleet) -> 
                 server.start()
             with psycopg.connect(dsn, autocommit=True) as db:
                 per_batch = dict(db.execute(
-                    "SELECT (payload->>'batch')::int, count(*) FROM processing_queue GROUP BY 1").fetchall())
+                    "SELECT (payload->>'batch')::int, count(*) FROM record_payloads GROUP BY 1").fetchall())
                 assert per_batch.pop(-1) == first
                 assert all(n == 500 for n in per_batch.values()), f"a batch half-written: {per_batch}"
                 assert len(per_batch) >= stored_batches

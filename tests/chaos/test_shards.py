@@ -23,6 +23,7 @@ import pytest
 
 from core import DistributedProcessor
 from core.sharding import partition_of
+from core.shardmove import rebalance
 from tests.procs.shard_worker import SHARD_LEDGER_DDL
 from tests.servers import Cluster, free_port
 from tests.support import ROOT, WorkerProcs, health_report, wait_until
@@ -293,6 +294,30 @@ def test_a_retired_shard_hands_over_every_record_and_takes_no_new_ones(shard_dsn
     wait_until(lambda: _unfinished(shard_dsns) == 0, 60, interval=0.3, message="drained after the retirement")
     assert all(code == 0 for code, _, _ in workers.terminate_all().values())
     _assert_each_completed_once(shard_dsns, ids)
+
+
+def test_moved_records_carry_their_payloads_and_leave_none_behind(shard_dsns: list[str]) -> None:
+    """A batch's payloads are apart from its records (migration 0018): a move puts each on its moved row, and the
+    source's payload rows go with its records."""
+    _setup(shard_dsns)
+    with DistributedProcessor(shards=shard_dsns) as p:
+        p.add_records([{"k": i} for i in range(300)], ordering_key=[f"m-{i % 30}" for i in range(300)])
+        for _ in range(3):
+            p.add_records([{"free": i} for i in range(100)])  # keyless: one call each shard
+        before: dict[int, Any] = {}
+        for rows in _each(shard_dsns, "SELECT id, payload FROM record_payloads"):
+            before.update(rows)
+        assert len(before) == 600 and None not in before.values()
+        assert _each(shard_dsns[2:], "SELECT count(*) FROM processing_payload")[0][0][0] > 0
+        result = rebalance(p.store.topology, retire=2)
+        assert result["moved_records"] > 0
+        assert _each(shard_dsns[2:], "SELECT count(*) FROM processing_queue")[0] == [(0,)]
+        assert _each(shard_dsns[2:], "SELECT count(*) FROM processing_payload")[0] == [(0,)], "none left behind"
+        claimed: dict[int, Any] = {}
+        while recs := p.claim_records(100):
+            claimed.update((r.id, r.payload) for r in recs)
+            p.mark_completed(recs)
+    assert claimed == before
 
 
 def test_a_transactional_handler_writes_to_its_records_own_shard(shard_dsns: list[str]) -> None:

@@ -190,7 +190,7 @@ def test_trigger_records_keep_key_order_and_dedupe(dsn: str, db: Any) -> None:
     with psycopg.connect(dsn) as conn:
         conn.execute("INSERT INTO signups (account, email) VALUES ('acct-1', 'a@x'), ('acct-1', 'b@x')")
         conn.commit()
-    first = db.execute("SELECT id FROM processing_queue WHERE payload->>'email' = 'a@x'").fetchone()[0]
+    first = db.execute("SELECT id FROM record_payloads WHERE payload->>'email' = 'a@x'").fetchone()[0]
     again = db.execute("SELECT dp_add_record('{}', queue => 'welcome', dedupe_key => 'signup-a@x')").fetchone()[0]
     assert again == first
     with DistributedProcessor(dsn) as p:

@@ -81,7 +81,8 @@ def test_every_path_below_the_floors_is_claimed_promptly_by_several_processes(
     total = len(backlog) + 41
     statuses = db.execute("SELECT status, count(*) FROM processing_queue GROUP BY 1").fetchall()
     assert statuses == [("completed", total)], db.execute(
-        "SELECT id, attempts, max_attempts, payload, last_error FROM processing_queue WHERE status <> 'completed'"
+        "SELECT id, attempts, max_attempts, p.payload, last_error"
+        " FROM processing_queue JOIN record_payloads p USING (id) WHERE status <> 'completed'"
     ).fetchall()
     # completions exactly once (the finished counts), executions of every record at least once
     assert db.execute("SELECT sum(count) FROM queue_stats WHERE status = 'completed'").fetchone() == (total,)

@@ -33,7 +33,7 @@ def test_add_records_returns_ids_in_input_order_for_statement_and_copy(make_proc
     small = p.add_records([{"i": i} for i in range(10)])
     big = p.add_records([{"i": i} for i in range(200)])  # goes through COPY
     for ids in (small, big):
-        rows = db.execute("SELECT id, payload->>'i' FROM processing_queue WHERE id = ANY(%s)", (list(ids),))
+        rows = db.execute("SELECT id, payload->>'i' FROM record_payloads WHERE id = ANY(%s)", (list(ids),))
         by_id = {rid: int(i) for rid, i in rows}
         assert [by_id[rid] for rid in ids] == list(range(len(ids)))
     assert big[0] > small[-1]
@@ -325,7 +325,8 @@ def test_copy_path_round_trips_awkward_text(make_processor: Any, db: Any) -> Non
     p = make_processor(copy_threshold=2)
     tricky = [{"s": "back\\slash\ttab\nnewline\r", "u": "é😀"}, {"n": None}, {"q": "\\N"}]
     ids = p.add_records(tricky, ordering_key=["k\\1\t", None, "\\N"], queue="q\tx")
-    rows = db.execute("SELECT payload, ordering_key, queue FROM processing_queue WHERE id = ANY(%s) ORDER BY id",
+    rows = db.execute("SELECT p.payload, ordering_key, queue FROM processing_queue JOIN record_payloads p USING (id)"
+                      " WHERE id = ANY(%s) ORDER BY id",
                       (list(ids),)).fetchall()
     assert [r[0] for r in rows] == tricky
     assert [r[1] for r in rows] == ["k\\1\t", None, "\\N"]

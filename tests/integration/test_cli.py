@@ -70,7 +70,8 @@ def test_enqueue_from_file_and_stdin_then_status(dsn: str, tmp_path: Path, db: A
     assert "enqueued 250 records into queue 'jobs'" in result.stdout
     result = cli(dsn, "enqueue", "--queue", "other", input='{"a": 1}\n{"a": 2}\n')
     assert result.returncode == 0, result.stderr
-    payloads = [r[0]["n"] for r in db.execute("SELECT payload FROM processing_queue WHERE queue = 'jobs' ORDER BY id")]
+    payloads = [r[0]["n"] for r in db.execute("SELECT p.payload FROM processing_queue JOIN record_payloads p USING (id)"
+                                              " WHERE queue = 'jobs' ORDER BY id")]
     assert payloads == list(range(250))
     status = cli(dsn, "status")
     assert status.returncode == 0

@@ -151,10 +151,11 @@ def test_migration_0017_downgrades_and_upgrades_again(empty_dsn: str) -> None:
     with DistributedProcessor(empty_dsn) as p:
         run = p.start_flow(chain, {"n": 4})
         assert has_take()
+        # claimed before the downgrade: this version's claim reads processing_payload, which 0018 adds
+        (one,) = p.claim_records(10, queues=[chain.name])
         downgrade(empty_dsn, "0016_flow_trace")
         assert current_revision(empty_dsn) == "0016_flow_trace" and not has_take()
         # dp_flow_settle as 0016 left it, called as the previous version's statements call it: the child released
-        (one,) = p.claim_records(10, queues=[chain.name])
         with psycopg.connect(empty_dsn) as conn:
             conn.execute("UPDATE processing_queue SET status = 'completed', result = '1', finished_at = now()"
                          " WHERE id = %s", (one.id,))

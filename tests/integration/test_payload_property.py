@@ -65,7 +65,7 @@ def test_payloads_are_stored_exactly_or_rejected_whole(dsn: str, db: Any, copy_t
                 assert db.execute("SELECT count(*) FROM processing_queue").fetchone()[0] == before
                 return
             assert not any(_expected_invalid(b) for b in batch)
-            rows = dict(db.execute("SELECT id, payload::text FROM processing_queue WHERE id = ANY(%s)",
+            rows = dict(db.execute("SELECT id, payload::text FROM record_payloads WHERE id = ANY(%s)",
                                    (list(ids),)).fetchall())
             stored = [json.loads(rows[i]) for i in ids]
             assert [_normal(s) for s in stored] == [_normal(b) for b in batch]

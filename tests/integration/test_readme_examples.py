@@ -55,5 +55,6 @@ def test_the_sections_examples_run(section: str, dsn: str, db: Any) -> None:
         # three orders, each with its record; the signup's record in queue 'welcome'
         assert db.execute("SELECT count(*) FROM orders").fetchone()[0] == 3
         assert db.execute("SELECT count(*) FROM processing_queue WHERE queue = 'default'").fetchone()[0] == 3
-        assert db.execute("SELECT payload->>'email' FROM processing_queue WHERE queue = 'welcome'"
+        assert db.execute("SELECT p.payload->>'email' FROM processing_queue JOIN record_payloads p USING (id)"
+                          " WHERE queue = 'welcome'"
                           ).fetchone()[0] == "ada@example.com"

@@ -49,7 +49,8 @@ def test_dp_add_record_refuses_bad_input_and_a_full_queue(processor: Distributed
     assert db.execute("SELECT count(*) FROM processing_queue WHERE queue = 'small'").fetchone()[0] == 1
 
 
-COLUMNS = ("queue, payload, status, priority, run_at = created_at AS at_now, "
+COLUMNS = ("queue, (SELECT p.payload FROM record_payloads p WHERE p.id = processing_queue.id), status, priority, "
+           "run_at = created_at AS at_now, "
            "CASE WHEN run_at <> created_at THEN run_at END AS run_at, attempts, max_attempts, ordering_key, "
            "dedupe_key, dedupe_while, dedupe_held, key_blocked, trace_context")
 GENERAL = ("SELECT (dp_add_records(%s, ARRAY[%s::jsonb], %s, %s::timestamptz, %s, ARRAY[NULL]::text[],"
