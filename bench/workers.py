@@ -23,7 +23,9 @@ import psycopg
 CLAIM = {
     "raw": "UPDATE processing_queue SET status = 'processing' WHERE id IN ("
            " SELECT id FROM processing_queue WHERE queue = 'default' AND status = 'pending' AND NOT key_blocked"
-           " ORDER BY - priority::bigint, run_at, id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, payload",
+           " ORDER BY - priority::bigint, run_at, id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id,"
+           # a batch's payload is apart (migration 0018): returned as run()'s claim returns it, the same work
+           " coalesce(payload, (SELECT a.payload FROM processing_payload a WHERE a.id = processing_queue.id))",
     "bare": "UPDATE bench_raw SET status = 'processing' WHERE id IN ("
             " SELECT id FROM bench_raw WHERE status = 'pending' ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)"
             " RETURNING id, payload",
