@@ -169,14 +169,16 @@ class Enqueuer:
             self._sequence = str(row[0])
         # Binary: the ids arrive as integers, no text to parse per id. Taken after the key locks: id order is
         # commit order within a key.
-        rows = yield Stmt(q.allocate_ids, {"seq": self._sequence, "n": n}, "all", binary=True)
-        ids: list[int] = [r[0] for r in rows]
+        (ids,) = yield Stmt(q.allocate_ids, {"seq": self._sequence, "n": n}, "one", binary=True)
         # The payloads first (an invalid one aborts before any record row is sent), then the records without.
         yield Copy(q.copy_payloads, self._payload_chunks(batch, texts, ids))
         stmt = q.copy_records if batch.run_at is None else q.copy_records_at
         yield Copy(stmt, self._copy_chunks(batch, ids, blocked or [False] * n))
+        # Without a limit, dp_enqueue_finish only asks whether the batch is empty: one id, not a 10,000-id array
+        # to format and parse (with one, it counts the batch and may delete it again).
         status, depth = yield Stmt(q.enqueue_finish, {
-            "queue": batch.queue, "priority": batch.priority, "run_at": batch.run_at, "ids": ids,
+            "queue": batch.queue, "priority": batch.priority, "run_at": batch.run_at,
+            "ids": ids if queue_limit is not None else ids[:1],
             "limit": queue_limit, "notify": self.db.settings.notify, "undo": undo}, "one")
         if status == "full":
             raise QueueFull(batch.queue, int(queue_limit), int(depth), n)

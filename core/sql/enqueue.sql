@@ -40,8 +40,9 @@ SELECT status, depth
 SELECT pg_get_serial_sequence(%(table)s, 'id');
 
 -- name: allocate_ids
--- Ids for a COPY batch, in order (the sequence name is resolved once per processor, by records_sequence).
-SELECT nextval(%(seq)s::regclass) FROM generate_series(1, %(n)s) g ORDER BY g;
+-- Ids for a COPY batch, in order (the sequence name is resolved once per processor, by records_sequence), as one
+-- array: one row to send and decode instead of one per id.
+SELECT ARRAY(SELECT nextval(%(seq)s::regclass) FROM generate_series(1, %(n)s) g ORDER BY g);
 
 -- name: copy_payloads
 -- A batch's payloads, apart from its records (migration 0018): the records' rows carry none.
