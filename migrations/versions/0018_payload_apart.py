@@ -1,8 +1,9 @@
 """A batch's payloads apart from its records (core/sql/ddl/0018_payload_apart.sql): ``processing_payload``
-holds the payloads of records added in batches, written once, so that a claim and a completion no longer copy
-them into new row versions. Records added alone, flow steps and moved records keep theirs on the row; readers
-take either. Safe while workers of the previous version drain the queue; stop them before producers of this
-version add batches (they would read a NULL payload on the row).
+holds the payloads of records added by ``dp_add_records`` and the COPY path, written once, so that a claim
+and a completion no longer copy them into new row versions. A keyless record added alone, flow steps and moved
+records keep theirs on the row; readers take either. Not safe while processes of the previous version run
+(they read the payload on the row, and the enqueue function they call writes it apart from here on): stop
+them before migrating.
 
 Revision ID: 0018_payload_apart
 Revises: 0017_flow_take

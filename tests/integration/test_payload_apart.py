@@ -56,7 +56,10 @@ def test_deleted_or_truncated_records_take_their_payload_rows(processor: Distrib
     db.execute("UPDATE processing_queue SET finished_at = now() - interval '1 hour'")
     assert processor.purge(older_than=60) == 11
     assert _apart(db) == 0 and db.execute("SELECT count(*) FROM processing_queue").fetchone()[0] == 0
-    processor.add_records([{"n": i} for i in range(10)])
+    batch = processor.add_records([{"n": i} for i in range(10)])
+    # a payload a user sets on the row wins, for the claim and the view alike, and its payload row still goes
+    db.execute("UPDATE processing_queue SET payload = '{\"fixed\": 1}' WHERE id = %s", (batch[0],))
+    assert _payloads(db, batch[:2]) == [{"fixed": 1}, {"n": 1}]
     db.execute("DELETE FROM processing_queue WHERE id IN (SELECT id FROM processing_queue ORDER BY id LIMIT 4)")
     assert _apart(db) == 6
     db.execute("TRUNCATE processing_queue RESTART IDENTITY")

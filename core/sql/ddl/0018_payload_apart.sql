@@ -1,12 +1,15 @@
 -- Migration 0018: a batch's payloads apart from its records (docs/hot-path.md, "Payloads apart").
 -- Every state change of a record writes a whole new version of its row, so a payload on the row is copied into
 -- the table and into the WAL at the claim and again at the completion. processing_payload holds the payloads of
--- records added in batches (dp_add_records, the COPY path of add_records), written once; their records carry
--- a NULL payload. Records added alone (dp_add_one, dp_add_record), flow steps, moved records and rows a user
--- inserts keep theirs on the row: every reader takes coalesce(processing_payload.payload, record.payload).
--- A record's payload row goes when the record is deleted (the trigger below), whichever statement deletes it.
--- Safe while workers of the previous version drain (nothing they read changes); a batch added by this version
--- must not be claimed by them (they read the row's payload): stop them before producers of this version start.
+-- records added by dp_add_records (batches, keyed records, records on a shard or in a limited queue, schedule
+-- ticks) and by the COPY path of add_records, written once; those records carry a NULL payload. A keyless
+-- record added alone where neither a shard nor a queue limit applies (dp_add_one, dp_add_record's own insert),
+-- flow steps, moved records and rows a user inserts keep theirs on the row. Every reader takes
+-- coalesce(record.payload, processing_payload.payload). A record's payload row goes when the record is deleted
+-- (the trigger below), whichever statement deletes it.
+-- Not safe while processes of the previous version run: from this migration on dp_add_records writes apart,
+-- and they read the payload on the row (a worker would hand its handler None; a shard move would carry a NULL
+-- payload). Stop them (workers, movers, producers that call the enqueue functions) before migrating.
 -- {schema}: the quoted schema name.
 
 CREATE TABLE IF NOT EXISTS {schema}.processing_payload (
@@ -18,17 +21,17 @@ CREATE TABLE IF NOT EXISTS {schema}.processing_payload (
 ALTER TABLE {schema}.processing_queue ALTER COLUMN payload DROP NOT NULL;
 
 -- A deleted record's payload row, deleted in the same transaction (purge, a move's source, an over-limit batch
--- undone, the dashboard's purge, a user's DELETE; only rows without a payload of their own have one). A
--- TRUNCATE of the records truncates the payloads too: ids the sequence gives again (RESTART IDENTITY) must
--- not meet an old payload row.
+-- undone, the dashboard's purge, a user's DELETE), whether or not the record's row has a payload too (a user
+-- may have set one). A TRUNCATE of the records truncates the payloads too: ids the sequence gives again
+-- (RESTART IDENTITY) must not meet an old payload row. SECURITY DEFINER: a role allowed to delete records
+-- needs no privilege on the payloads.
 CREATE OR REPLACE FUNCTION {schema}.dp_payload_gone() RETURNS trigger
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
         TRUNCATE {schema}.processing_payload;
     ELSE
-        DELETE FROM {schema}.processing_payload p
-         WHERE p.id = ANY(ARRAY(SELECT o.id FROM dp_old o WHERE o.payload IS NULL));
+        DELETE FROM {schema}.processing_payload p WHERE p.id = ANY(ARRAY(SELECT o.id FROM dp_old o));
     END IF;
     RETURN NULL;
 END
@@ -43,7 +46,7 @@ CREATE TRIGGER dp_payload_truncate AFTER TRUNCATE ON {schema}.processing_queue
 
 -- A record's payload wherever it is (for reading by SQL: the statements join the table themselves).
 CREATE OR REPLACE VIEW {schema}.record_payloads AS
-SELECT r.id, coalesce(p.payload, r.payload) AS payload
+SELECT r.id, coalesce(r.payload, p.payload) AS payload
   FROM {schema}.processing_queue r LEFT JOIN {schema}.processing_payload p ON p.id = r.id;
 
 -- dp_add_records as migration 0012 left it, its payloads written apart.
@@ -100,10 +103,9 @@ BEGIN
             ON CONFLICT DO NOTHING
         RETURNING r.id, r.dedupe_key
     ),
-    apart AS (
+    apart AS (  -- the inserted records' payloads (a deduplicated input inserted none): a join, linear in n
         INSERT INTO {schema}.processing_payload (id, payload)
-        SELECT u.id, u.p FROM unnest(v_ids, p_payloads) AS u(id, p)
-         WHERE u.id = ANY(ARRAY(SELECT ins.id FROM ins))
+        SELECT u.id, u.p FROM unnest(v_ids, p_payloads) AS u(id, p) JOIN ins ON ins.id = u.id
     )
     SELECT coalesce(array_agg(ins.id ORDER BY ins.id), '{}'), coalesce(array_agg(ins.dedupe_key ORDER BY ins.id), '{}')
       INTO v_new, v_new_keys FROM ins;
