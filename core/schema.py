@@ -15,8 +15,8 @@ Index design (why each exists):
   per claim, and the in-flight set is small enough to filter by instance).
 * ``ix_processing_queue_ordering``: per-key FIFO checks (earlier pending, in-flight count, earlier failed).
 * ``ux_processing_queue_dedupe``: the queueing lock; unique only while a record holds it.
-* ``ix_processing_queue_finished``: retention purge in bounded, ordered batches. ``processing_payload`` (0018):
-  a batch's payloads, written once, coalesced with the record's own.
+* ``ix_processing_queue_finished``: retention purge in bounded, ordered batches.
+* ``processing_payload`` (migration 0018): a batch's payloads, written once, coalesced with the record's own.
 """
 
 from __future__ import annotations
@@ -98,8 +98,6 @@ processing_queue = Table(
     Column("result", JSONB),
     # The W3C trace context of the span that added it (migration 0011, core/tracing.py; NULL without one).
     Column("trace_context", Text),
-    # Flipped by a statement that counts the record's finish itself: the count trigger skips it (migration 0019).
-    Column("finish_counted", Boolean, nullable=False, server_default=text("false")),
     PrimaryKeyConstraint("id"),
     CheckConstraint("status IN ('pending', 'processing', 'completed', 'failed', 'cancelled', 'waiting')",
                     name="status"),
@@ -184,10 +182,10 @@ claim_floor_events = Table(
 )
 Index("ix_claim_floor_events_queue", claim_floor_events.c.queue, claim_floor_events.c.created_at)
 
-# Running totals of finished records per queue and status (kept by the finishing statements and triggers,
-# 0019) so that health probes and stats never count millions of finished rows. STATS_SLOTS rows per queue and
+# Running totals of finished records per queue and status, kept by a statement-level trigger so that
+# health probes and stats never count millions of finished rows. Split into STATS_SLOTS rows per queue and
 # status (a transaction adds to its backend's slot): one row would be locked by every completing transaction
-# until its commit, and transactional handlers, whose completions commit with their own work, queue on it.
+# until its commit, and transactional handlers, whose completions commit with their own work, queued on it.
 STATS_SLOTS = 16
 queue_stats = Table(
     "queue_stats",
@@ -270,7 +268,8 @@ shard_map = Table(
     PrimaryKeyConstraint("partition"),
 )
 
-# Moves between shards committed on their target (core/shardmove.py): resolve a crashed move's prepared one.
+# Moves between shards committed on their target (core/shardmove.py): what resolves a move's in-doubt
+# prepared transaction on the source after a crash.
 shard_moves = Table(
     "shard_moves",
     metadata,
@@ -379,7 +378,8 @@ flow_templates, flow_runs, flow_edges = flow_tables.define(metadata)
 # next is above ``above`` (moved records stay before the shard's later ones), as inserts take them.
 SHARD_FUNCTION_SQL = _template("shard_ids")
 
-# The function of queue_stats' statement-level triggers (0001; slots: 0006; UPDATE's row-level from 0019).
+# The function of queue_stats' triggers (statement-level, after insert, update and delete; created by 0001):
+# this version, with slots, is installed by 0006. {schema}: the quoted schema name.
 STATS_TRIGGER_SQL = _template("stats_trigger")
 
 # Migration 0007: the slot may be set for a transaction (``dp.stats_slot``): a move between shards counts its

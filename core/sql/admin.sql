@@ -36,13 +36,11 @@ settled AS (
 SELECT id, status, ordering_key FROM cancelled WHERE (SELECT count(*) FROM settled) >= 0;
 
 -- name: retry_failed
--- Back to pending, announced to the claimers (core/floors.py). A bulk statement: it takes its rows off the
--- failed counts itself (flipping finish_counted, which the count trigger skips: migration 0019), one upsert
--- per queue instead of a trigger call per row.
+-- Back to pending, announced to the claimers (core/floors.py).
 WITH retried AS (
 UPDATE {records}
    SET status = 'pending', run_at = now(), finished_at = NULL, attempts = 0, cancel_requested = false,
-       finish_counted = NOT finish_counted, updated_at = now()
+       updated_at = now()
  -- An id list, not IN (subquery): a semi-join may rescan the locking subquery, each rescan skipping the
  -- rows already updated, and so take more than the batch.
  WHERE id = ANY(ARRAY(
@@ -56,15 +54,6 @@ UPDATE {records}
        FOR UPDATE SKIP LOCKED))
    AND status = 'failed'
 RETURNING id, queue, priority, run_at
-),
-counted AS (
-    INSERT INTO {stats} AS s (queue, status, slot, count)
-    SELECT r.queue, 'failed',
-           coalesce(nullif(current_setting('dp.stats_slot', true), '')::int, pg_backend_pid() %% 16), - count(*)
-      FROM retried r
-     GROUP BY r.queue
-     ORDER BY r.queue
-    ON CONFLICT (queue, status, slot) DO UPDATE SET count = s.count + EXCLUDED.count
 ),
 announced AS (
     INSERT INTO {floor_events} (queue, np, run_at, record_id)

@@ -25,7 +25,6 @@ WITH done AS (
            finished_at = now(),
            updated_at = now(),
            lease_expires_at = NULL,
-           finish_counted = NOT d.finish_counted,  -- counted below
            dedupe_held = false,
            -- A flow step's result (none without flow records: the array is NULL, nothing to look up).
            result = CASE WHEN %(done_results)s::jsonb[] IS NOT NULL
@@ -37,22 +36,7 @@ WITH done AS (
      WHERE d.id = ANY(%(done_ids)s::bigint[])
        AND d.lease_token = (%(done_tokens)s::uuid[])[width_bucket(d.id, %(done_ids)s::bigint[])]
        AND d.status = 'processing'
-    RETURNING d.id, d.queue, d.ordering_key, d.status, d.flow_run_id
-),
--- The finished counts of the records completed here (queue_stats), kept by this statement: one upsert per queue
--- and status (in that order: two statements sharing a slot lock its rows alike), and the rows it finished flip
--- finish_counted, which the count trigger skips (migration 0019: the trigger's transition tables copied every
--- updated row, claims included). Read by the settlement before it runs (a count its own statements add through
--- the trigger, made by a later command of this transaction, is a row this statement's upsert could not touch).
-counted AS (
-    INSERT INTO {stats} AS s (queue, status, slot, count)
-    SELECT c.queue, c.status,
-           coalesce(nullif(current_setting('dp.stats_slot', true), '')::int, pg_backend_pid() %% 16), count(*)
-      FROM done c
-     GROUP BY c.queue, c.status
-     ORDER BY c.queue, c.status
-    ON CONFLICT (queue, status, slot) DO UPDATE SET count = s.count + EXCLUDED.count
-    RETURNING s.slot
+    RETURNING d.id, d.ordering_key, d.status, d.flow_run_id
 ),
 -- Flow steps completed (or cancelled) here settle their run in this statement (results stored above), children's
 -- counts down (core/sql/ddl/0017_flow_take.sql). A child at zero is taken by this statement when it can (due,
@@ -65,8 +49,7 @@ settled AS (
       FROM (SELECT array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'completed') AS ok,
                    array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'cancelled') AS ended
               FROM done s
-             -- the counts first (see counted)
-             WHERE s.flow_run_id IS NOT NULL AND (SELECT count(*) FROM counted) >= 0
+             WHERE s.flow_run_id IS NOT NULL
             HAVING count(*) > 0) a
      CROSS JOIN LATERAL {flow_settle_take_function}(a.ok, a.ended, %(queues)s::text[], %(batch)s, %(token)s::uuid,
                                                     %(instance_id)s, %(lease_seconds)s) t

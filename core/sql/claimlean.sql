@@ -22,27 +22,11 @@ done AS (
            finished_at = now(),
            updated_at = now(),
            lease_expires_at = NULL,
-           finish_counted = NOT d.finish_counted,  -- counted below
            dedupe_held = false
      WHERE d.id = ANY(%(done_ids)s::bigint[])
        AND d.lease_token = (%(done_tokens)s::uuid[])[width_bucket(d.id, %(done_ids)s::bigint[])]
        AND d.status = 'processing'
-    RETURNING d.queue, d.status, d.ordering_key
-),
--- The finished counts of the records completed here (queue_stats), kept by this statement: one upsert per queue
--- and status (in that order: two statements sharing a slot lock its rows alike), and the rows it finished flip
--- finish_counted, which the count trigger skips (migration 0019: the trigger's transition tables copied every
--- updated row, claims included). Read by the settlement before it runs (a count its own statements add through
--- the trigger, made by a later command of this transaction, is a row this statement's upsert could not touch).
-counted AS (
-    INSERT INTO {stats} AS s (queue, status, slot, count)
-    SELECT c.queue, c.status,
-           coalesce(nullif(current_setting('dp.stats_slot', true), '')::int, pg_backend_pid() %% 16), count(*)
-      FROM done c
-     GROUP BY c.queue, c.status
-     ORDER BY c.queue, c.status
-    ON CONFLICT (queue, status, slot) DO UPDATE SET count = s.count + EXCLUDED.count
-    RETURNING s.slot
+    RETURNING d.ordering_key
 ),
 unblocked AS (
     UPDATE {records} b

@@ -21,7 +21,6 @@ WITH done AS (
            finished_at = now(),
            updated_at = now(),
            lease_expires_at = NULL,
-           finish_counted = NOT d.finish_counted,  -- counted below
            dedupe_held = false,
            -- A flow step's result (none without flow records: the array is NULL, nothing to look up).
            result = CASE WHEN %(done_results)s::jsonb[] IS NOT NULL
@@ -33,22 +32,7 @@ WITH done AS (
      WHERE d.id = ANY(%(done_ids)s::bigint[])
        AND d.lease_token = (%(done_tokens)s::uuid[])[width_bucket(d.id, %(done_ids)s::bigint[])]
        AND d.status = 'processing'
-    RETURNING d.id, d.queue, d.ordering_key, d.status, d.flow_run_id
-),
--- The finished counts of the records completed here (queue_stats), kept by this statement: one upsert per queue
--- and status (in that order: two statements sharing a slot lock its rows alike), and the rows it finished flip
--- finish_counted, which the count trigger skips (migration 0019: the trigger's transition tables copied every
--- updated row, claims included). Read by the settlement before it runs (a count its own statements add through
--- the trigger, made by a later command of this transaction, is a row this statement's upsert could not touch).
-counted AS (
-    INSERT INTO {stats} AS s (queue, status, slot, count)
-    SELECT c.queue, c.status,
-           coalesce(nullif(current_setting('dp.stats_slot', true), '')::int, pg_backend_pid() %% 16), count(*)
-      FROM done c
-     GROUP BY c.queue, c.status
-     ORDER BY c.queue, c.status
-    ON CONFLICT (queue, status, slot) DO UPDATE SET count = s.count + EXCLUDED.count
-    RETURNING s.slot
+    RETURNING d.id, d.ordering_key, d.status, d.flow_run_id
 ),
 -- Flow steps completed (or cancelled) here settle their run in this statement (results stored above), children's
 -- counts down, those at zero claimable from the next statement on (core/sql/ddl/0010_flows.sql). Only records
@@ -57,8 +41,7 @@ settled AS (
     SELECT {flow_settle_function}(array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'completed'),
                                   array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'cancelled')) AS n
       FROM done s
-     -- the counts first (see counted)
-     WHERE s.flow_run_id IS NOT NULL AND (SELECT count(*) FROM counted) >= 0
+     WHERE s.flow_run_id IS NOT NULL
     HAVING count(*) > 0
 ),
 -- Keys whose earliest pending record must become claimable (the keys of records claimed by the caller's
@@ -307,10 +290,6 @@ WITH failed AS (
            dedupe_held = t.dedupe_held
                AND %(retry)s::bool AND t.attempts < t.max_attempts AND NOT t.cancel_requested,
            last_error = %(error)s,
-           -- flipped on the rows this ends (counted below), as the claim's completion does
-           finish_counted = CASE
-               WHEN %(retry)s::bool AND t.attempts < t.max_attempts AND NOT t.cancel_requested THEN t.finish_counted
-               ELSE NOT t.finish_counted END,
            lease_token = NULL,
            lease_expires_at = NULL,
            updated_at = now()
@@ -319,27 +298,12 @@ WITH failed AS (
        AND t.status = 'processing'
     RETURNING t.id, t.status, t.ordering_key, t.queue, t.priority, t.run_at, t.flow_run_id
 ),
--- The finished counts of the records this ends (failed or cancelled; a retry is pending, not counted), as the
--- claim statement's counted part keeps them.
-counted AS (
-    INSERT INTO {stats} AS s (queue, status, slot, count)
-    SELECT c.queue, c.status,
-           coalesce(nullif(current_setting('dp.stats_slot', true), '')::int, pg_backend_pid() %% 16), count(*)
-      FROM failed c
-     WHERE c.status <> 'pending'
-     GROUP BY c.queue, c.status
-     ORDER BY c.queue, c.status
-    ON CONFLICT (queue, status, slot) DO UPDATE SET count = s.count + EXCLUDED.count
-    RETURNING s.slot
-),
 -- A flow step that ended failed or cancelled settles its run here: its waiting descendants cancelled (or
 -- counting it finished), the run failed, its on_failure step claimable (core/sql/ddl/0010_flows.sql).
 settled AS (
     SELECT {flow_settle_function}(NULL, array_agg(f.id ORDER BY f.id)) AS n
       FROM failed f
      WHERE f.flow_run_id IS NOT NULL AND f.status <> 'pending'
-       -- the counts first (see the claim statement's counted part)
-       AND (SELECT count(*) FROM counted) >= 0
     HAVING count(*) > 0
 ),
 -- A keyed record that ends failed or cancelled frees its key (unless the key blocks on failure): its next

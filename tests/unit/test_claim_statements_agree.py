@@ -20,8 +20,7 @@ DIFFERENCES: dict[str, list[tuple[str, str]]] = {
         ("dedupe_held = false,\nresult = CASE WHEN %(done_results)s::jsonb[] IS NOT NULL\n"
          "THEN (%(done_results)s::jsonb[])[width_bucket(d.id, %(done_ids)s::bigint[])] END",
          "dedupe_held = false"),  # no flow step's result
-        ("RETURNING d.id, d.queue, d.ordering_key, d.status, d.flow_run_id",
-         "RETURNING d.queue, d.status, d.ordering_key"),
+        ("RETURNING d.id, d.ordering_key, d.status, d.flow_run_id", "RETURNING d.ordering_key"),
     ],
     "picked": [
         # no key rate
@@ -97,10 +96,10 @@ FLOW_DIFFERENCES: dict[str, list[tuple[str, str]]] = {
     "settled": [
         ("SELECT {flow_settle_function}(array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'completed'),\n"
          "array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'cancelled')) AS n\nFROM done s\n"
-         "WHERE s.flow_run_id IS NOT NULL AND (SELECT count(*) FROM counted) >= 0\nHAVING count(*) > 0",
+         "WHERE s.flow_run_id IS NOT NULL\nHAVING count(*) > 0",
          "SELECT t.*\nFROM (SELECT array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'completed') AS ok,\n"
          "array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'cancelled') AS ended\nFROM done s\n"
-         "WHERE s.flow_run_id IS NOT NULL AND (SELECT count(*) FROM counted) >= 0\nHAVING count(*) > 0) a\n"
+         "WHERE s.flow_run_id IS NOT NULL\nHAVING count(*) > 0) a\n"
          "CROSS JOIN LATERAL {flow_settle_take_function}(a.ok, a.ended, %(queues)s::text[], %(batch)s, "
          "%(token)s::uuid,\n%(instance_id)s, %(lease_seconds)s) t"),
     ],
