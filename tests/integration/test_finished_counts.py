@@ -12,14 +12,13 @@ from typing import Any
 import psycopg
 
 from core import DistributedProcessor, Record
+from core.constants import FINAL_STATUSES
 from core.flows import Flow
-
-FINISHED = "('completed', 'failed', 'cancelled')"
 
 
 def _exact(conn: psycopg.Connection[Any]) -> dict[tuple[str, str], int]:
-    rows = conn.execute(f"SELECT queue, status, count(*) FROM processing_queue WHERE status IN {FINISHED}"
-                        " GROUP BY queue, status").fetchall()
+    rows = conn.execute("SELECT queue, status, count(*) FROM processing_queue WHERE status = ANY(%s)"
+                        " GROUP BY queue, status", (list(FINAL_STATUSES),)).fetchall()
     return {(q, s): int(n) for q, s, n in rows}
 
 
