@@ -31,12 +31,19 @@ ERROR_TEXT_LIMIT = 2000
 _record_order = operator.itemgetter(0, 7)
 
 
-def done_results(done: Sequence[Record]) -> list[str | None] | None:
-    """The results of the flow steps among ``done`` (JSON text), in the order of the fenced id arrays; None
-    when none is a flow step's."""
+def done_results(done: Sequence[Record]) -> str | None:
+    """The results of the flow steps among ``done`` (JSON text), in the order of the fenced id arrays, as an
+    array literal (a list would be dumped element by element); None when none is a flow step's."""
     if not any(r.flow_run is not None for r in done):
         return None
-    return [r.result for r in sorted_records(done)]
+    return "{" + ",".join(map(_array_element, [r.result for r in sorted_records(done)])) + "}"
+
+
+def _array_element(text: str | None) -> str:
+    # An element of an array literal: quoted, its backslashes and double quotes escaped; NULL without one.
+    if text is None:
+        return "NULL"
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _token_text(tokens: list[Any]) -> dict[Any, str]:

@@ -53,6 +53,16 @@ def encode_payload(i: int, payload: dict[str, Any], max_bytes: int | None = MAX_
 
 def encode_value(value: Any, max_bytes: int | None = MAX_PAYLOAD_BYTES) -> str:
     """Any JSON value (a flow step's result) as JSONB will store it; ValueError says what is wrong with it."""
+    # The results steps return most (none, a flag, a count) written as the encoder writes them, without setting
+    # one up per record (a max_bytes below their length: the general way, which says so).
+    if max_bytes is None or max_bytes >= 16:  # the longest of these is 16 characters
+        kind = type(value)
+        if value is None:
+            return "null"
+        if kind is bool:
+            return "true" if value else "false"
+        if kind is int and -10**15 < value < 10**15:
+            return str(value)
     try:
         return encode_payload(0, value, max_bytes)
     except InvalidPayload as exc:

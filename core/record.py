@@ -46,6 +46,15 @@ class Record(NamedTuple):
         return self.attempts >= self.max_attempts
 
 
+_RESULT = Record._fields.index("result")
+
+
+def with_result(record: Record, result: str | None) -> Record:
+    """``record`` with its flow step's ``result`` set: ``_replace`` without its keyword machinery (once per flow
+    step, on the worker's path)."""
+    return tuple.__new__(Record, (*record[:_RESULT], result, *record[_RESULT + 1:]))
+
+
 def format_error(error: BaseException | str, limit: int = 2000) -> str:
     """``Type: message`` truncated to ``limit`` characters, for ``last_error``."""
     text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)

@@ -14,7 +14,7 @@ from typing import Any
 from core import tracing
 from core.errors import DatabaseUnavailable
 from core.flows.dispatch import FlowHandler
-from core.record import Record
+from core.record import Record, with_result
 from core.worker.completer import Completer
 from core.worker.state import Held, LeaseLost, Outcome, RunState, current
 
@@ -128,7 +128,7 @@ class Executor:
                 outcomes.put(Outcome(held, exc))
             else:
                 if held.record.flow_run is not None:  # a flow step: its completion stores its result
-                    held.record = held.record._replace(result=out)
+                    held.record = with_result(held.record, out)
                 held.finished = True
                 ok.append(held)
             finally:
@@ -212,7 +212,7 @@ class Executor:
                     held.completing = True
                     record = held.record
                     if record.flow_run is not None:  # a flow step: its result commits with its completion
-                        record = record._replace(result=out)
+                        record = with_result(record, out)
                     updated = s.store.complete_in(conn, [record])
                     if updated == 0:
                         raise LeaseLost(f"record {held.record.id}: lease lost before commit; handler work rolled back")
