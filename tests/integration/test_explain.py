@@ -161,7 +161,7 @@ _STATEMENT_PARAMS: dict[str, dict[str, Any]] = {
 # that takes flow children (with flow results). Only the statement's own plan: the settlement function's inner
 # statements are planned when they run, not by EXPLAIN.
 _STATEMENT_PARAMS["claim_lean"] = _STATEMENT_PARAMS["claim"]
-_STATEMENT_PARAMS["claim_flow"] = {**_STATEMENT_PARAMS["claim"], "done_results": ["1", "2", "3"]}
+_STATEMENT_PARAMS["claim_flow"] = {**_STATEMENT_PARAMS["claim"], "done_results": '{"1","2","3"}'}
 
 
 # Partial indexes of unfinished rows only: pending, in flight, flow steps waiting for their parents.

@@ -31,7 +31,8 @@ def test_every_result_is_stored_as_returned(dsn: str, db: Any, via: str) -> None
         runs = [p.start_flow(single, {"i": i}) for i in range(len(AWKWARD))]
         recs = sorted(p.claim_records(len(AWKWARD), queues=[single.name]), key=lambda r: r.id)
         by_id = {run.ids["only"]: value for run, value in zip(runs, AWKWARD, strict=True)}
-        done = [with_result(r, encode_value(by_id[r.id])) for r in recs]
+        # newest first: the statement pairs each result with its id whatever order the caller gives
+        done = [with_result(r, encode_value(by_id[r.id])) for r in reversed(recs)]
         if via == "claim":
             _, completed = claims_of(p).claim(done, 10, [single.name])
         else:
@@ -40,4 +41,7 @@ def test_every_result_is_stored_as_returned(dsn: str, db: Any, via: str) -> None
         stored = dict(db.execute("SELECT id, result FROM processing_queue WHERE id = ANY(%s)",
                                  (list(by_id),)).fetchall())
         assert stored == by_id
+        # a step's null is JSON's null on the row, not a missing result
+        assert db.execute("SELECT count(*) FROM processing_queue WHERE id = ANY(%s) AND result IS NULL",
+                          (list(by_id),)).fetchone()[0] == 0
         assert {p.flow_status(run.id)["status"] for run in runs} == {"completed"}

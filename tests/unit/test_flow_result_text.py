@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import datetime, timezone
+from enum import IntEnum
 from typing import Any
 
 import pytest
@@ -24,11 +25,27 @@ def test_encode_value_writes_what_the_json_encoder_writes(value: Any) -> None:
     assert encode_value(value) == json.dumps(value, separators=(",", ":"), allow_nan=False)
 
 
-def test_a_small_max_bytes_still_refuses_a_short_result() -> None:
-    for value in (None, True, 12345):
-        with pytest.raises(ValueError, match="max_payload_bytes"):
-            encode_value(value, 3)
-    assert encode_value(12, 3) == "12"
+class Level(IntEnum):
+    HIGH = 3
+
+
+def test_int_subclasses_are_written_as_the_encoder_writes_them() -> None:
+    for value in (Level.HIGH, True, False, [True, Level.HIGH]):
+        assert encode_value(value) == json.dumps(value, separators=(",", ":"))
+
+
+@pytest.mark.parametrize("limit", range(1, 17))
+def test_a_small_max_bytes_refuses_what_the_encoder_refuses(limit: int) -> None:
+    for value in (None, True, False, 0, -7, 123456789012345, -(10**15) + 1):
+        text = json.dumps(value)
+        if len(text) > limit:
+            with pytest.raises(ValueError, match="max_payload_bytes"):
+                encode_value(value, limit)
+        else:
+            assert encode_value(value, limit) == text
+
+
+def test_what_is_not_json_is_refused() -> None:
     with pytest.raises(ValueError, match="not JSON-serialisable"):
         encode_value(float("nan"))
 
