@@ -34,7 +34,7 @@ def fill(dsn: str, *, finished: int, pending: int) -> None:
     """Replace the records of ``dsn`` with ``finished`` finished and ``pending`` pending ones."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("TRUNCATE processing_queue, queue_stats, processor_instances, claim_floor_events, flow_runs,"
-                     " flow_edges")
+                     " flow_edges, flow_records")
         chunk = 1_000_000
         for start in range(0, finished, chunk):
             # finished_at grows with the id, 100 ms apart, the newest now; 1 in 5,000 failed with an error,
@@ -117,7 +117,7 @@ def fill_flows(dsn: str, *, runs: int, elements: int) -> dict[str, int]:
     ids the cases read (the big run, a failed run with its records, the second page's cursor)."""
     order, imports = flows()
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("TRUNCATE flow_runs, flow_edges, flow_templates")
+        conn.execute("TRUNCATE flow_runs, flow_edges, flow_templates, flow_records")
         for f in (order, imports):
             conn.execute("INSERT INTO flow_templates (name, version, def_hash, definition) VALUES (%s, 1, %s, %s)",
                          (f.name, f.definition_hash(), json.dumps(f.stored(5))))
@@ -178,8 +178,11 @@ def fill_flows(dsn: str, *, runs: int, elements: int) -> dict[str, int]:
             "        WHEN e >= %(n)s * 9 / 10 THEN 'pending' ELSE 'completed' END"
             "        FROM generate_series(0, %(n)s - 1) e) x"
             " ORDER BY k, i", {"run": big, "n": elements, "left": elements - elements * 9 // 10})
+        # Each run's list of records, as start_flow and the expansion write it (migration 0019).
+        conn.execute("INSERT INTO flow_records (flow_run_id, record_id)"
+                     " SELECT flow_run_id, id FROM processing_queue WHERE flow_run_id IS NOT NULL")
         second = conn.execute("SELECT id FROM flow_runs ORDER BY id DESC OFFSET 49 LIMIT 1").fetchone()[0]  # type: ignore[index]
-        conn.execute("VACUUM ANALYZE flow_runs")
+        conn.execute("VACUUM ANALYZE flow_runs, flow_records")
         conn.execute("VACUUM ANALYZE processing_queue")
         conn.execute("ANALYZE flow_templates")
     return {"big": int(big), "failed": int(failed), "second": int(second)}

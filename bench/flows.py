@@ -57,12 +57,12 @@ def fill_runs(bench: Any, runs: int) -> None:
     req = start_request(chain, {"n": 0}, None, 5, None)
     with psycopg.connect(bench.dsn, autocommit=True) as conn:
         conn.execute("TRUNCATE processing_queue, queue_stats, processor_instances, flow_runs, flow_edges, "
-                     "flow_templates")
+                     "flow_templates, flow_records")
         conn.execute(START_MANY, {"n": runs, "flow": req.flow, "version": req.version, "hash": req.hash,
                                   "definition": json.dumps(req.definition), "steps": json.dumps(req.steps)})
         # The flow tables too: autovacuum (off on the CI machines) would have analyzed them after such a fill;
         # left without statistics, their plans assume hundreds of edges per child.
-        conn.execute("VACUUM ANALYZE processing_queue, flow_runs, flow_edges")
+        conn.execute("VACUUM ANALYZE processing_queue, flow_runs, flow_edges, flow_records")
     bench.settle()
 
 

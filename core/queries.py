@@ -46,6 +46,7 @@ TABLES = {
     "flow_templates": "flow_templates",
     "flow_runs": "flow_runs",
     "flow_edges": "flow_edges",
+    "flow_records": "flow_records",
     "flow_settle_function": "dp_flow_settle",
     "flow_settle_take_function": "dp_flow_settle_take",
     "flow_parents_function": "dp_flow_parents",

@@ -17,6 +17,8 @@ Index design (why each exists):
 * ``ux_processing_queue_dedupe``: the queueing lock; unique only while a record holds it.
 * ``ix_processing_queue_finished``: retention purge in bounded, ordered batches.
 * ``processing_payload`` (migration 0018): a batch's payloads, written once, coalesced with the record's own.
+* ``flow_records`` (migration 0019): a run's records, one row each, instead of an index on the run that took an
+  entry for every version of a flow record.
 """
 
 from __future__ import annotations
@@ -143,14 +145,9 @@ Index(
     processing_queue.c.finished_at,
     postgresql_where=text("status IN ('completed', 'failed', 'cancelled')"),
 )
-# A run's records (flow_status, cancel_flow, retention's check of a run); and the waiting ones (counts, the
-# health check of a waiting record whose parents all finished). Records outside flows are in neither.
-Index(
-    "ix_processing_queue_flow",
-    processing_queue.c.flow_run_id,
-    processing_queue.c.id,
-    postgresql_where=text("flow_run_id IS NOT NULL"),
-)
+# The waiting records (counts, the health check of a waiting record whose parents all finished). A run's records
+# are listed in flow_records (core/flows/tables.py, migration 0019), not indexed here: an index on the run took
+# an entry for every version of a flow record.
 Index(
     "ix_processing_queue_waiting",
     processing_queue.c.id,
@@ -371,7 +368,7 @@ schedules = Table(
 Index("ix_schedules_next_fire", schedules.c.next_fire)
 
 # Flows (core/flows/tables.py, migration 0010): templates, runs, edges.
-flow_templates, flow_runs, flow_edges = flow_tables.define(metadata)
+flow_templates, flow_runs, flow_edges, flow_records = flow_tables.define(metadata)
 
 # dp_set_shard_ids: a new shard's ids are congruent to its number modulo the stride and above every id it
 # holds and ``above`` (unique across shards; a moved record keeps its id). dp_raise_ids takes ids until the

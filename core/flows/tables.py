@@ -22,8 +22,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 TS = DateTime(timezone=True)
 
 
-def define(metadata: MetaData) -> tuple[Table, Table, Table]:
-    """Add flow_templates, flow_runs and flow_edges to ``metadata``."""
+def define(metadata: MetaData) -> tuple[Table, Table, Table, Table]:
+    """Add flow_templates, flow_runs, flow_edges and flow_records to ``metadata``."""
     # Flows (core/flows/, migration 0010). A template's definition is stored per (name, version) with its hash:
     # a run started with a different definition under the same version is refused.
     flow_templates = Table(
@@ -75,4 +75,13 @@ def define(metadata: MetaData) -> tuple[Table, Table, Table]:
     )
     Index("ix_flow_edges_child", flow_edges.c.child_id)
     Index("ix_flow_edges_run", flow_edges.c.run_id)
-    return flow_templates, flow_runs, flow_edges
+    # A run's records (migration 0019), one row each, written where the record is added: what flow_status,
+    # cancel_flow, a run's completion and retention read a run's records by (then each record by primary key).
+    flow_records = Table(
+        "flow_records",
+        metadata,
+        Column("flow_run_id", BigInteger, nullable=False),
+        Column("record_id", BigInteger, nullable=False),
+        PrimaryKeyConstraint("flow_run_id", "record_id"),
+    )
+    return flow_templates, flow_runs, flow_edges, flow_records

@@ -70,9 +70,12 @@ DELETE FROM {records}
     SELECT r.id FROM {records} r
      WHERE r.status IN ('completed', 'failed', 'cancelled')
        AND r.finished_at < now() - %(older_than)s * interval '1 second'
-       -- (a subquery per row, by the flow index: an anti-join could be planned as a scan of the table)
-       AND (r.flow_run_id IS NULL OR (SELECT 1 FROM {records} x
-                                       WHERE x.flow_run_id = r.flow_run_id
+       -- (a subquery per row, by the run's list of records and each by primary key: an anti-join could be
+       -- planned as a scan of the table)
+       AND (r.flow_run_id IS NULL OR (SELECT 1 FROM {flow_records} f
+                                       CROSS JOIN LATERAL (SELECT x.status FROM {records} x
+                                                            WHERE x.id = f.record_id LIMIT 1) x
+                                       WHERE f.flow_run_id = r.flow_run_id
                                          AND x.status IN ('waiting', 'pending', 'processing')
                                        LIMIT 1) IS NULL)
      ORDER BY r.finished_at

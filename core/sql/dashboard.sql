@@ -102,8 +102,9 @@ SELECT min(id), max(id) FROM {records};
 -- name: dashboard_records
 -- One window of ids [floor, after), newest first, filtered (an empty filter is NULL and folds away). The
 -- window bounds the rows a rare filter reads; the caller walks down window by window within a time budget.
--- The ordering index serves a key with active states, the lease index processing records, the flow index
--- a flow run's records and the waiting index waiting ones (both by id: the caller reads them in one window).
+-- The ordering index serves a key with active states, the lease index processing records, a flow run's list
+-- of records (flow_records, read once) its records and the waiting index waiting ones (both by id: the caller
+-- reads them in one window).
 SELECT id, queue, status, priority, attempts, max_attempts, ordering_key, dedupe_key, left(last_error, 300),
        run_at, created_at, updated_at, finished_at, claimed_by, flow_run_id, step
   FROM {records}
@@ -114,7 +115,8 @@ SELECT id, queue, status, priority, attempts, max_attempts, ordering_key, dedupe
    AND (%(key)s::text IS NULL OR ordering_key = %(key)s::text)
    AND (%(dedupe)s::text IS NULL OR dedupe_key = %(dedupe)s::text)
    AND (%(error)s::text IS NULL OR strpos(lower(last_error), lower(%(error)s::text)) > 0)
-   AND (%(run)s::bigint IS NULL OR flow_run_id = %(run)s::bigint)
+   AND (%(run)s::bigint IS NULL OR id = ANY(ARRAY(SELECT f.record_id FROM {flow_records} f
+                                                   WHERE f.flow_run_id = %(run)s::bigint)))
  ORDER BY id DESC
  LIMIT %(limit)s;
 
@@ -150,7 +152,8 @@ SELECT id, queue, status, priority, attempts, max_attempts, ordering_key, dedupe
    AND (%(key)s::text IS NULL OR ordering_key = %(key)s::text)
    AND (%(dedupe)s::text IS NULL OR dedupe_key = %(dedupe)s::text)
    AND (%(error)s::text IS NULL OR strpos(lower(last_error), lower(%(error)s::text)) > 0)
-   AND (%(run)s::bigint IS NULL OR flow_run_id = %(run)s::bigint)
+   AND (%(run)s::bigint IS NULL OR id = ANY(ARRAY(SELECT f.record_id FROM {flow_records} f
+                                                   WHERE f.flow_run_id = %(run)s::bigint)))
  ORDER BY finished_at DESC, id DESC
  LIMIT %(limit)s;
 
@@ -264,19 +267,23 @@ SELECT fr.id, fr.flow, fr.version, fr.status, CASE WHEN %(payload)s THEN jsonb_p
  WHERE fr.id = %(run)s::bigint;
 
 -- name: dashboard_flow_counts
--- A run's records by step and state, among its first %(cap)s (the flow index, in id order); whether a step's
--- for_each placeholder (its elements not known yet) is among them.
+-- A run's records by step and state, among its first %(cap)s (its list of records in id order, each by primary
+-- key); whether a step's for_each placeholder (its elements not known yet) is among them.
 SELECT step, status, count(*), bool_or(flow_index = -1)
-  FROM (SELECT step, status, flow_index FROM {records}
-         WHERE flow_run_id = %(run)s::bigint
-         ORDER BY flow_run_id, id
-         LIMIT %(cap)s) r
+  FROM (SELECT x.step, x.status, x.flow_index
+          FROM (SELECT f.record_id FROM {flow_records} f
+                 WHERE f.flow_run_id = %(run)s::bigint
+                 ORDER BY f.flow_run_id, f.record_id
+                 LIMIT %(cap)s) f
+         CROSS JOIN LATERAL (SELECT r.step, r.status, r.flow_index FROM {records} r
+                              WHERE r.id = f.record_id LIMIT 1) x) r
  GROUP BY step, status;
 
 -- name: dashboard_flow_step_records
 -- The records a run's page shows per step: its first %(firsts)s and its first %(hots)s failed or processing
--- ones (each limit at most the step's count, so that no walk looks for records that are not there), by the
--- flow index; results pretty-printed and cut (not with hidden payloads), errors cut.
+-- ones (each limit at most the step's count, so that no walk looks for records that are not there), along the
+-- run's list of records in id order, each by primary key; results pretty-printed and cut (not with hidden
+-- payloads), errors cut.
 SELECT s.step, r.id, r.status, r.attempts, r.max_attempts, r.flow_index, r.last_error, r.result, r.queue,
        r.finished_at, r.waiting_on
   FROM unnest(%(steps)s::text[], %(firsts)s::int[], %(hots)s::int[]) AS s(step, firsts, hots)
@@ -284,17 +291,19 @@ SELECT s.step, r.id, r.status, r.attempts, r.max_attempts, r.flow_index, r.last_
     (SELECT x.id, x.status, x.attempts, x.max_attempts, x.flow_index, left(x.last_error, %(error_chars)s) AS last_error,
             CASE WHEN %(payload)s THEN left(jsonb_pretty(x.result), %(result_chars)s) END AS result, x.queue,
             x.finished_at, x.waiting_on
-       FROM {records} x
-      WHERE x.flow_run_id = %(run)s::bigint AND x.step = s.step
-      ORDER BY x.flow_run_id, x.id
+       FROM {flow_records} f
+      CROSS JOIN LATERAL (SELECT * FROM {records} y WHERE y.id = f.record_id LIMIT 1) x
+      WHERE f.flow_run_id = %(run)s::bigint AND x.step = s.step
+      ORDER BY f.flow_run_id, f.record_id
       LIMIT s.firsts)
     UNION
     (SELECT x.id, x.status, x.attempts, x.max_attempts, x.flow_index, left(x.last_error, %(error_chars)s),
             CASE WHEN %(payload)s THEN left(jsonb_pretty(x.result), %(result_chars)s) END, x.queue,
             x.finished_at, x.waiting_on
-       FROM {records} x
-      WHERE x.flow_run_id = %(run)s::bigint AND x.step = s.step AND x.status IN ('failed', 'processing')
-      ORDER BY x.flow_run_id, x.id
+       FROM {flow_records} f
+      CROSS JOIN LATERAL (SELECT * FROM {records} y WHERE y.id = f.record_id LIMIT 1) x
+      WHERE f.flow_run_id = %(run)s::bigint AND x.step = s.step AND x.status IN ('failed', 'processing')
+      ORDER BY f.flow_run_id, f.record_id
       LIMIT s.hots)
  ) r;
 

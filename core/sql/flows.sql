@@ -19,13 +19,13 @@ SELECT id, flow, version, status, input, dedupe_key, failed_step, error, on_fail
  WHERE id = %(run)s;
 
 -- name: flow_records
--- A run's records by its flow index (ix_processing_queue_flow, in id order), each with its result.
+-- A run's records (listed in flow_records, read by primary key; migration 0019), in id order, each with its result.
 SELECT r.id, r.step, r.flow_index, r.status, r.attempts, r.max_attempts, r.last_error,
        r.result, r.queue, r.waiting_on,
        r.created_at, r.finished_at
   FROM {records} r
- WHERE r.flow_run_id = %(run)s
- ORDER BY r.flow_run_id, r.id;
+ WHERE r.id = ANY(ARRAY(SELECT f.record_id FROM {flow_records} f WHERE f.flow_run_id = %(run)s))
+ ORDER BY r.id;
 
 -- name: cancel_flow
 SELECT {cancel_flow_function}(%(run)s);
@@ -51,14 +51,17 @@ SELECT max(s.id), count(*), coalesce(array_agg(s.id ORDER BY s.id) FILTER (WHERE
 SELECT {flow_repair_function}(%(ids)s::bigint[]);
 
 -- name: purge_flow_runs
--- Runs ended before the cutoff and with no record left unfinished, with their edges, in one bounded, ordered
--- batch (their records, which hold the results, go by the records' own retention).
+-- Runs ended before the cutoff and with no record left unfinished, with their edges and their list of records,
+-- in one bounded, ordered batch (their records, which hold the results, go by the records' own retention).
 WITH gone AS (
     DELETE FROM {flow_runs}
      WHERE id = ANY(ARRAY(SELECT fr.id FROM {flow_runs} fr
                            WHERE fr.finished_at < now() - %(older_than)s * interval '1 second'
-                             AND (SELECT 1 FROM {records} r
-                                   WHERE r.flow_run_id = fr.id AND r.status IN ('waiting', 'pending', 'processing')
+                             -- each record by primary key (LIMIT: never a join a plan could make a walk)
+                             AND (SELECT 1 FROM {flow_records} f
+                                   CROSS JOIN LATERAL (SELECT r.status FROM {records} r
+                                                        WHERE r.id = f.record_id LIMIT 1) r
+                                   WHERE f.flow_run_id = fr.id AND r.status IN ('waiting', 'pending', 'processing')
                                    LIMIT 1) IS NULL
                            ORDER BY fr.finished_at
                            LIMIT %(batch)s))
@@ -66,6 +69,9 @@ WITH gone AS (
 ),
 edges AS (
     DELETE FROM {flow_edges} e WHERE e.run_id = ANY(ARRAY(SELECT id FROM gone))
+),
+listed AS (
+    DELETE FROM {flow_records} f WHERE f.flow_run_id = ANY(ARRAY(SELECT id FROM gone))
 )
 SELECT count(*) FROM gone;
 

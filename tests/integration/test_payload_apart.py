@@ -105,7 +105,7 @@ def test_migration_0018_keeps_every_record_and_its_history(empty_dsn: str) -> No
                              (ids[4],)).fetchone()[0]
         history = conn.execute("SELECT id, status, attempts, last_error, claimed_by, lease_token, created_at,"
                                " finished_at FROM processing_queue ORDER BY id").fetchall()
-    upgrade(empty_dsn)
+    upgrade(empty_dsn, revision="0018_payload_apart")
     assert current_revision(empty_dsn) == "0018_payload_apart"
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         assert conn.execute("SELECT id, status, attempts, last_error, claimed_by, lease_token, created_at,"
