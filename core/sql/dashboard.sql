@@ -116,7 +116,8 @@ SELECT id, queue, status, priority, attempts, max_attempts, ordering_key, dedupe
    AND (%(dedupe)s::text IS NULL OR dedupe_key = %(dedupe)s::text)
    AND (%(error)s::text IS NULL OR strpos(lower(last_error), lower(%(error)s::text)) > 0)
    AND (%(run)s::bigint IS NULL OR id = ANY(ARRAY(SELECT f.record_id FROM {flow_records} f
-                                                   WHERE f.flow_run_id = %(run)s::bigint)))
+                                                   WHERE f.flow_run_id = %(run)s::bigint
+                                                     AND f.record_id < %(after)s AND f.record_id >= %(floor)s)))
  ORDER BY id DESC
  LIMIT %(limit)s;
 

@@ -1,10 +1,11 @@
 """A run's records listed in ``flow_records`` (core/sql/ddl/0019_flow_records.sql), one pair per record written
 where the record is added, instead of found through ``ix_processing_queue_flow``, which took an index entry for
 every new version of a flow record; the functions and statements that read a run's records read the pairs and
-the records by primary key. The pairs of existing runs are filled before the index is dropped. Workers of the
-previous version keep working (their functions are replaced here), but their own reads of a run's records
-(``flow_status``, the dashboard's run pages, retention's check of a flow record) scan the table without the
-index: stop them once the new version runs.
+the records by primary key. The pairs of existing runs are filled before the index is dropped, with the table
+locked against writes. Not safe while processes of the previous version run: a flow function call of theirs
+in progress when the migration commits goes on with its old body and adds records without their pairs, and
+their own reads of a run's records scan the table. Stop them (workers, producers that start runs, dashboards)
+before migrating.
 
 Revision ID: 0019_flow_records
 Revises: 0018_payload_apart

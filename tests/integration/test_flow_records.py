@@ -64,6 +64,9 @@ def test_every_record_of_a_run_is_listed_once_where_it_is_added(dsn: str, db: An
         (one,) = p.claim_records(10, queues=[fan.name])
         assert p.mark_completed([done(one, [1, 2, 3])]) == 1  # the placeholder fans out into three
         assert len(records(db, run.id)) == 5 and listed(db, run.id) == records(db, run.id)
+        # retention keeps a finished record while a record of its run is unfinished, and the run with its list
+        db.execute("UPDATE processing_queue SET finished_at = now() - interval '1 day' WHERE id = %s", (one.id,))
+        assert p.purge(3600) == 0
         parts = p.claim_records(10, queues=[fan.name])
         assert sorted(r.step or "" for r in parts) == ["part"] * 3
         assert p.mark_failed(parts[:1], "boom", retry=False) == 1  # fails the run: its on_failure step is added
@@ -71,6 +74,9 @@ def test_every_record_of_a_run_is_listed_once_where_it_is_added(dsn: str, db: An
         assert status is not None and status["status"] == "failed"
         assert len(records(db, run.id)) == 6 and listed(db, run.id) == records(db, run.id)
         assert sorted(status["steps"]) == ["merge", "part", "split", "undo"]
+        # a failed run whose records are not all finished stays, with its list
+        db.execute("UPDATE flow_runs SET finished_at = now() - interval '1 day'")
+        assert p.store.flows.purge_runs(3600, 100) == 0 and listed(db, run.id) == records(db, run.id)
         # the run's page and its records, read through the list
         assert p.mark_completed([done(r, 2) for r in parts[1:]]) == 2
         (handler,) = p.claim_records(10, queues=[fan.name])
@@ -101,7 +107,7 @@ def test_migration_0019_lists_the_runs_before_it_and_goes_back_to_the_index(empt
         runs = [p.start_flow(fan, {"n": i}) for i in range(3)]
         first = p.claim_records(10, queues=[fan.name])
         assert len(first) == 3
-        # one run fanned out (its parts waiting and pending), one still processing its first step, one pending
+        # one run fanned out (its parts pending, merge waiting), two still processing their first step
         assert p.mark_completed([done(first[0], [7, 8])]) == 1
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         assert has_index(conn)
@@ -112,11 +118,13 @@ def test_migration_0019_lists_the_runs_before_it_and_goes_back_to_the_index(empt
         assert not has_index(conn)
         assert {run.id: listed(conn, run.id) for run in runs} == before
     with DistributedProcessor(empty_dsn) as p:
-        # the record claimed before the upgrade completes by its token; its run goes on
+        # a record claimed before the upgrade completes by its token; its run goes on: the for_each of none
+        # releases merge
         assert p.mark_completed([done(first[1], [])]) == 1
         status = p.flow_status(runs[1].id)
         assert status is not None and status["steps"]["split"][0]["status"] == "completed"
-        # a run started now is listed; the for_each of none released merge
+        assert [r["status"] for r in status["steps"]["merge"]] == ["pending"]
+        # a run started now is listed
         run = p.start_flow(fan, {"n": 9})
         with psycopg.connect(empty_dsn, autocommit=True) as conn:
             assert listed(conn, run.id) == records(conn, run.id)
@@ -135,6 +143,12 @@ def test_migration_0019_lists_the_runs_before_it_and_goes_back_to_the_index(empt
                      (ids["a"],))
         conn.execute("SELECT dp_flow_settle(ARRAY[%s]::bigint[], NULL)", (ids["a"],))
         assert conn.execute("SELECT status FROM processing_queue WHERE id = %s", (ids["b"],)).fetchone()[0] == "pending"
+        # the sink completes its run (the settlement's check of a run's records, by the index again)
+        conn.execute("UPDATE processing_queue SET status = 'completed', finished_at = now() WHERE id = %s",
+                     (ids["b"],))
+        conn.execute("SELECT dp_flow_settle(ARRAY[%s]::bigint[], NULL)", (ids["b"],))
+        assert conn.execute("SELECT status FROM flow_runs WHERE id = %s", (rid,)).fetchone()[0] == "completed"
     upgrade(empty_dsn)
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         assert listed(conn, rid) == records(conn, rid) == sorted([ids["a"], ids["b"]])
+        assert all(listed(conn, r.id) == records(conn, r.id) for r in [*runs, run])

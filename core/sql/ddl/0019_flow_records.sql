@@ -5,7 +5,8 @@
 -- docs/hot-path.md, "Third reading": about a tenth of a chain's drain). Every statement that read a run's records
 -- through that index reads its pairs here and the records by primary key: the functions below (0010's, 0016's
 -- and 0017's with only that changed, and the pairs written where records are added) and the named statements
--- (flows.sql, admin.sql's purge, the dashboard's). The pairs of existing runs are filled before the index goes.
+-- (flows.sql, admin.sql's purge, the dashboard's). The pairs of existing runs are filled before the index goes,
+-- with the table locked against writes.
 -- {schema} is the quoted schema name.
 
 CREATE TABLE IF NOT EXISTS {schema}.flow_records (
@@ -13,6 +14,11 @@ CREATE TABLE IF NOT EXISTS {schema}.flow_records (
     record_id bigint NOT NULL,
     CONSTRAINT pk_flow_records PRIMARY KEY (flow_run_id, record_id)
 );
+
+-- No record is added or changed while the pairs are filled (the migration's transaction holds the lock until it
+-- commits, with the functions replaced): workers of the previous version are stopped first (see the migration),
+-- and this keeps a straggler from adding a record the fill would not see.
+LOCK TABLE {schema}.processing_queue IN SHARE ROW EXCLUSIVE MODE;
 
 INSERT INTO {schema}.flow_records (flow_run_id, record_id)
 SELECT r.flow_run_id, r.id FROM {schema}.processing_queue r WHERE r.flow_run_id IS NOT NULL
@@ -462,10 +468,10 @@ LANGUAGE sql STABLE AS $fn$
         UNION ALL
         SELECT r.step, r.flow_index, r.status, r.result
           FROM (SELECT fr.id FROM {schema}.flow_runs fr WHERE fr.id = p_run AND fr.on_failure_id = p_id LIMIT 1) fr
-         CROSS JOIN {schema}.flow_records f
+         CROSS JOIN LATERAL (SELECT f.record_id FROM {schema}.flow_records f
+                              WHERE f.flow_run_id = fr.id AND f.record_id <> p_id) f
          CROSS JOIN LATERAL (SELECT x.step, x.flow_index, x.status, x.result FROM {schema}.processing_queue x
                               WHERE x.id = f.record_id LIMIT 1) r
-         WHERE f.flow_run_id = fr.id AND f.record_id <> p_id
     )
     SELECT coalesce(jsonb_object_agg(g.step, g.val), '{}'::jsonb)
       FROM (SELECT s.step,
