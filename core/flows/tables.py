@@ -71,6 +71,9 @@ def define(metadata: MetaData) -> tuple[Table, Table, Table, Table]:
         Column("run_id", BigInteger, nullable=False),
         Column("each", Boolean, nullable=False, server_default=text("false")),
         Column("run_on_failure", Boolean, nullable=False, server_default=text("false")),
+        # The child's one parent, not a for_each (migration 0020): the settlement takes the child with the result
+        # its parent's completion sent.
+        Column("sole", Boolean, nullable=False, server_default=text("false")),
         PrimaryKeyConstraint("parent_id", "child_id"),
     )
     Index("ix_flow_edges_child", flow_edges.c.child_id)

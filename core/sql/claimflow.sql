@@ -36,7 +36,7 @@ WITH done AS (
      WHERE d.id = ANY(%(done_ids)s::bigint[])
        AND d.lease_token = (%(done_tokens)s::uuid[])[width_bucket(d.id, %(done_ids)s::bigint[])]
        AND d.status = 'processing'
-    RETURNING d.id, d.ordering_key, d.status, d.flow_run_id
+    RETURNING d.id, d.ordering_key, d.status, d.flow_run_id, d.step, d.flow_index, d.result
 ),
 -- Flow steps completed (or cancelled) here settle their run in this statement (results stored above), children's
 -- counts down (core/sql/ddl/0017_flow_take.sql). A child at zero is taken by this statement when it can (due,
@@ -47,12 +47,17 @@ WITH done AS (
 settled AS (
     SELECT t.*
       FROM (SELECT array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'completed') AS ok,
-                   array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'cancelled') AS ended
+                   array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'cancelled') AS ended,
+                   -- per completed record: its run, and what it gives a child it is the one parent of
+                   -- ({step: result}; none for a for_each element, whose results go in a list)
+                   array_agg(s.flow_run_id ORDER BY s.id) FILTER (WHERE s.status = 'completed') AS ok_runs,
+                   array_agg(CASE WHEN s.flow_index IS NULL THEN jsonb_build_object(s.step, s.result) END
+                             ORDER BY s.id) FILTER (WHERE s.status = 'completed') AS ok_parents
               FROM done s
              WHERE s.flow_run_id IS NOT NULL
             HAVING count(*) > 0) a
      CROSS JOIN LATERAL {flow_settle_take_function}(a.ok, a.ended, %(queues)s::text[], %(batch)s, %(token)s::uuid,
-                                                    %(instance_id)s, %(lease_seconds)s) t
+                                                    %(instance_id)s, %(lease_seconds)s, a.ok_runs, a.ok_parents) t
 ),
 -- Keys whose earliest pending record must become claimable (the keys of records claimed by the caller's
 -- previous statement: this statement's snapshot sees every insert committed since).

@@ -112,7 +112,7 @@ def test_migration_0019_lists_the_runs_before_it_and_goes_back_to_the_index(empt
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         assert has_index(conn)
         before = {run.id: records(conn, run.id) for run in runs}
-    upgrade(empty_dsn)
+    upgrade(empty_dsn, revision="0019_flow_records")
     assert current_revision(empty_dsn) == "0019_flow_records"
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         assert not has_index(conn)

@@ -93,15 +93,21 @@ def test_each_shared_part_is_the_same_text_but_for_the_listed_differences(part: 
 # SELECT, the full statement's text with exactly these differences.
 FLOW = _parts(raw_statements()["claim_flow"])
 FLOW_DIFFERENCES: dict[str, list[tuple[str, str]]] = {
+    # the completed records' step, place and result, sent to the settlement (migration 0020)
+    "done": [("RETURNING d.id, d.ordering_key, d.status, d.flow_run_id\n",
+              "RETURNING d.id, d.ordering_key, d.status, d.flow_run_id, d.step, d.flow_index, d.result\n")],
     "settled": [
         ("SELECT {flow_settle_function}(array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'completed'),\n"
          "array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'cancelled')) AS n\nFROM done s\n"
          "WHERE s.flow_run_id IS NOT NULL\nHAVING count(*) > 0",
          "SELECT t.*\nFROM (SELECT array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'completed') AS ok,\n"
-         "array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'cancelled') AS ended\nFROM done s\n"
+         "array_agg(s.id ORDER BY s.id) FILTER (WHERE s.status = 'cancelled') AS ended,\n"
+         "array_agg(s.flow_run_id ORDER BY s.id) FILTER (WHERE s.status = 'completed') AS ok_runs,\n"
+         "array_agg(CASE WHEN s.flow_index IS NULL THEN jsonb_build_object(s.step, s.result) END\n"
+         "ORDER BY s.id) FILTER (WHERE s.status = 'completed') AS ok_parents\nFROM done s\n"
          "WHERE s.flow_run_id IS NOT NULL\nHAVING count(*) > 0) a\n"
          "CROSS JOIN LATERAL {flow_settle_take_function}(a.ok, a.ended, %(queues)s::text[], %(batch)s, "
-         "%(token)s::uuid,\n%(instance_id)s, %(lease_seconds)s) t"),
+         "%(token)s::uuid,\n%(instance_id)s, %(lease_seconds)s, a.ok_runs, a.ok_parents) t"),
     ],
     "picked": [("LIMIT %(batch)s\n", "LIMIT greatest(0, %(batch)s - (SELECT count(*) FROM settled))\n")],
 }
