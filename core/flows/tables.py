@@ -85,6 +85,8 @@ def define(metadata: MetaData) -> tuple[Table, Table, Table, Table]:
         metadata,
         Column("flow_run_id", BigInteger, nullable=False),
         Column("record_id", BigInteger, nullable=False),
+        # No step follows it (migration 0020; NULL: written before, not known): a run's completion looks at these.
+        Column("sink", Boolean),
         PrimaryKeyConstraint("flow_run_id", "record_id"),
     )
     return flow_templates, flow_runs, flow_edges, flow_records

@@ -1,9 +1,12 @@
 """The chain's settlement with fewer reads (core/sql/ddl/0020_settle_reads.sql): a child whose one parent is not a
 ``for_each`` (``flow_edges.sole``, set by ``dp_start_flow``) is taken with the ``{step: result}`` its parent's
 completion sent, without reading its edges and its parent again; the caller sends each completed record's run;
+a run's completion looks for an unfinished record among its sinks only (``flow_records.sink``);
 the completed records' edges are read once per round; the children taken are chosen in the update that counts
 them. Safe while workers of the previous version run: their claim statement calls the settlement by 0017's
-signature, which runs this one, reading what they do not send.
+signature, which runs this one, reading what they do not send. The downgrade runs 0019's script again, which
+locks ``processing_queue`` against writes while it refills ``flow_records`` from the table (a scan of it): claims
+and completions wait for it.
 
 Revision ID: 0020_settle_reads
 Revises: 0019_flow_records
@@ -39,3 +42,4 @@ def downgrade() -> None:
                " double precision, bigint[], jsonb[])")
     op.execute(ddl("0019_flow_records", _schema()))
     op.execute(f"ALTER TABLE {quoted}.flow_edges DROP COLUMN sole")
+    op.execute(f"ALTER TABLE {quoted}.flow_records DROP COLUMN sink")

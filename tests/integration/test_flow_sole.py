@@ -1,6 +1,7 @@
 """Migration 0020: a child whose one parent is not a for_each (``flow_edges.sole``) is taken with the
 ``{step: result}`` its parent's completion sent, without its edges and its parent being read again; every other
-child's parents are read. Either way a taken child's ``record.parents`` is what the read gives
+child's parents are read. A run's completion looks at its sinks only (``flow_records.sink``; NULL on pairs written
+before, which are all looked at). Either way a taken child's ``record.parents`` is what the read gives
 (``dp_flow_parents``), whatever the results; edges written before the migration are not sole; 0017's signature of
 the settlement (a previous version's claim statement) still takes children, reading their parents."""
 
@@ -65,11 +66,61 @@ def read_parents(conn: Any, record: Record) -> Any:
     return conn.execute("SELECT dp_flow_parents(%s, %s)", (record.id, record.flow_run)).fetchone()[0]
 
 
+def sinks(conn: Any, run: int) -> dict[str, list[Any]]:
+    rows = conn.execute("SELECT r.step, f.sink FROM flow_records f JOIN processing_queue r ON r.id = f.record_id"
+                        " WHERE f.flow_run_id = %s ORDER BY r.id", (run,)).fetchall()
+    out: dict[str, list[Any]] = {}
+    for step, sink in rows:
+        out.setdefault(step, []).append(sink)
+    return out
+
+
+def finish(p: DistributedProcessor, run: int) -> None:
+    """Claim and complete the run's records until it ends (a's result a list, for d to fan out over)."""
+    for _ in range(20):
+        status = p.flow_status(run)
+        assert status is not None
+        if status["status"] != "running":
+            return
+        got = [r for r in p.claim_records(10, queues=[shape.name]) if r.flow_run == run]
+        p.mark_completed([done(r, [1, 2] if r.step == "a" else None) for r in got])
+    raise AssertionError(f"run {run} did not end")
+
+
 def test_an_edge_is_sole_when_its_child_has_that_one_parent_and_it_is_no_for_each(dsn: str, db: Any) -> None:
     with DistributedProcessor(dsn) as p:
         run = p.start_flow(shape, {})
     assert edges(db, run.id) == {("a", "b"): True, ("a", "c"): False, ("b", "c"): False, ("a", "d"): False,
                                  ("d", "e"): True, ("b", "f"): True}
+
+
+def test_a_runs_sinks_are_marked_and_it_completes_with_its_last_one_not_before(dsn: str, db: Any) -> None:
+    tail = Flow("sole_tail")
+
+    @tail.step()
+    def root(record: Record) -> Any:
+        return [1, 2, 3]
+
+    @tail.step(for_each=root)
+    def each(record: Record) -> Any:  # no step follows it: its elements are sinks
+        return None
+
+    with DistributedProcessor(dsn, instance_id="t") as p:
+        run = p.start_flow(shape, {})
+        assert sinks(db, run.id) == {"a": [False], "b": [False], "c": [True], "d": [False], "e": [True],
+                                     "f": [True]}
+        finish(p, run.id)
+        assert p.flow_status(run.id)["status"] == "completed"
+        assert sinks(db, run.id)["d"] == [False, False]  # d's elements: e follows them
+        other = p.start_flow(tail, {})
+        (head,) = p.claim_records(10, queues=[tail.name])
+        got, _ = claims_of(p).claim([done(head, [1, 2, 3])], 10, [tail.name])
+        assert sinks(db, other.id) == {"root": [False], "each": [True, True, True]}
+        for i, r in enumerate(sorted(got, key=lambda r: r.id)):
+            assert p.flow_status(other.id)["status"] == "running"  # an element left: not complete yet
+            # completed by the claim statement, which sends the sink's run
+            assert claims_of(p).claim([done(r, i)], 10, [tail.name]) == ([], 1)
+        assert p.flow_status(other.id)["status"] == "completed"
 
 
 @pytest.mark.parametrize("value", [None, 0, "it's \"quoted\" — ünï", {"nested": [1, {"x": None}]}, [3, 2, 1],
@@ -96,6 +147,54 @@ def test_a_taken_child_gets_the_parents_the_read_gives(dsn: str, db: Any, value:
         assert taken["e"].parents == {"d": [value, value]} == read_parents(db, taken["e"])  # elements: read
         assert p.mark_completed([done(r, None) for r in got]) == 3
         assert p.flow_status(run.id)["status"] == "completed"
+
+
+def test_each_sole_child_gets_its_own_parents_result_from_one_batch(dsn: str, db: Any) -> None:
+    pair = Flow("sole_pair")
+
+    @pair.step()
+    def one(record: Record) -> Any:
+        return None
+
+    @pair.step(after=[one])
+    def two(record: Record) -> Any:
+        return None
+
+    with DistributedProcessor(dsn, instance_id="t") as p:
+        runs = [p.start_flow(pair, {"n": i}) for i in range(5)]
+        heads = p.claim_records(10, queues=[pair.name])
+        assert len(heads) == 5
+        got, completed = claims_of(p).claim([done(h, {"run": h.flow_run, "n": i}) for i, h in enumerate(heads)], 10,
+                                            [pair.name])
+        assert completed == 5
+        sent = {h.flow_run: {"run": h.flow_run, "n": i} for i, h in enumerate(heads)}
+        assert sorted(r.flow_run for r in got) == sorted(r.id for r in runs)
+        assert all(r.parents == {"one": sent[r.flow_run]} == read_parents(db, r) for r in got)
+
+
+def test_with_less_room_than_children_those_that_can_be_taken_are(dsn: str, db: Any) -> None:
+    split = Flow("sole_room")
+
+    @split.step()
+    def top(record: Record) -> Any:
+        return None
+
+    @split.step(after=[top], queue="sole_room_elsewhere")  # the smaller id, in a queue the caller does not work
+    def away(record: Record) -> Any:
+        return None
+
+    @split.step(after=[top])
+    def here(record: Record) -> Any:
+        return None
+
+    with DistributedProcessor(dsn, instance_id="t") as p:
+        run = p.start_flow(split, {})
+        assert run.ids["away"] < run.ids["here"]
+        (head,) = p.claim_records(10, queues=[split.name])
+        got, _ = claims_of(p).claim([done(head, 1)], 1, [split.name])
+        assert [(r.step, r.parents) for r in got] == [("here", {"top": 1})]
+        assert db.execute("SELECT status FROM processing_queue WHERE id = %s", (run.ids["away"],)).fetchone()[0] \
+            == "pending"
 
 
 def test_a_sole_child_of_a_cancelled_parent_that_runs_without_it_gets_no_parents(dsn: str, db: Any) -> None:
@@ -155,10 +254,16 @@ def test_migration_0020_leaves_earlier_edges_read_and_goes_back(empty_dsn: str) 
         assert {r.step: r.parents for r in got} == {"b": {"a": ["x"]}, "d": {"a": ["x"]}}
         after = p.start_flow(shape, {})
         assert edges(conn, after.id)[("a", "b")] is True
+        # the pairs written before are not known to be sinks or not: every one is looked at, and the run ends
+        # with its last record
+        assert {v for vs in sinks(conn, before.id).values() for v in vs} == {None}
+        assert p.mark_completed([done(r, None) for r in got]) == 2
+        finish(p, before.id)
+        assert p.flow_status(before.id)["status"] == "completed"
     downgrade(empty_dsn, "0019_flow_records")
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
-        assert conn.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = 'flow_edges'"
-                            " AND column_name = 'sole'").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM information_schema.columns WHERE (table_name, column_name)"
+                            " IN (('flow_edges', 'sole'), ('flow_records', 'sink'))").fetchone()[0] == 0
         assert conn.execute("SELECT count(*) FROM pg_proc WHERE proname = 'dp_flow_settle_take'").fetchone()[0] == 1
         # 0019's settlement (the code of that version calls it so) takes the children of a run started on 0020
         conn.execute("UPDATE processing_queue SET status = 'completed', finished_at = now(), result = '[1]'"

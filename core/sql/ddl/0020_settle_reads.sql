@@ -4,15 +4,18 @@
 --   existed before and on those a for_each's expansion copies) is taken with the {step: result} that its
 --   parent's completion sent, without reading its edges and its parent again.
 -- * The caller sends each completed record's run: the runs of the sinks completed are not read from the records.
+-- * A run's completion looks for an unfinished record among its sinks only (flow_records.sink, set where the
+--   pair is written; NULL on the pairs written before, which are looked at), not among all its records.
 -- * The completed records' edges are read once per round (the for_each probe only when one is among them), and
 --   the children taken are chosen in the update that counts them (no read of them before it).
 -- Safe while workers of the previous version run: their claim statement calls the settlement by 0017's
--- signature, which now runs this one (reading what they do not send), and an edge they write is not sole.
+-- signature, which now runs this one (reading what they do not send: their children's parents are read).
 -- {schema} is the quoted schema name.
 
 ALTER TABLE {schema}.flow_edges ADD COLUMN IF NOT EXISTS sole boolean NOT NULL DEFAULT false;
+ALTER TABLE {schema}.flow_records ADD COLUMN IF NOT EXISTS sink boolean;
 
--- A run in one call, as 0019's, with its edges' sole set.
+-- A run in one call, as 0019's, with its edges' sole and its pairs' sink set.
 CREATE OR REPLACE FUNCTION {schema}.dp_start_flow(
     p_flow text, p_version integer, p_hash text, p_definition jsonb, p_input jsonb, p_dedupe text, p_steps jsonb,
     p_expect_shard integer DEFAULT NULL, p_trace text DEFAULT NULL,
@@ -85,7 +88,12 @@ BEGIN
         RETURNING r.id
     )
     SELECT array_agg(ins.id ORDER BY ins.id) INTO v_ids FROM ins;
-    INSERT INTO {schema}.flow_records (flow_run_id, record_id) SELECT run_id, x.id FROM unnest(v_ids) AS x(id);
+    -- sink: a step no other step follows (after or for_each); the runs' completion looks at these only.
+    INSERT INTO {schema}.flow_records (flow_run_id, record_id, sink)
+    SELECT run_id, v_ids[s.ord],
+           NOT EXISTS (SELECT 1 FROM jsonb_array_elements(p_steps) AS t(v)
+                        WHERE t.v -> 'after' ? (s.v ->> 'name') OR t.v ->> 'each' = s.v ->> 'name')
+      FROM jsonb_array_elements(p_steps) WITH ORDINALITY AS s(v, ord);
     -- ids are taken in the steps' order (INSERT ... SELECT ... ORDER BY ordinality): the k-th id is step k's
     SELECT jsonb_object_agg(s.v ->> 'name', v_ids[s.ord]) INTO ids
       FROM jsonb_array_elements(p_steps) WITH ORDINALITY AS s(v, ord);
@@ -106,6 +114,68 @@ BEGIN
 END
 $fn$;
 
+
+-- As 0019's, its elements' pairs marked sink when the placeholder is one.
+-- A for_each placeholder (locked by the caller) given its source's result: one record per element, in element
+-- order (flow_index), each with the placeholder's parents and children (whose counts grow by the copies).
+-- Returns the number of elements; 0: the placeholder is completed with no element (its children count it as
+-- a finished parent whose result is []); -1: the result is not a list, the placeholder failed.
+CREATE OR REPLACE FUNCTION {schema}.dp_flow_expand(p_id bigint, p_list jsonb) RETURNS integer
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    n integer;
+    ph record;
+    v_new bigint[];
+BEGIN
+    SELECT * INTO ph FROM {schema}.processing_queue WHERE id = p_id;
+    IF p_list IS NULL OR jsonb_typeof(p_list) <> 'array' THEN
+        UPDATE {schema}.processing_queue
+           SET status = 'failed', finished_at = now(), updated_at = now(),
+               last_error = format('for_each: the result its source gave is %s, not a list',
+                                   coalesce(jsonb_typeof(p_list), 'missing'))
+         WHERE id = p_id;
+        RETURN -1;
+    END IF;
+    n := jsonb_array_length(p_list);
+    IF n = 0 THEN
+        UPDATE {schema}.processing_queue
+           SET status = 'completed', finished_at = now(), updated_at = now(), waiting_on = 0
+         WHERE id = p_id;
+        RETURN 0;
+    END IF;
+    UPDATE {schema}.processing_queue SET payload = p_list -> 0, flow_index = 0, updated_at = now() WHERE id = p_id;
+    IF n = 1 THEN
+        RETURN 1;
+    END IF;
+    WITH ins AS (
+        INSERT INTO {schema}.processing_queue AS r (queue, payload, status, priority, run_at, max_attempts,
+                                                    ordering_key, flow_run_id, step, flow_index, waiting_on,
+                                                    trace_context)
+        SELECT ph.queue, p_list -> (e.i::integer), 'waiting', ph.priority, ph.run_at, ph.max_attempts,
+               ph.ordering_key, ph.flow_run_id, ph.step, e.i::integer, ph.waiting_on, ph.trace_context
+          FROM generate_series(1, n - 1) AS e(i)
+         ORDER BY e.i
+        RETURNING r.id
+    )
+    SELECT array_agg(ins.id ORDER BY ins.id) INTO v_new FROM ins;
+    -- the elements of a sink (a placeholder no step follows) are sinks
+    INSERT INTO {schema}.flow_records (flow_run_id, record_id, sink)
+    SELECT ph.flow_run_id, x.id, NOT EXISTS (SELECT 1 FROM {schema}.flow_edges e WHERE e.parent_id = p_id)
+      FROM unnest(v_new) AS x(id);
+    INSERT INTO {schema}.flow_edges (child_id, parent_id, run_id, each, run_on_failure)
+    SELECT c.id, e.parent_id, e.run_id, e.each, e.run_on_failure
+      FROM {schema}.flow_edges e CROSS JOIN unnest(v_new) AS c(id)
+     WHERE e.child_id = p_id;
+    INSERT INTO {schema}.flow_edges (child_id, parent_id, run_id, each, run_on_failure)
+    SELECT e.child_id, c.id, e.run_id, e.each, e.run_on_failure
+      FROM {schema}.flow_edges e CROSS JOIN unnest(v_new) AS c(id)
+     WHERE e.parent_id = p_id;
+    UPDATE {schema}.processing_queue r SET waiting_on = r.waiting_on + (n - 1)
+     WHERE r.id = ANY(ARRAY(SELECT e.child_id FROM {schema}.flow_edges e WHERE e.parent_id = p_id))
+       AND r.status = 'waiting';
+    RETURN n;
+END
+$fn$;
 
 -- The end of flow records, in the statement that ended them (their ids come from its RETURNING, so only
 -- records whose fenced update succeeded count: a stale instance settles nothing): p_done completed (their
@@ -157,6 +227,7 @@ DECLARE
     v_fid bigint;
     v_room integer := coalesce(p_room, 0);
     v_cut bigint;
+    v_pick bigint[];
     v_take bigint[] := '{}';
     v_taken bigint[] := '{}';
     v_open boolean;
@@ -188,7 +259,7 @@ BEGIN
             -- for_each edge is among them.
             WITH e AS MATERIALIZED (
                 SELECT d.id AS parent_id, x.child_id, x.each, x.sole
-                  FROM unnest(v_done) AS d(id)
+                  FROM (SELECT DISTINCT u.id FROM unnest(v_done) AS u(id)) d  -- an id sent twice counts once
                   LEFT JOIN {schema}.flow_edges x ON x.parent_id = d.id
             ),
             c AS (SELECT e.child_id, count(*)::integer AS k FROM e WHERE e.child_id IS NOT NULL GROUP BY e.child_id),
@@ -278,17 +349,33 @@ BEGIN
         -- parents of the same children lock them in the same order (a deadlock the server would still break is
         -- retried by the caller, as any). Each child's count by width_bucket over the sorted ids: no join.
         -- Taken (migration 0017): a child at zero that is not a placeholder, without an ordering key (its key's
-        -- order is the claim's to keep), in one of the caller's queues, among the caller's room first children
-        -- of this round (v_cut: the room-th smallest id; a child among them that stays waiting leaves its place
-        -- to the claim's scan). Tested on the row the update locked, so a count another transaction lowered
-        -- meanwhile, or a child it cancelled, is seen.
-        v_cut := CASE WHEN v_room > 0 AND cardinality(v_cids) > 0 THEN v_cids[least(v_room, cardinality(v_cids))] END;
+        -- order is the claim's to keep), in one of the caller's queues, tested on the row the update locked (a
+        -- count another transaction lowered meanwhile, or a child it cancelled, is seen). When the room holds
+        -- every child of this round (a batch's usual case) no read picks them first: v_cut is the largest id.
+        -- Otherwise the smallest ids of those that can be taken, read without a lock (a count only goes down, so
+        -- a child found at zero is at zero in the update, which tests it again), up to the room, as 0017 did.
+        v_pick := '{}';
+        v_cut := NULL;
+        IF v_room > 0 AND cardinality(v_cids) > 0 THEN
+            IF cardinality(v_cids) <= v_room THEN
+                v_cut := v_cids[cardinality(v_cids)];
+            ELSE
+                v_pick := ARRAY(SELECT c.id FROM {schema}.processing_queue c
+                                 WHERE c.id = ANY(v_cids) AND c.status = 'waiting'
+                                   AND c.waiting_on - v_ks[width_bucket(c.id, v_cids)] <= 0
+                                   AND c.flow_index IS DISTINCT FROM -1 AND c.ordering_key IS NULL
+                                   AND c.queue = ANY(p_queues)
+                                 ORDER BY c.id
+                                 LIMIT v_room);
+            END IF;
+        END IF;
         WITH counted AS (
             UPDATE {schema}.processing_queue c
                SET waiting_on = c.waiting_on - v_ks[width_bucket(c.id, v_cids)],
                    status = CASE WHEN c.waiting_on - v_ks[width_bucket(c.id, v_cids)] <= 0
                                       AND c.flow_index IS DISTINCT FROM -1
-                                 THEN CASE WHEN c.id <= v_cut AND c.ordering_key IS NULL AND c.queue = ANY(p_queues)
+                                 THEN CASE WHEN (c.id <= v_cut OR c.id = ANY(v_pick)) AND c.ordering_key IS NULL
+                                                AND c.queue = ANY(p_queues)
                                            THEN 'processing' ELSE 'pending' END
                                  ELSE 'waiting' END,
                    run_at = CASE WHEN c.waiting_on - v_ks[width_bucket(c.id, v_cids)] <= 0 THEN now()
@@ -298,24 +385,24 @@ BEGIN
                    -- A child taken: claimed here as the claim statement's own update claims (the caller's token,
                    -- lease and instance; clock_timestamp() for the same reason), in this one write.
                    claimed_by = CASE WHEN c.waiting_on - v_ks[width_bucket(c.id, v_cids)] <= 0
-                                          AND c.flow_index IS DISTINCT FROM -1 AND c.id <= v_cut
+                                          AND c.flow_index IS DISTINCT FROM -1 AND (c.id <= v_cut OR c.id = ANY(v_pick))
                                           AND c.ordering_key IS NULL AND c.queue = ANY(p_queues)
                                      THEN p_instance ELSE c.claimed_by END,
                    claimed_at = CASE WHEN c.waiting_on - v_ks[width_bucket(c.id, v_cids)] <= 0
-                                          AND c.flow_index IS DISTINCT FROM -1 AND c.id <= v_cut
+                                          AND c.flow_index IS DISTINCT FROM -1 AND (c.id <= v_cut OR c.id = ANY(v_pick))
                                           AND c.ordering_key IS NULL AND c.queue = ANY(p_queues)
                                      THEN clock_timestamp() ELSE c.claimed_at END,
                    lease_expires_at = CASE WHEN c.waiting_on - v_ks[width_bucket(c.id, v_cids)] <= 0
-                                                AND c.flow_index IS DISTINCT FROM -1 AND c.id <= v_cut
+                                                AND c.flow_index IS DISTINCT FROM -1 AND (c.id <= v_cut OR c.id = ANY(v_pick))
                                                 AND c.ordering_key IS NULL AND c.queue = ANY(p_queues)
                                            THEN clock_timestamp() + p_lease_seconds * interval '1 second'
                                            ELSE c.lease_expires_at END,
                    lease_token = CASE WHEN c.waiting_on - v_ks[width_bucket(c.id, v_cids)] <= 0
-                                           AND c.flow_index IS DISTINCT FROM -1 AND c.id <= v_cut
+                                           AND c.flow_index IS DISTINCT FROM -1 AND (c.id <= v_cut OR c.id = ANY(v_pick))
                                            AND c.ordering_key IS NULL AND c.queue = ANY(p_queues)
                                       THEN p_token ELSE c.lease_token END,
                    attempts = c.attempts + CASE WHEN c.waiting_on - v_ks[width_bucket(c.id, v_cids)] <= 0
-                                                     AND c.flow_index IS DISTINCT FROM -1 AND c.id <= v_cut
+                                                     AND c.flow_index IS DISTINCT FROM -1 AND (c.id <= v_cut OR c.id = ANY(v_pick))
                                                      AND c.ordering_key IS NULL AND c.queue = ANY(p_queues)
                                                 THEN 1 ELSE 0 END
              WHERE c.id = ANY(v_cids) AND c.status = 'waiting'
@@ -382,6 +469,9 @@ BEGIN
     -- sent them, p_done_runs; the others read) are locked in id order, then (a new snapshot: whoever finished
     -- another of their records before us has committed) those with no unfinished record left are completed. Two
     -- transactions finishing a run's last two sinks take turns on its row, and the later one sees the earlier's.
+    -- Only the run's sinks are looked at (flow_records.sink; not known, NULL, on the pairs written before 0020:
+    -- looked at), and not those completed here: a record that is not a sink comes before one, which starts only
+    -- once its parents completed (a parent that failed has failed the run), so no sink left means nothing left.
     IF cardinality(v_sinks) > 0 THEN
         v_runs := ARRAY(SELECT fr.id FROM {schema}.flow_runs fr
                          WHERE fr.id = ANY(ARRAY(
@@ -400,7 +490,8 @@ BEGIN
                AND NOT EXISTS (SELECT 1 FROM {schema}.flow_records f
                                 CROSS JOIN LATERAL (SELECT r.status FROM {schema}.processing_queue r
                                                      WHERE r.id = f.record_id LIMIT 1) r
-                                WHERE f.flow_run_id = fr.id AND r.status IN ('waiting', 'pending', 'processing'));
+                                WHERE f.flow_run_id = fr.id AND f.sink IS NOT FALSE AND f.record_id <> ALL(v_sinks)
+                                  AND r.status IN ('waiting', 'pending', 'processing'));
         END IF;
     END IF;
     -- The children taken, as the claim statement returns its records, with their parents' results (completed in
