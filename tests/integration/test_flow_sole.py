@@ -75,12 +75,15 @@ def sinks(conn: Any, run: int) -> dict[str, list[Any]]:
     return out
 
 
-def finish(p: DistributedProcessor, run: int) -> None:
-    """Claim and complete the run's records until it ends (a's result a list, for d to fan out over)."""
+def finish(p: DistributedProcessor, conn: Any, run: int) -> None:
+    """Claim and complete the run's records until it ends (a's result a list, for d to fan out over); ended, it
+    has no record left unfinished (it did not complete before its last one)."""
     for _ in range(20):
         status = p.flow_status(run)
         assert status is not None
         if status["status"] != "running":
+            assert conn.execute("SELECT count(*) FROM processing_queue WHERE flow_run_id = %s"
+                                " AND status IN ('waiting', 'pending', 'processing')", (run,)).fetchone()[0] == 0
             return
         got = [r for r in p.claim_records(10, queues=[shape.name]) if r.flow_run == run]
         p.mark_completed([done(r, [1, 2] if r.step == "a" else None) for r in got])
@@ -109,7 +112,7 @@ def test_a_runs_sinks_are_marked_and_it_completes_with_its_last_one_not_before(d
         run = p.start_flow(shape, {})
         assert sinks(db, run.id) == {"a": [False], "b": [False], "c": [True], "d": [False], "e": [True],
                                      "f": [True]}
-        finish(p, run.id)
+        finish(p, db, run.id)
         assert p.flow_status(run.id)["status"] == "completed"
         assert sinks(db, run.id)["d"] == [False, False]  # d's elements: e follows them
         other = p.start_flow(tail, {})
@@ -241,6 +244,18 @@ def test_0017s_signature_takes_children_reading_their_parents(dsn: str, db: Any)
     assert sorted(rows) == [("b", {"a": [7]}), ("d", {"a": [7]})]
 
 
+def test_an_id_sent_twice_counts_once(dsn: str, db: Any) -> None:
+    with DistributedProcessor(dsn) as p:
+        run = p.start_flow(shape, {})
+    db.execute("UPDATE processing_queue SET status = 'completed', finished_at = now(), result = '[7]'"
+               " WHERE id = %s", (run.ids["a"],))
+    db.execute("SELECT count(*) FROM dp_flow_settle_take(ARRAY[%s, %s]::bigint[], NULL, ARRAY[%s], 0, NULL, NULL,"
+               " NULL)", (run.ids["a"], run.ids["a"], shape.name))
+    # c waits for a and b: a counted once leaves it waiting on b
+    assert db.execute("SELECT status, waiting_on FROM processing_queue WHERE id = %s",
+                      (run.ids["c"],)).fetchone() == ("waiting", 1)
+
+
 def test_migration_0020_leaves_earlier_edges_read_and_goes_back(empty_dsn: str) -> None:
     upgrade(empty_dsn, revision="0019_flow_records")
     with DistributedProcessor(empty_dsn, instance_id="t") as p:
@@ -258,7 +273,7 @@ def test_migration_0020_leaves_earlier_edges_read_and_goes_back(empty_dsn: str) 
         # with its last record
         assert {v for vs in sinks(conn, before.id).values() for v in vs} == {None}
         assert p.mark_completed([done(r, None) for r in got]) == 2
-        finish(p, before.id)
+        finish(p, conn, before.id)
         assert p.flow_status(before.id)["status"] == "completed"
     downgrade(empty_dsn, "0019_flow_records")
     with psycopg.connect(empty_dsn, autocommit=True) as conn:

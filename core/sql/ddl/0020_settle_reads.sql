@@ -259,7 +259,9 @@ BEGIN
             -- for_each edge is among them.
             WITH e AS MATERIALIZED (
                 SELECT d.id AS parent_id, x.child_id, x.each, x.sole
-                  FROM (SELECT DISTINCT u.id FROM unnest(v_done) AS u(id)) d  -- an id sent twice counts once
+                  -- an id sent twice counts once (and none is NULL: a NULL among the sinks would hide every
+                  -- pair from the runs' look for an unfinished one)
+                  FROM (SELECT DISTINCT u.id FROM unnest(v_done) AS u(id) WHERE u.id IS NOT NULL) d
                   LEFT JOIN {schema}.flow_edges x ON x.parent_id = d.id
             ),
             c AS (SELECT e.child_id, count(*)::integer AS k FROM e WHERE e.child_id IS NOT NULL GROUP BY e.child_id),
