@@ -46,7 +46,7 @@ class Claimer:
             # claimed only when every handler has run dry.
             waiting = len(s.ready)
             if room <= 0 or waiting >= batch_size or (room < batch_size and waiting):
-                if not buf.flush_done():  # no room: write finished records now rather than wait
+                if not buf.flush_for_room():  # no room: write finished records now rather than wait
                     # Unblocks ride on our next statement (a claim or a completion comes within moments
                     # while handlers run); only when none has come for UNBLOCK_SECONDS do they go alone.
                     age = buf.unblock_age()

@@ -18,6 +18,10 @@ log = logging.getLogger("core.worker")
 # How long a finished record may wait for the next claim to carry its completion. The claimer is woken as
 # soon as a record finishes, so this only bounds the wait behind a claim already in flight.
 COALESCE_SECONDS = 0.002
+# The same for a run over flows, also when the claimer has no room: a flow step's completion carried by a claim
+# takes the children it releases (one write each and no announcement, migration 0017); written alone, it only
+# releases them (pending, then claimed: two writes). Room opens as handlers start the records already claimed.
+FLOW_COALESCE_SECONDS = 0.02
 
 
 class Completer:
@@ -34,6 +38,9 @@ class Completer:
         # come down to them (the key's next record follows them in claim order).
         self._unblock: dict[str, Record] = {}
         self._unblock_since = 0.0
+        # A run over flows (its handler routes steps, and has their retry policies) waits longer for a claim.
+        flows = getattr(state.options.handler, "retry_for", None) is not None
+        self.coalesce = FLOW_COALESCE_SECONDS if flows else COALESCE_SECONDS
 
     # ------------------------------------------------------------------ unblock buffer
 
@@ -114,6 +121,16 @@ class Completer:
                     del s.held[h.record.id]
         s.wake.set()
 
+    def flush_for_room(self) -> bool:
+        """The claimer has no room to claim: write the buffered successes now (False when there were none), but
+        in a run over flows only once they have waited ``self.coalesce``: the claim that comes when room opens
+        carries them and takes the children they release (this thread writes them when that time is up)."""
+        if self.coalesce > COALESCE_SECONDS:
+            with self.s.lock:
+                if self._done and time.monotonic() - self._done_since < self.coalesce:
+                    return False
+        return self.flush_done()
+
     def flush_done(self) -> bool:
         """Write buffered successes with a plain completion statement; False when there were none."""
         done = self.take_done()
@@ -144,7 +161,7 @@ class Completer:
             timeout = 0.01
             with s.lock:
                 if self._done:
-                    timeout = max(0.0, self._done_since + COALESCE_SECONDS - time.monotonic())
+                    timeout = max(0.0, self._done_since + self.coalesce - time.monotonic())
             try:
                 batch = [s.outcomes.get(timeout=timeout)]
             except queue_mod.Empty:
@@ -158,7 +175,7 @@ class Completer:
                 stopping = True
             self.write_outcomes([o for o in batch if o is not None])
             with s.lock:
-                stale = bool(self._done) and time.monotonic() - self._done_since >= COALESCE_SECONDS
+                stale = bool(self._done) and time.monotonic() - self._done_since >= self.coalesce
             if stale or stopping:
                 self.flush_done()
 

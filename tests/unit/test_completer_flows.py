@@ -1,0 +1,72 @@
+"""The completion buffer's policy when the claimer has no room: a plain run writes its finished records at once; a
+run over flows lets them wait up to FLOW_COALESCE_SECONDS for the claim that takes their children (then they are
+written). Pure buffer logic: the store only records what it is asked to write."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from core.config import Settings
+from core.flows import Flow
+from core.flows.dispatch import FlowHandler
+from core.metrics import Metrics
+from core.record import Record
+from core.worker.completer import COALESCE_SECONDS, FLOW_COALESCE_SECONDS, Completer
+from core.worker.state import Held, RunOptions, RunState
+
+
+class WritesRecorded:
+    def __init__(self) -> None:
+        self.completed: list[list[int]] = []
+
+    def complete(self, records: list[Record], keys: list[str]) -> int:
+        self.completed.append([r.id for r in records])
+        return len(records)
+
+
+def completer(handler: Any) -> tuple[Completer, WritesRecorded]:
+    store = WritesRecorded()
+    options = RunOptions(handler=handler, concurrency=1, queues=["q"], stop_when_empty=True, stop_event=None,
+                         transactional=False, handler_timeout=None, poll_interval=1.0, listen=False,
+                         handle_signals=False, grace_seconds=1.0, prefetch=None, register=False, metadata={},
+                         claimers=1)
+    state = RunState(store, Settings.build("postgresql://x/y", database=False), Metrics("t"),  # type: ignore[arg-type]
+                     options)
+    return Completer(state), store
+
+
+def held(rid: int) -> Held:
+    now = datetime.now(timezone.utc)
+    h = Held(Record(rid, "q", {}, 0, 1, 5, uuid.uuid4(), now, now, now, now))
+    h.started = time.monotonic()
+    return h
+
+
+def test_a_plain_run_without_room_writes_its_finished_records_at_once() -> None:
+    c, store = completer(lambda record: None)
+    assert c.coalesce == COALESCE_SECONDS
+    c.add_done([held(1)])
+    assert c.flush_for_room() is True
+    assert store.completed == [[1]]
+
+
+def test_a_run_over_flows_without_room_waits_for_a_claim_then_writes() -> None:
+    chain = Flow("buffered")
+
+    @chain.step()
+    def only(record: Record) -> None:
+        return None
+
+    c, store = completer(FlowHandler([chain], None))
+    assert c.coalesce == FLOW_COALESCE_SECONDS > COALESCE_SECONDS
+    c.add_done([held(1)])
+    assert c.flush_for_room() is False  # young: left for the claim that comes when room opens
+    assert store.completed == [] and c.pending() == 1
+    deadline = time.monotonic() + 5
+    while c.flush_for_room() is False:  # bounded poll: it is written once it has waited its time
+        assert time.monotonic() < deadline
+        time.sleep(FLOW_COALESCE_SECONDS / 4)
+    assert store.completed == [[1]] and c.pending() == 0
