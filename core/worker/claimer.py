@@ -46,14 +46,17 @@ class Claimer:
             # claimed only when every handler has run dry.
             waiting = len(s.ready)
             if room <= 0 or waiting >= batch_size or (room < batch_size and waiting):
-                if not buf.flush_for_room():  # no room: write finished records now rather than wait
+                # No room: write finished records now rather than wait (in a run over flows, once they have
+                # waited for the claim that takes their children: look again when that time is up).
+                done_wait = buf.flush_for_room()
+                if done_wait is not None:
                     # Unblocks ride on our next statement (a claim or a completion comes within moments
                     # while handlers run); only when none has come for UNBLOCK_SECONDS do they go alone.
                     age = buf.unblock_age()
                     if age is not None and age >= UNBLOCK_SECONDS:
                         buf.flush_unblock()
                         age = None
-                    self.idle_wait(0.5 if age is None else UNBLOCK_SECONDS - age, seen)
+                    self.idle_wait(min(0.5 if age is None else UNBLOCK_SECONDS - age, done_wait), seen)
                 continue
             done = buf.take_done()
             unblock = buf.take_unblock()

@@ -1,5 +1,6 @@
 """Completing: the buffer of finished records (carried by the next claim statement, or written here within
-COALESCE_SECONDS), failures through the retry policy, and the keys whose next record waits for an unblock."""
+COALESCE_SECONDS, FLOW_COALESCE_SECONDS in a run over flows), failures through the retry policy, and the keys
+whose next record waits for an unblock."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from core.errors import DatabaseUnavailable
+from core.flows.dispatch import FlowHandler
 from core.record import Record
 from core.worker.state import Held, Outcome, RecordCancelled, RunState
 
 log = logging.getLogger("core.worker")
 
 # How long a finished record may wait for the next claim to carry its completion. The claimer is woken as
-# soon as a record finishes, so this only bounds the wait behind a claim already in flight.
+# soon as a record finishes, so in a plain run this only bounds the wait behind a claim already in flight (with
+# no room, the claimer writes the completions at once).
 COALESCE_SECONDS = 0.002
 # The same for a run over flows, also when the claimer has no room: a flow step's completion carried by a claim
 # takes the children it releases (one write each and no announcement, migration 0017); written alone, it only
@@ -38,9 +41,8 @@ class Completer:
         # come down to them (the key's next record follows them in claim order).
         self._unblock: dict[str, Record] = {}
         self._unblock_since = 0.0
-        # A run over flows (its handler routes steps, and has their retry policies) waits longer for a claim.
-        flows = getattr(state.options.handler, "retry_for", None) is not None
-        self.coalesce = FLOW_COALESCE_SECONDS if flows else COALESCE_SECONDS
+        # A run over flows waits longer for a claim.
+        self.coalesce = FLOW_COALESCE_SECONDS if isinstance(state.options.handler, FlowHandler) else COALESCE_SECONDS
 
     # ------------------------------------------------------------------ unblock buffer
 
@@ -121,15 +123,17 @@ class Completer:
                     del s.held[h.record.id]
         s.wake.set()
 
-    def flush_for_room(self) -> bool:
-        """The claimer has no room to claim: write the buffered successes now (False when there were none), but
-        in a run over flows only once they have waited ``self.coalesce``: the claim that comes when room opens
-        carries them and takes the children they release (this thread writes them when that time is up)."""
+    def flush_for_room(self) -> float | None:
+        """The claimer has no room to claim: write the buffered successes now, but in a run over flows only once
+        they have waited ``self.coalesce``: the claim that comes when room opens carries them and takes the
+        children they release. Returns None when it wrote some, else how long the claimer may wait before
+        looking again (the oldest one's time left; inf when there are none)."""
         if self.coalesce > COALESCE_SECONDS:
             with self.s.lock:
-                if self._done and time.monotonic() - self._done_since < self.coalesce:
-                    return False
-        return self.flush_done()
+                left = self._done_since + self.coalesce - time.monotonic() if self._done else 0.0
+            if left > 0:
+                return left
+        return None if self.flush_done() else float("inf")
 
     def flush_done(self) -> bool:
         """Write buffered successes with a plain completion statement; False when there were none."""

@@ -51,8 +51,10 @@ class Heartbeat:
             return
         now = time.monotonic()
         with s.lock:
+            # Not a finished one: its success waits in the completion buffer (a claim carries it), and failing it
+            # now would drop a result the handler returned in time.
             expired = [h for h in s.held.values()
-                       if h.started is not None and not h.abandoned and now - h.started > timeout]
+                       if h.started is not None and not h.abandoned and not h.finished and now - h.started > timeout]
             for h in expired:
                 h.abandoned = True
         for h in expired:

@@ -1,6 +1,7 @@
 """The completion buffer's policy when the claimer has no room: a plain run writes its finished records at once; a
 run over flows lets them wait up to FLOW_COALESCE_SECONDS for the claim that takes their children (then they are
-written). Pure buffer logic: the store only records what it is asked to write."""
+written), telling the claimer how long it may wait. A finished record waiting there is never failed by the
+handler timeout. Pure buffer logic: the store only records what it is asked to write."""
 
 from __future__ import annotations
 
@@ -15,22 +16,28 @@ from core.flows.dispatch import FlowHandler
 from core.metrics import Metrics
 from core.record import Record
 from core.worker.completer import COALESCE_SECONDS, FLOW_COALESCE_SECONDS, Completer
+from core.worker.heartbeat import Heartbeat
 from core.worker.state import Held, RunOptions, RunState
 
 
 class WritesRecorded:
     def __init__(self) -> None:
         self.completed: list[list[int]] = []
+        self.failed: list[int] = []
 
     def complete(self, records: list[Record], keys: list[str]) -> int:
         self.completed.append([r.id for r in records])
         return len(records)
 
+    def fail(self, records: list[Record], err: BaseException, retryable: bool, policy: Any) -> list[Any]:
+        self.failed.extend(r.id for r in records)
+        return [(r.id, "failed") for r in records]
 
-def completer(handler: Any) -> tuple[Completer, WritesRecorded]:
+
+def completer(handler: Any, handler_timeout: float | None = None) -> tuple[Completer, WritesRecorded]:
     store = WritesRecorded()
     options = RunOptions(handler=handler, concurrency=1, queues=["q"], stop_when_empty=True, stop_event=None,
-                         transactional=False, handler_timeout=None, poll_interval=1.0, listen=False,
+                         transactional=False, handler_timeout=handler_timeout, poll_interval=1.0, listen=False,
                          handle_signals=False, grace_seconds=1.0, prefetch=None, register=False, metadata={},
                          claimers=1)
     state = RunState(store, Settings.build("postgresql://x/y", database=False), Metrics("t"),  # type: ignore[arg-type]
@@ -48,8 +55,9 @@ def held(rid: int) -> Held:
 def test_a_plain_run_without_room_writes_its_finished_records_at_once() -> None:
     c, store = completer(lambda record: None)
     assert c.coalesce == COALESCE_SECONDS
+    assert c.flush_for_room() == float("inf")  # nothing to write: the claimer waits as long as it likes
     c.add_done([held(1)])
-    assert c.flush_for_room() is True
+    assert c.flush_for_room() is None
     assert store.completed == [[1]]
 
 
@@ -63,10 +71,22 @@ def test_a_run_over_flows_without_room_waits_for_a_claim_then_writes() -> None:
     c, store = completer(FlowHandler([chain], None))
     assert c.coalesce == FLOW_COALESCE_SECONDS > COALESCE_SECONDS
     c.add_done([held(1)])
-    assert c.flush_for_room() is False  # young: left for the claim that comes when room opens
+    left = c.flush_for_room()  # young: left for the claim that comes when room opens
+    assert left is not None and 0 < left <= FLOW_COALESCE_SECONDS
     assert store.completed == [] and c.pending() == 1
-    deadline = time.monotonic() + 5
-    while c.flush_for_room() is False:  # bounded poll: it is written once it has waited its time
-        assert time.monotonic() < deadline
-        time.sleep(FLOW_COALESCE_SECONDS / 4)
+    c._done_since -= FLOW_COALESCE_SECONDS  # as if it had waited its time
+    assert c.flush_for_room() is None
     assert store.completed == [[1]] and c.pending() == 0
+
+
+def test_a_finished_record_waiting_for_its_completion_is_not_timed_out() -> None:
+    c, store = completer(lambda record: None, handler_timeout=0.5)
+    beat = Heartbeat(c.s, c)
+    h, slow = held(1), held(2)
+    h.started = slow.started = time.monotonic() - 10  # both started long ago
+    h.finished = True  # its handler returned in time: the success waits in the buffer
+    c.s.held.update({1: h, 2: slow})
+    c.add_done([h])
+    beat._check_timeouts()
+    assert store.failed == [2] and not h.abandoned and slow.abandoned
+    assert c.flush_for_room() is None and store.completed == [[1]]
