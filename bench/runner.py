@@ -71,13 +71,14 @@ class Bench:
         self.dsn = make_conninfo(self.admin_dsn, dbname=self.dbname)
         upgrade(self.dsn)
         self._empty_dsn: str | None = None  # a second database, the table-size suite's empty baseline
+        self._extra: list[str] = []  # databases of other versions' code (bench.baseline.OwnDatabase)
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             self.server_version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
             self.sync_commit = str(conn.execute("SHOW synchronous_commit").fetchone()[0])  # type: ignore[index]
 
     def close(self) -> None:
         with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
-            for name in (self.dbname, f"{self.dbname}_empty"):
+            for name in (self.dbname, f"{self.dbname}_empty", *self._extra):
                 conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
     def add(self, row: Row) -> Row:
@@ -90,6 +91,14 @@ class Bench:
         print(f"  {row.suite:<10} {row.case:<42} {row.value:>12,.1f} {row.unit:<6}{base}{ratio}"
               f" {row.target} {status}".rstrip(), flush=True)
         return row
+
+    def extra_database(self, name: str) -> str:
+        """An empty database ``name`` (dropped by close()); its dsn."""
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            self._extra.append(name)
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        return make_conninfo(self.admin_dsn, dbname=name)
 
     def db(self) -> psycopg.Connection[Any]:
         return psycopg.connect(self.dsn, autocommit=True)
