@@ -71,7 +71,8 @@ class DatabaseUnavailable(ProcessorError):
 
 
 class SchemaNotMigrated(ProcessorError):
-    """The database is reachable but the processor's tables are missing: run ``dproc migrate``."""
+    """The database is reachable but the processor's tables are missing, or a run found them at an older
+    migration than this code's: run ``dproc migrate``."""
 
 
 class QueueFull(ProcessorError):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import psycopg
 from alembic import command
@@ -15,15 +14,7 @@ from sqlalchemy import create_engine, pool
 from core.dsn import redact
 from core.errors import DatabaseUnavailable, InvalidArgument
 from core.queries import Queries
-
-
-def migrations_dir() -> Path:
-    """The migrations folder: packaged inside ``core`` in a wheel, beside it in a source checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "_migrations", here.parent / "migrations"):
-        if (candidate / "env.py").is_file():
-            return candidate
-    raise FileNotFoundError("migrations folder not found beside the core package")
+from core.revisions import migrations_dir
 
 
 def alembic_config(schema: str = "public") -> Config:

@@ -20,13 +20,15 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from psycopg import sql
+
 from core.admin import Admin
 from core.backend import Listener
 from core.claims import Claims
 from core.config import Settings
 from core.db import Borrow, Conn, Database, routed
 from core.dedicated import DedicatedDatabase
-from core.errors import ConfigurationError
+from core.errors import ConfigurationError, SchemaNotMigrated
 from core.floors import Floors
 from core.flows.store import CountedStep, DefectSweep, PostgresFlows
 from core.instance import ProcessFacts
@@ -35,6 +37,7 @@ from core.queries import channel_for
 from core.record import Record
 from core.recovery import Recovery
 from core.retry import RetryPolicy
+from core.revisions import needed_over
 from core.schedules import Schedules
 
 log = logging.getLogger("core.runstore")
@@ -76,7 +79,9 @@ class PostgresRun:
         self.listener: Listener | None = self.service_db if channels else None
 
     def check_budget(self) -> None:
-        """Refuse a run the server can never hold: more connections than its max_connections allows."""
+        """Refuse a run that can never work: a schema older than this code's (``SchemaNotMigrated``), or more
+        connections than the server's max_connections allows (``ConfigurationError``)."""
+        self.check_schema()
         if self.settings.pooling == "transaction":
             return  # the pooler multiplexes; the server's limit says nothing about ours
         row = self.service_db.with_retry(lambda conn: conn.execute(self.service_db.q.connection_budget).fetchone())
@@ -93,6 +98,26 @@ class PostgresRun:
         if self.needed > allowed - in_use + 1:  # +1: the service connection checking is already one of them
             log.warning("the server may not have the connections this run needs",
                         extra={"needed": self.needed, "allowed": allowed, "in_use": in_use})
+
+    def check_schema(self) -> None:
+        """``SchemaNotMigrated`` when the database is at an older migration of this code's: its statements would
+        fail at the first record they touch (a flow step's completion, say), long after the start."""
+        db = self.service_db
+        table = sql.Identifier(self.settings.schema, "alembic_version").as_string()
+
+        def read(conn: Conn) -> str | None:
+            row = conn.execute(db.q.has_table, {"table": table}).fetchone()
+            if not row or not row[0]:
+                return None  # never migrated: the first statement says so (SchemaNotMigrated)
+            version = conn.execute(db.q.alembic_revision).fetchone()
+            return str(version[0]) if version else None
+
+        revision = db.with_retry(read)
+        head = needed_over(revision)
+        if head is not None:
+            raise SchemaNotMigrated(
+                f"schema {self.settings.schema!r} is at migration {revision}, this version needs {head}:"
+                " run `dproc migrate` (or DistributedProcessor.migrate()) first")
 
     # ------------------------------------------------------------------ the claim connections
 
