@@ -86,6 +86,10 @@ class WorkerStore(Protocol):
 
     def any_due(self, queues: list[str]) -> bool: ...
 
+    def notify_owed(self) -> None:
+        """Send the keyed completions' wake-ups held back whose window has passed (core.claims.KeyNotices)."""
+        ...
+
     def heartbeat(self, records: Sequence[Record], *, registered: bool) -> tuple[set[int], set[int]]:
         """Beat the registry row and extend leases; (ids still held, ids whose cancel was requested)."""
         ...

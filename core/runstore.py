@@ -141,6 +141,9 @@ class PostgresRun:
     def any_due(self, queues: list[str]) -> bool:
         return self.claims.any_due(queues)
 
+    def notify_owed(self) -> None:
+        self.claims.notify_owed()
+
     # ------------------------------------------------------------------ the service connection
 
     def heartbeat(self, records: Sequence[Record], *, registered: bool) -> tuple[set[int], set[int]]:

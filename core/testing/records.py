@@ -246,6 +246,9 @@ class MemoryRecords:
                 r.lease_expires_at = lease
             return {r.id for _, r in held}, {r.id for _, r in held if r.cancel_requested}
 
+    def notify_owed(self) -> None:
+        """``notify_owed``: nothing to send (a claim here sees every completion at once)."""
+
     def any_due(self, queues: list[str]) -> bool:
         """``any_due``: a pending record of ``queues`` is due (claimable or held back by its key), or a flow
         step of them waits for its parents (their completion releases it)."""

@@ -182,6 +182,8 @@ class Completer:
                 stale = bool(self._done) and time.monotonic() - self._done_since >= self.coalesce
             if stale or stopping:
                 self.flush_done()
+            # The wake-ups of keyed completions held back for their window (core.claims.KeyNotices).
+            s.store.notify_owed()
 
     def write_outcomes(self, outcomes: list[Outcome]) -> None:
         ok = [o.held for o in outcomes if o.error is None]

@@ -5,6 +5,7 @@ handler timeout. Pure buffer logic: the store only records what it is asked to w
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -24,6 +25,8 @@ class WritesRecorded:
     def __init__(self) -> None:
         self.completed: list[list[int]] = []
         self.failed: list[int] = []
+        self.owed_looks = 0
+        self.looked = threading.Event()
 
     def complete(self, records: list[Record], keys: list[str]) -> int:
         self.completed.append([r.id for r in records])
@@ -32,6 +35,11 @@ class WritesRecorded:
     def fail(self, records: list[Record], err: BaseException, retryable: bool, policy: Any) -> list[Any]:
         self.failed.extend(r.id for r in records)
         return [(r.id, "failed") for r in records]
+
+    def notify_owed(self) -> None:
+        self.owed_looks += 1
+        if self.owed_looks >= 3:
+            self.looked.set()
 
 
 def completer(handler: Any, handler_timeout: float | None = None) -> tuple[Completer, WritesRecorded]:
@@ -90,3 +98,17 @@ def test_a_finished_record_waiting_for_its_completion_is_not_timed_out() -> None
     beat._check_timeouts()
     assert store.failed == [2] and not h.abandoned and slow.abandoned
     assert c.flush_for_room() is None and store.completed == [[1]]
+
+
+def test_the_completer_thread_sends_held_back_wake_ups_with_no_outcome_arriving() -> None:
+    """Keyed completions' wake-ups held back for their window (core.claims.KeyNotices) go out from the completer
+    thread's loop, which turns every 10 ms whether or not an outcome arrives."""
+    c, store = completer(lambda record: None)
+    thread = threading.Thread(target=c.run, daemon=True)
+    thread.start()
+    try:
+        assert store.looked.wait(5.0), "the loop looked for held-back wake-ups again and again"
+    finally:
+        c.s.outcomes.put(None)
+        thread.join(5.0)
+    assert not thread.is_alive()

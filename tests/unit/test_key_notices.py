@@ -1,0 +1,69 @@
+"""core.claims.KeyNotices: a keyed completion's wake-up per queue at most once per window, the rest held back
+and sent once the window has passed (pure logic, on a clock the test sets)."""
+
+from __future__ import annotations
+
+from core.claims import KEY_NOTIFY_SECONDS, KeyNotices
+
+
+def notices(window: float = 1.0) -> tuple[KeyNotices, list[float]]:
+    now = [100.0]
+    return KeyNotices(window, clock=lambda: now[0]), now
+
+
+def test_the_first_keyed_completion_of_a_queue_notifies_at_once() -> None:
+    n, _ = notices()
+    assert n.take(["q", "q"]) == ["q"]
+    assert n.owed() == []
+
+
+def test_a_second_within_the_window_is_held_back_then_sent_by_the_next_after_it() -> None:
+    n, now = notices()
+    assert n.take(["q"]) == ["q"]
+    now[0] += 0.5
+    assert n.take(["q"]) == []
+    assert n.owed() == [], "its window has not passed"
+    now[0] += 0.5
+    assert n.take(["q"]) == ["q"], "the next keyed completion after the window carries it"
+    assert n.owed() == [], "sent: nothing left held back"
+
+
+def test_a_held_back_notice_is_sent_alone_once_its_window_has_passed() -> None:
+    n, now = notices()
+    n.take(["q"])
+    now[0] += 0.1
+    assert n.take(["q"]) == []
+    now[0] += 0.89
+    assert n.owed() == []
+    now[0] += 0.01
+    assert n.owed() == ["q"]
+    assert n.owed() == [], "taken once"
+    # and sending it starts a new window
+    assert n.take(["q"]) == []
+    assert n.owed() == []
+
+
+def test_queues_have_windows_of_their_own_and_a_statement_carries_the_others_held_back() -> None:
+    n, now = notices()
+    assert n.take(["a"]) == ["a"]
+    assert n.take(["b"]) == ["b"], "another queue's window is its own"
+    now[0] += 0.2
+    assert n.take(["a"]) == [] and n.take(["b"]) == []
+    now[0] += 0.9
+    assert n.take(["a"]) == ["a", "b"], "b held back goes with a's completion after its window"
+    assert n.owed() == []
+
+
+def test_no_keyed_completion_sends_nothing_and_keeps_what_is_held_back() -> None:
+    n, now = notices()
+    n.take(["q"])
+    n.take(["q"])
+    now[0] += 2
+    assert n.take([]) == [], "the statement's NOTIFY runs only with a keyed completion"
+    assert n.owed() == ["q"]
+
+
+def test_the_default_window_bounds_the_delay_of_an_idle_worker() -> None:
+    assert 0 < KEY_NOTIFY_SECONDS <= 0.1
+    n = KeyNotices()
+    assert n.window == KEY_NOTIFY_SECONDS
