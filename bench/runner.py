@@ -416,8 +416,9 @@ class Bench:
         few = self.drain_procs("ours", 2, 100)["rate"]
         self.add(Row("keys", "100 ordering keys", few, "rec/s", keyless, "keyless drain"))
         rate = statistics.median(keyed_runs)
+        # Issue 27's target (this suite asked 0.7 before it).
         self.add(Row("keys", "10,000 ordering keys", rate, "rec/s", keyless, "keyless drain",
-                     target=">= 0.7x", met=rate / keyless >= 0.7, extra={"runs": keyed_runs}))
+                     target=">= 0.8x", met=rate / keyless >= 0.8, extra={"runs": keyed_runs}))
 
     def _pinned_drain(self, n: int) -> float:
         """Drain ``n`` records with W=2 while one REPEATABLE READ transaction, opened before they were added,

@@ -156,7 +156,8 @@ class Claims:
         # Queues to wake if a keyed record completes (pg_notify runs only then), within the window.
         nqueues = self.notices.take([r.queue for r in done if r.ordering_key is not None]) if s.notify else []
         return {
-            "unblock_keys": list(unblock),
+            # An array literal, as the id arrays below (psycopg dumps a list element by element).
+            "unblock_keys": "{" + ",".join(map(_array_element, unblock)) + "}",
             "channels": [channel_for(s.schema, q) for q in nqueues],
             "nqueues": nqueues,
             # Array literals built here: psycopg would dump each element in Python (a UUID dumper call per

@@ -48,3 +48,18 @@ def test_keyed_completions_within_the_window_notify_once_then_the_held_back_one(
         claims_of(p).notify_owed()
         assert heard(listener, 0.3) == [], "nothing left held back"
 
+
+
+def test_keys_of_any_text_are_unblocked(dsn: str, db: Any) -> None:
+    """The keys to unblock travel as one array literal (not dumped element by element): quotes, backslashes,
+    commas, braces, spaces and a NULL-like word: each key reaches its own records."""
+    keys = ['a"b', "c\\d", "e,f", "{g}", " h ", "NULL", "ключ", "'q'", '\\"']
+    with DistributedProcessor(dsn) as p:
+        p.add_records([{"n": i} for i in range(2 * len(keys))], ordering_key=keys + keys)
+        blocked = db.execute("SELECT ordering_key FROM processing_queue WHERE key_blocked ORDER BY id").fetchall()
+        assert [k for (k,) in blocked] == keys, "each key's second record is inserted blocked (close behind)"
+        heads = p.claim_records(100)
+        assert sorted(r.ordering_key or "" for r in heads) == sorted(keys)
+        assert db.execute("SELECT count(*) FROM processing_queue WHERE key_blocked").fetchone() == (0,)
+        assert p.mark_completed(heads) == len(keys)
+        assert sorted(r.ordering_key or "" for r in p.claim_records(100)) == sorted(keys)
