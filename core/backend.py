@@ -86,8 +86,9 @@ class WorkerStore(Protocol):
 
     def any_due(self, queues: list[str]) -> bool: ...
 
-    def notify_owed(self) -> None:
-        """Send the keyed completions' wake-ups held back whose window has passed (core.claims.KeyNotices)."""
+    def notify_owed(self, *, force: bool = False) -> None:
+        """Send the keyed completions' wake-ups held back whose window has passed, or all (``force``: the run
+        stops) (core.claims.KeyNotices)."""
         ...
 
     def heartbeat(self, records: Sequence[Record], *, registered: bool) -> tuple[set[int], set[int]]:

@@ -33,12 +33,16 @@ ERROR_TEXT_LIMIT = 2000
 _record_order = operator.itemgetter(0, 7)
 
 # A keyed completion may free its key's next record, which only a claim after it can see: its statement wakes
-# the idle workers of the record's queue by NOTIFY. One instance sends that at most once per queue in this
-# window (a drain of keyed records completes a batch every few milliseconds, and every notification wakes
-# every listening backend and instance: measured, a tenth of the keyed drain's throughput). A notice held
-# back goes with the instance's next keyed completion after the window, or alone once the window has passed
-# (the completer thread looks every 10 ms): an idle worker hears of a freed key within about this long.
+# the idle workers of the record's queue by NOTIFY. A run sends that at most once per queue per database in this
+# window (a drain of keyed records completes a batch every few milliseconds, and every notification costs each
+# listening server process a transaction and wakes every listening instance: measured, several per cent of the
+# keyed drain's throughput). A notice held back goes with the run's next keyed completion after the window, or
+# alone once the window has passed (the completer thread looks every 10 ms, and sends what is left when the run
+# stops): an idle worker hears of a freed key within about this long. The library's own completions
+# (mark_completed, complete_and_claim) have no completer to send a held-back one: they notify every time.
 KEY_NOTIFY_SECONDS = 0.05
+# How long sending the held-back wake-ups waits for a connection (the completer thread sends them).
+NOTIFY_BORROW_SECONDS = 0.05
 
 
 class KeyNotices:
@@ -52,32 +56,45 @@ class KeyNotices:
         self._sent: dict[str, float] = {}  # queue -> when a notification was last sent for it
         self._owed: set[str] = set()  # queues whose notification was held back
 
-    def take(self, keyed: Iterable[str]) -> list[str]:
-        """The queues to wake with a statement completing keyed records of ``keyed``: those (and any held back)
-        not woken within the window; the others are held back. Nothing without a keyed completion (the
-        statement's NOTIFY runs only with one)."""
+    def take(self, keyed: Iterable[str], *, carry: bool = True) -> list[str]:
+        """The queues to wake with a statement completing keyed records of ``keyed``: those not woken within the
+        window, and (``carry``) the ones held back whose window has passed; the others are held back. Nothing
+        without a keyed completion. ``carry=False`` for a statement whose commit is the caller's: a rollback
+        would lose what it carried for others."""
         queues = set(keyed)
         if not queues:
             return []
         with self._lock:
             now = self.clock()
-            due = {q for q in queues | self._owed if now - self._sent.get(q, -self.window) >= self.window}
+            due = {q for q in (queues | self._owed if carry else queues) if self._due(q, now)}
             for q in due:
                 self._sent[q] = now
             self._owed = (self._owed | queues) - due
         return sorted(due)
 
-    def owed(self) -> list[str]:
-        """The queues held back whose window has passed (taken: the caller sends them now)."""
+    def owed(self, *, force: bool = False) -> list[str]:
+        """The queues held back whose window has passed (all of them with ``force``), taken: the caller sends
+        them now."""
         if not self._owed:  # read without the lock: a notice added meanwhile is seen at the next look
             return []
         with self._lock:
             now = self.clock()
-            due = {q for q in self._owed if now - self._sent.get(q, -self.window) >= self.window}
+            due = {q for q in self._owed if force or self._due(q, now)}
             for q in due:
                 self._sent[q] = now
             self._owed -= due
         return sorted(due)
+
+    def restore(self, queues: Iterable[str]) -> None:
+        """``queues`` taken for a statement that failed: held back again, due at once."""
+        with self._lock:
+            for q in queues:
+                self._owed.add(q)
+                self._sent.pop(q, None)
+
+    def _due(self, queue: str, now: float) -> bool:
+        last = self._sent.get(queue)
+        return last is None or now - last >= self.window
 
 
 def done_results(done: Sequence[Record]) -> str | None:
@@ -120,11 +137,13 @@ def fence(records: Iterable[Record]) -> tuple[list[int], list[Any]]:
 class Claims:
     """Claim and the outcome writes of one database, for one instance."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, key_window: float = 0.0) -> None:
         self.db = db
         self.q = db.q
         self.settings = db.settings
-        self.notices = KeyNotices()
+        # Keyed completions' wake-ups: a run's claims hold them back within KEY_NOTIFY_SECONDS (its completer
+        # sends the held-back ones); the library's (key_window 0) send every one.
+        self.notices = KeyNotices(key_window)
         # Which claim statement the next claim sends: the lean one until a full one's gate says otherwise (a
         # hint only: the lean statement tests its gate itself). Claimer threads share it; a stale read costs
         # at most one extra statement.
@@ -148,13 +167,15 @@ class Claims:
 
     def claim_params(
         self, done: Sequence[Record], size: int, queues: list[str], unblock: Sequence[str] = (),
-        *, ticket: Ticket | None = None, announce: bool = False,
+        *, ticket: Ticket | None = None, announce: bool = False, carry: bool = True,
     ) -> dict[str, Any]:
-        """The claim statement's parameters (a fresh lease token under ``"token"``)."""
+        """The claim statement's parameters (a fresh lease token under ``"token"``; ``carry``: see
+        :meth:`KeyNotices.take`)."""
         s = self.settings
         done_ids, done_tokens = fence(done)
         # Queues to wake if a keyed record completes (pg_notify runs only then), within the window.
-        nqueues = self.notices.take([r.queue for r in done if r.ordering_key is not None]) if s.notify else []
+        nqueues = (self.notices.take([r.queue for r in done if r.ordering_key is not None], carry=carry)
+                   if s.notify else [])
         return {
             # An array literal, as the id arrays below (psycopg dumps a list element by element).
             "unblock_keys": "{" + ",".join(map(_array_element, unblock)) + "}",
@@ -179,9 +200,9 @@ class Claims:
 
     def claim_on(
         self, conn: Conn, done: Sequence[Record], size: int, queues: list[str], unblock: Sequence[str] = (),
-        *, ticket: Ticket | None = None, announce: bool = False,
+        *, ticket: Ticket | None = None, announce: bool = False, carry: bool = True,
     ) -> tuple[list[Record], int]:
-        params = self.claim_params(done, size, queues, unblock, ticket=ticket, announce=announce)
+        params = self.claim_params(done, size, queues, unblock, ticket=ticket, announce=announce, carry=carry)
         # The lean statement while no claimed queue has a control set (its gate, read in the statement itself,
         # says so) and no flow record is among the completed (their settlement is the full statement's). Flow
         # records completed by a claim: the full statement that also takes the children they release
@@ -190,7 +211,11 @@ class Claims:
         lean = (self.lean or not size) and not flows
         name = "claim_lean" if lean else "claim_flow" if flows and size else "claim"
         # Binary results: timestamps, UUIDs and integers decode several times faster than from text.
-        rows = self.db.execute_raw(conn, name, params, binary=True).fetchall()
+        try:
+            rows = self.db.execute_raw(conn, name, params, binary=True).fetchall()
+        except BaseException:
+            self.notices.restore(params["nqueues"])  # not sent: the next statement or the completer sends them
+            raise
         completed = int(rows[0][-3]) if rows else 0
         if size and rows:
             self.lean = bool(rows[0][-1])
@@ -230,22 +255,19 @@ class Claims:
         except DatabaseUnavailable as exc:
             log.warning("could not unblock key heads; the sweep will", extra={"error": str(exc)})
 
-    def notify_owed(self) -> None:
-        """Send the keyed completions' notifications held back whose window has passed (best effort: the
-        idle workers' poll finds the freed records anyway)."""
-        queues = self.notices.owed()
+    def notify_owed(self, *, force: bool = False) -> None:
+        """Send the keyed completions' wake-ups held back whose window has passed (all of them with ``force``:
+        the run stops), in one statement. Best effort, never waiting long for a connection: the idle workers'
+        poll finds the freed records anyway."""
+        queues = self.notices.owed(force=force)
         if not queues:
             return
-        channels = [(channel_for(self.settings.schema, q), q) for q in queues]
-
-        def send(conn: Conn) -> None:
-            for channel, queue in channels:
-                conn.execute(self.q.notify, {"channel": channel, "queue": queue})
-
+        params = {"channels": [channel_for(self.settings.schema, q) for q in queues], "nqueues": queues}
         try:
-            self.db.with_retry(send, attempts=1)
-        except DatabaseUnavailable as exc:
-            log.debug("could not send held-back notifications", extra={"error": str(exc)[:200]})
+            with self.db.borrow(NOTIFY_BORROW_SECONDS, internal=True) as conn:
+                conn.execute(self.q.notify_queues, params)
+        except Exception as exc:  # a fault here must not end the completer thread that calls this; dropped
+            log.debug("could not send held-back wake-ups", extra={"error": str(exc)[:200]})
 
     def any_due(self, queues: list[str]) -> bool:
         """Whether any record of ``queues`` is pending and due (claimable or held back by its key)."""
@@ -261,7 +283,8 @@ class Claims:
 
     def complete_in(self, conn: Conn, records: Sequence[Record], unblock: Iterable[str] = ()) -> int:
         """Fenced completion of ``records`` on ``conn`` (inside the caller's transaction, if any)."""
-        return self.claim_on(conn, records, 0, [], sorted(set(unblock)))[1]
+        # Its NOTIFY goes at the caller's commit, if any: it carries no wake-up held back for other completions.
+        return self.claim_on(conn, records, 0, [], sorted(set(unblock)), carry=False)[1]
 
     def fail_params(self, records: Iterable[Record], error: BaseException | str, retryable: bool,
                     policy: RetryPolicy | None = None) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from psycopg import sql
 
 from core.admin import Admin
 from core.backend import Listener
-from core.claims import Claims
+from core.claims import KEY_NOTIFY_SECONDS, Claims
 from core.config import Settings
 from core.db import Borrow, Conn, Database, routed
 from core.dedicated import DedicatedDatabase
@@ -66,7 +66,7 @@ class PostgresRun:
                 db.shard = shard
                 if via is not None:  # every statement passes through the processor's connection() (core.db.routed)
                     db.borrow = routed(db, via)
-        self.claims = Claims(self.claims_db)
+        self.claims = Claims(self.claims_db, key_window=KEY_NOTIFY_SECONDS)
         service_claims = Claims(self.service_db)
         self.service_claims = service_claims
         self.recovery = Recovery(self.service_db, service_claims)
@@ -141,8 +141,8 @@ class PostgresRun:
     def any_due(self, queues: list[str]) -> bool:
         return self.claims.any_due(queues)
 
-    def notify_owed(self) -> None:
-        self.claims.notify_owed()
+    def notify_owed(self, *, force: bool = False) -> None:
+        self.claims.notify_owed(force=force)
 
     # ------------------------------------------------------------------ the service connection
 

@@ -83,11 +83,12 @@ announced AS (
     INSERT INTO {floor_events} (queue, np, run_at, record_id)
     SELECT queue, - priority::bigint, run_at, id FROM unblocked WHERE %(announce)s
 ),
--- A keyed completion may free its key's next record: wake the idle workers of those queues.
+-- A keyed completion may free its key's next record: wake the idle workers of those queues (the caller sends
+-- them only with keyed records among those it completes, at most once per queue per window from a run:
+-- core.claims.KeyNotices).
 notified AS (
     SELECT pg_notify(w.channel, w.queue)
       FROM unnest(%(channels)s::text[], %(nqueues)s::text[]) AS w(channel, queue)
-     WHERE EXISTS (SELECT 1 FROM done WHERE done.ordering_key IS NOT NULL)
 ),
 -- The token buckets of the rate-limited queues claimed (none: nothing to read). A queue's bucket is striped
 -- over slots (core/schema.py: queue_rates); the claim charges the slot charged longest ago among those no

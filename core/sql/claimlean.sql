@@ -49,7 +49,6 @@ announced AS (
 notified AS (
     SELECT pg_notify(w.channel, w.queue)
       FROM unnest(%(channels)s::text[], %(nqueues)s::text[]) AS w(channel, queue)
-     WHERE EXISTS (SELECT 1 FROM done WHERE done.ordering_key IS NOT NULL)
 ),
 picked AS (
     SELECT c.id, qn.name AS queue, fs.np AS fs_np, fs.run_at AS fs_at, fs.id AS fs_id

@@ -68,11 +68,12 @@ announced AS (
     INSERT INTO {floor_events} (queue, np, run_at, record_id)
     SELECT queue, - priority::bigint, run_at, id FROM unblocked WHERE %(announce)s
 ),
--- A keyed completion may free its key's next record: wake the idle workers of those queues.
+-- A keyed completion may free its key's next record: wake the idle workers of those queues (the caller sends
+-- them only with keyed records among those it completes, at most once per queue per window from a run:
+-- core.claims.KeyNotices).
 notified AS (
     SELECT pg_notify(w.channel, w.queue)
       FROM unnest(%(channels)s::text[], %(nqueues)s::text[]) AS w(channel, queue)
-     WHERE EXISTS (SELECT 1 FROM done WHERE done.ordering_key IS NOT NULL)
 ),
 -- The token buckets of the rate-limited queues claimed (none: nothing to read). A queue's bucket is striped
 -- over slots (core/schema.py: queue_rates); the claim charges the slot charged longest ago among those no
@@ -401,6 +402,12 @@ UPDATE {records} t
    AND t.lease_token = (%(tokens)s::uuid[])[width_bucket(t.id, %(ids)s::bigint[])]
    AND t.status = 'processing'
 RETURNING t.id, t.cancel_requested;
+
+-- name: notify_queues
+-- The keyed completions' wake-ups a run held back (core.claims.KeyNotices), once their window has passed: one
+-- statement for all their queues.
+SELECT count(pg_notify(w.channel, w.queue))
+  FROM unnest(%(channels)s::text[], %(nqueues)s::text[]) AS w(channel, queue);
 
 -- name: any_due
 -- stop_when_empty: stops at the first due record instead of counting the backlog. A paused queue's records

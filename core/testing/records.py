@@ -246,7 +246,7 @@ class MemoryRecords:
                 r.lease_expires_at = lease
             return {r.id for _, r in held}, {r.id for _, r in held if r.cancel_requested}
 
-    def notify_owed(self) -> None:
+    def notify_owed(self, *, force: bool = False) -> None:
         """``notify_owed``: nothing to send (a claim here sees every completion at once)."""
 
     def any_due(self, queues: list[str]) -> bool:

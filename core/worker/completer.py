@@ -182,8 +182,9 @@ class Completer:
                 stale = bool(self._done) and time.monotonic() - self._done_since >= self.coalesce
             if stale or stopping:
                 self.flush_done()
-            # The wake-ups of keyed completions held back for their window (core.claims.KeyNotices).
-            s.store.notify_owed()
+            # The wake-ups of keyed completions held back for their window (core.claims.KeyNotices); at the
+            # stop, all of them (the last completions' too).
+            s.store.notify_owed(force=stopping)
 
     def write_outcomes(self, outcomes: list[Outcome]) -> None:
         ok = [o.held for o in outcomes if o.error is None]

@@ -286,7 +286,8 @@ def test_claim_with_every_key_busy_reads_only_key_heads(processor: DistributedPr
     assert len(processor.claim_records(100)) == 50  # one per key: every key is now busy
     params = {
         "queues": ["default"], "batch": 100, "instance_id": "x", "lease_seconds": 30, "token": None,
-        "done_ids": "{}", "done_tokens": "{}", "done_results": None, "unblock_keys": [], "channels": [], "nqueues": [],
+        "done_ids": "{}", "done_tokens": "{}", "done_results": None, "unblock_keys": "{}",
+        "channels": [], "nqueues": [],
         "default_key_concurrency": 1, "default_block_on_failure": False, "announce": False,
         **start_params(["default"]),
     }

@@ -55,7 +55,8 @@ def _fill(db: Any) -> None:
 def _plan(p: DistributedProcessor, db: Any, queues: list[str], name: str = "claim") -> dict[str, Any]:
     params = {
         "queues": queues, "batch": 100, "instance_id": "explain", "lease_seconds": 30, "token": None,
-        "done_ids": "{}", "done_tokens": "{}", "done_results": None, "unblock_keys": [], "channels": [], "nqueues": [],
+        "done_ids": "{}", "done_tokens": "{}", "done_results": None, "unblock_keys": "{}",
+        "channels": [], "nqueues": [],
         "default_key_concurrency": 1, "default_block_on_failure": False, "announce": False,
         **start_params(queues),
     }
@@ -134,7 +135,7 @@ _STATEMENT_PARAMS: dict[str, dict[str, Any]] = {
         "done_tokens": "{00000000-0000-0000-0000-000000000001,00000000-0000-0000-0000-000000000001,"
                        "00000000-0000-0000-0000-000000000001}",
         "done_results": None,
-        "unblock_keys": ["k1", "k2"], "channels": ["c"], "nqueues": ["default"],
+        "unblock_keys": '{"k1","k2"}', "channels": ["c"], "nqueues": ["default"],
         "default_key_concurrency": 1, "default_block_on_failure": False, "announce": True,
         # a claimer's floors: the seek the index scans start from, and the events since its last claim
         "floor_np": [0, 0, 0], "floor_at": ["2026-01-01T00:00:00+00:00"] * 3, "floor_id": [100, 200, 300],

@@ -30,7 +30,8 @@ def pinned(dsn: str) -> Iterator[psycopg.Connection[Any]]:
 def _claim_params(p: DistributedProcessor, floors: dict[str, Any]) -> dict[str, Any]:
     return {
         "queues": ["default"], "batch": 100, "instance_id": "x", "lease_seconds": 30, "token": None,
-        "done_ids": "{}", "done_tokens": "{}", "done_results": None, "unblock_keys": [], "channels": [], "nqueues": [],
+        "done_ids": "{}", "done_tokens": "{}", "done_results": None, "unblock_keys": "{}",
+        "channels": [], "nqueues": [],
         "default_key_concurrency": 1, "default_block_on_failure": False, "announce": False, **floors,
     }
 

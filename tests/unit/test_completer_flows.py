@@ -26,6 +26,7 @@ class WritesRecorded:
         self.completed: list[list[int]] = []
         self.failed: list[int] = []
         self.owed_looks = 0
+        self.forced: list[bool] = []
         self.looked = threading.Event()
 
     def complete(self, records: list[Record], keys: list[str]) -> int:
@@ -36,8 +37,9 @@ class WritesRecorded:
         self.failed.extend(r.id for r in records)
         return [(r.id, "failed") for r in records]
 
-    def notify_owed(self) -> None:
+    def notify_owed(self, *, force: bool = False) -> None:
         self.owed_looks += 1
+        self.forced.append(force)
         if self.owed_looks >= 3:
             self.looked.set()
 
@@ -102,7 +104,7 @@ def test_a_finished_record_waiting_for_its_completion_is_not_timed_out() -> None
 
 def test_the_completer_thread_sends_held_back_wake_ups_with_no_outcome_arriving() -> None:
     """Keyed completions' wake-ups held back for their window (core.claims.KeyNotices) go out from the completer
-    thread's loop, which turns every 10 ms whether or not an outcome arrives."""
+    thread's loop, which turns every 10 ms whether or not an outcome arrives; at its stop, all of them."""
     c, store = completer(lambda record: None)
     thread = threading.Thread(target=c.run, daemon=True)
     thread.start()
@@ -112,3 +114,4 @@ def test_the_completer_thread_sends_held_back_wake_ups_with_no_outcome_arriving(
         c.s.outcomes.put(None)
         thread.join(5.0)
     assert not thread.is_alive()
+    assert not any(store.forced[:-1]) and store.forced[-1], "the loop sends those due; the stop, all of them"

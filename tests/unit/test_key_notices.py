@@ -1,5 +1,6 @@
 """core.claims.KeyNotices: a keyed completion's wake-up per queue at most once per window, the rest held back
-and sent once the window has passed (pure logic, on a clock the test sets)."""
+and sent once the window has passed (pure logic, on a clock the test sets; steps are binary fractions, so the
+window's edge is exact)."""
 
 from __future__ import annotations
 
@@ -31,12 +32,12 @@ def test_a_second_within_the_window_is_held_back_then_sent_by_the_next_after_it(
 def test_a_held_back_notice_is_sent_alone_once_its_window_has_passed() -> None:
     n, now = notices()
     n.take(["q"])
-    now[0] += 0.1
+    now[0] += 0.125
     assert n.take(["q"]) == []
-    now[0] += 0.89
+    now[0] += 0.75
     assert n.owed() == []
-    now[0] += 0.01
-    assert n.owed() == ["q"]
+    now[0] += 0.125
+    assert n.owed() == ["q"], "exactly one window after the last one sent"
     assert n.owed() == [], "taken once"
     # and sending it starts a new window
     assert n.take(["q"]) == []
@@ -47,11 +48,21 @@ def test_queues_have_windows_of_their_own_and_a_statement_carries_the_others_hel
     n, now = notices()
     assert n.take(["a"]) == ["a"]
     assert n.take(["b"]) == ["b"], "another queue's window is its own"
-    now[0] += 0.2
+    now[0] += 0.25
     assert n.take(["a"]) == [] and n.take(["b"]) == []
-    now[0] += 0.9
+    now[0] += 1
     assert n.take(["a"]) == ["a", "b"], "b held back goes with a's completion after its window"
     assert n.owed() == []
+
+
+def test_a_statement_whose_commit_is_the_callers_carries_nothing_for_others() -> None:
+    n, now = notices()
+    n.take(["a"])
+    n.take(["b"])
+    n.take(["b"])  # b held back
+    now[0] += 2
+    assert n.take(["a"], carry=False) == ["a"]
+    assert n.owed() == ["b"], "still held back: a rollback of that statement would have lost it"
 
 
 def test_no_keyed_completion_sends_nothing_and_keeps_what_is_held_back() -> None:
@@ -59,11 +70,34 @@ def test_no_keyed_completion_sends_nothing_and_keeps_what_is_held_back() -> None
     n.take(["q"])
     n.take(["q"])
     now[0] += 2
-    assert n.take([]) == [], "the statement's NOTIFY runs only with a keyed completion"
+    assert n.take([]) == []
     assert n.owed() == ["q"]
+
+
+def test_a_failed_statement_gives_back_what_it_took_due_at_once() -> None:
+    n, _ = notices()
+    taken = n.take(["q"])
+    n.restore(taken)
+    assert n.owed() == ["q"], "due at once, although within the window of the failed send"
+
+
+def test_the_stop_sends_everything_held_back() -> None:
+    n, _ = notices()
+    n.take(["q"])
+    n.take(["q"])
+    assert n.owed() == []
+    assert n.owed(force=True) == ["q"]
+    assert n.owed(force=True) == []
+
+
+def test_no_window_sends_every_one() -> None:
+    """The library's own completions (no completer to send a held-back one later)."""
+    n, _ = notices(0.0)
+    assert n.take(["q"]) == ["q"]
+    assert n.take(["q"]) == ["q"]
+    assert n.owed() == []
 
 
 def test_the_default_window_bounds_the_delay_of_an_idle_worker() -> None:
     assert 0 < KEY_NOTIFY_SECONDS <= 0.1
-    n = KeyNotices()
-    assert n.window == KEY_NOTIFY_SECONDS
+    assert KeyNotices().window == KEY_NOTIFY_SECONDS
