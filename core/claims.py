@@ -66,10 +66,13 @@ class KeyNotices:
             return []
         with self._lock:
             now = self.clock()
-            due = {q for q in (queues | self._owed if carry else queues) if self._due(q, now)}
+            before = self._owed
+            due = {q for q in (queues | before if carry else queues) if self._due(q, now)}
             for q in due:
                 self._sent[q] = now
-            self._owed = (self._owed | queues) - due
+            # Without carry, a queue already held back for another completion stays held back even when this
+            # statement wakes it too (at worst one wake-up more): this one's rollback must not lose that one's.
+            self._owed = (before | queues) - (due if carry else due - before)
         return sorted(due)
 
     def owed(self, *, force: bool = False) -> list[str]:
@@ -84,6 +87,11 @@ class KeyNotices:
                 self._sent[q] = now
             self._owed -= due
         return sorted(due)
+
+    def defer(self, queues: Iterable[str]) -> None:
+        """``queues`` taken but not sent (no connection): held back again, due a window later."""
+        with self._lock:
+            self._owed.update(queues)
 
     def restore(self, queues: Iterable[str]) -> None:
         """``queues`` taken for a statement that failed: held back again, due at once."""
@@ -173,14 +181,9 @@ class Claims:
         :meth:`KeyNotices.take`)."""
         s = self.settings
         done_ids, done_tokens = fence(done)
-        # Queues to wake if a keyed record completes (pg_notify runs only then), within the window.
-        nqueues = (self.notices.take([r.queue for r in done if r.ordering_key is not None], carry=carry)
-                   if s.notify else [])
-        return {
+        params: dict[str, Any] = {
             # An array literal, as the id arrays below (psycopg dumps a list element by element).
             "unblock_keys": "{" + ",".join(map(_array_element, unblock)) + "}",
-            "channels": [channel_for(s.schema, q) for q in nqueues],
-            "nqueues": nqueues,
             # Array literals built here: psycopg would dump each element in Python (a UUID dumper call per
             # token); one join is much cheaper on this per-batch path.
             "done_ids": "{" + ",".join(map(str, done_ids)) + "}",
@@ -197,6 +200,13 @@ class Claims:
             "announce": announce,
             **(ticket.params() if ticket is not None else start_params(queues)),
         }
+        # Queues to wake (keyed records among those completed; within the window). Taken last: nothing after
+        # this can fail before the statement, whose failure gives them back (claim_on).
+        nqueues = (self.notices.take([r.queue for r in done if r.ordering_key is not None], carry=carry)
+                   if s.notify else [])
+        params["channels"] = [channel_for(s.schema, q) for q in nqueues]
+        params["nqueues"] = nqueues
+        return params
 
     def claim_on(
         self, conn: Conn, done: Sequence[Record], size: int, queues: list[str], unblock: Sequence[str] = (),
@@ -266,7 +276,8 @@ class Claims:
         try:
             with self.db.borrow(NOTIFY_BORROW_SECONDS, internal=True) as conn:
                 conn.execute(self.q.notify_queues, params)
-        except Exception as exc:  # a fault here must not end the completer thread that calls this; dropped
+        except Exception as exc:  # a fault here must not end the completer thread that calls this
+            self.notices.defer(queues)  # tried again a window later, not at every turn of the completer's loop
             log.debug("could not send held-back wake-ups", extra={"error": str(exc)[:200]})
 
     def any_due(self, queues: list[str]) -> bool:

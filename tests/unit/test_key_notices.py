@@ -65,6 +65,29 @@ def test_a_statement_whose_commit_is_the_callers_carries_nothing_for_others() ->
     assert n.owed() == ["b"], "still held back: a rollback of that statement would have lost it"
 
 
+def test_without_carry_a_queue_held_back_for_another_completion_stays_held_back() -> None:
+    n, now = notices()
+    n.take(["a"])
+    n.take(["a"])  # a held back for a completion that committed
+    now[0] += 2
+    assert n.take(["a"], carry=False) == ["a"], "this completion wakes a too"
+    now[0] += 1
+    assert n.owed() == ["a"], "and the earlier one's stays held back (this one may roll back): sent a window later"
+
+
+def test_a_wake_up_that_found_no_connection_is_tried_again_a_window_later() -> None:
+    n, now = notices()
+    n.take(["q"])
+    n.take(["q"])
+    now[0] += 1
+    taken = n.owed()
+    assert taken == ["q"]
+    n.defer(taken)
+    assert n.owed() == [], "not at every turn of the completer's loop"
+    now[0] += 1
+    assert n.owed() == ["q"]
+
+
 def test_no_keyed_completion_sends_nothing_and_keeps_what_is_held_back() -> None:
     n, now = notices()
     n.take(["q"])
